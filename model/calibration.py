@@ -1,0 +1,95 @@
+"""Online image scores and their per-class calibration from the shots (docs/scoring.md has the derivation).
+
+The reference image score with shots, 0.5 * (text_prob + min-max normalised map max), normalises over the whole
+test set of a class: a service cannot wait for that. Here the map max is normalised against the class's own
+normal range, learned from its shots by leave-one-out:
+
+    a_i   = max over pixels of shot i's final map, its k-shot part scored against the other shots
+    mu, sigma = mean of a_i, max(std of a_i, 5% of mu)
+    raw   = 0.5 * (text_score + sigmoid((map_max - mu) / sigma))            in (0, 1)
+    threshold = 0.5 * (mean text_score of the shots + sigmoid(Z))          Z = 3 standard deviations
+    score = piecewise-linear map of raw onto [0, 1] with threshold -> 0.5
+
+Without a class (zero-shot), raw = text_score and the threshold is 0.5. All functions are pure and batched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DEFAULT_Z", "Calibration", "ImageScores", "calibrate", "image_scores", "normalise"]
+
+DEFAULT_Z = 3.0
+_MIN_REL_SIGMA = 0.05
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A class's normal range (`map_mean`, `map_std` of shot map maxima), its text level and its threshold."""
+
+    map_mean: float
+    map_std: float
+    text_mean: float
+    threshold: float
+    shots: int
+
+    def with_threshold(self, threshold: float) -> Calibration:
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        return Calibration(self.map_mean, self.map_std, self.text_mean, threshold, self.shots)
+
+
+ZERO_SHOT = None  # a missing calibration means: zero-shot scoring
+
+
+@dataclass(frozen=True)
+class ImageScores:
+    """Per image: `raw` online score, `threshold`, `score` (0..1, threshold at 0.5), `is_anomalous`."""
+
+    raw: torch.Tensor
+    threshold: torch.Tensor
+    score: torch.Tensor
+    is_anomalous: torch.Tensor
+
+
+def calibrate(final_map_max: torch.Tensor, text_scores: torch.Tensor, z: float = DEFAULT_Z) -> Calibration:
+    """Calibration from the K shots' leave-one-out final-map maxima (K,) and their text scores (K,)."""
+    a = final_map_max.double().flatten()
+    k = a.numel()
+    if k == 0 or text_scores.numel() != k:
+        raise ValueError(f"need one map maximum and one text score per shot, got {k} and {text_scores.numel()}")
+    mean = a.mean().item()
+    std = a.std(unbiased=True).item() if k > 1 else 0.0
+    std = max(std, _MIN_REL_SIGMA * abs(mean), 1e-6)
+    text_mean = text_scores.double().mean().item()
+    threshold = 0.5 * (text_mean + 1.0 / (1.0 + math.exp(-z)))
+    return Calibration(mean, std, text_mean, threshold, k)
+
+
+def normalise(raw: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Monotone map of raw scores in [0, 1] onto [0, 1] sending `threshold` to 0.5."""
+    low = 0.5 * raw / threshold
+    high = 0.5 + 0.5 * (raw - threshold) / (1.0 - threshold)
+    return torch.where(raw <= threshold, low, high).clamp(0.0, 1.0)
+
+
+def image_scores(
+    text_scores: torch.Tensor, map_max: torch.Tensor, calibrations: Sequence[Calibration | None]
+) -> ImageScores:
+    """Online scores of a batch of images, each with its class's calibration or None (zero-shot)."""
+    if len(calibrations) != text_scores.numel():
+        raise ValueError(f"need one calibration (or None) per image, got {len(calibrations)} for "
+                         f"{text_scores.numel()} images")
+    t = text_scores.double().cpu()
+    m = map_max.double().cpu()
+    has = torch.tensor([c is not None for c in calibrations], dtype=torch.bool)
+    mean = torch.tensor([c.map_mean if c else 0.0 for c in calibrations], dtype=torch.float64)
+    std = torch.tensor([c.map_std if c else 1.0 for c in calibrations], dtype=torch.float64)
+    thr = torch.tensor([c.threshold if c else 0.5 for c in calibrations], dtype=torch.float64)
+    raw = torch.where(has, 0.5 * (t + torch.sigmoid((m - mean) / std)), t)
+    return ImageScores(raw=raw.float(), threshold=thr.float(), score=normalise(raw, thr).float(),
+                       is_anomalous=raw > thr)

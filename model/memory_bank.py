@@ -1,0 +1,92 @@
+"""Few-shot memory banks and their scoring (SOWA_SPEC.md §6).
+
+A class's bank holds, per stage, the L2-normalised raw patch tokens of its K normal shots: (S, K*L, D). The
+distance of a test patch to the class is 1 - max cosine over the stage's bank: one matmul and a max. A batch of
+images of mixed classes is scored in one batched matmul over (image, stage) pairs; never a loop over images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MemoryBank", "build_bank", "leave_one_out_distances", "min_distances"]
+
+
+@dataclass(frozen=True)
+class MemoryBank:
+    """Per-stage unit patch features of a class's shots: `features` (S, K*L, D); `shots` = K."""
+
+    features: torch.Tensor
+    shots: int
+
+    def __post_init__(self) -> None:
+        if self.features.dim() != 3 or self.shots < 1 or self.features.shape[1] % self.shots:
+            raise ValueError(f"bank features must be (S, K*L, D) for K={self.shots}, got "
+                             f"{tuple(self.features.shape)}")
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MemoryBank:
+        return MemoryBank(self.features.to(device=device, dtype=dtype), self.shots)
+
+
+def build_bank(raw_patches: torch.Tensor) -> MemoryBank:
+    """(K, S, L, D) raw projected patch tokens of K normal shots -> their MemoryBank."""
+    k, s, l, d = raw_patches.shape
+    features = F.normalize(raw_patches.float(), dim=-1).permute(1, 0, 2, 3).reshape(s, k * l, d)
+    return MemoryBank(features.to(raw_patches.dtype).contiguous(), k)
+
+
+def min_distances(patches: torch.Tensor, banks: Sequence[MemoryBank]) -> torch.Tensor:
+    """(B, S, L, D) raw patch tokens, one bank per image -> (B, S, L) float32 min cosine distance to the bank."""
+    b, s, l, d = patches.shape
+    if len(banks) != b:
+        raise ValueError(f"need one bank per image: {b} images, {len(banks)} banks")
+    x = F.normalize(patches.float(), dim=-1).to(banks[0].features.dtype)
+    unique: dict[int, int] = {}
+    for bank in banks:
+        unique.setdefault(id(bank), len(unique))
+    if len(unique) == 1:  # the common case, one class per batch: (S, B*L, D) @ (S, D, N), no copy of the bank
+        feats = banks[0].features
+        sim = torch.bmm(x.transpose(0, 1).reshape(s, b * l, d), feats.transpose(1, 2))
+        best = sim.amax(dim=-1).view(s, b, l).transpose(0, 1)
+    else:  # mixed classes: pad banks to one size by repeating a row (a duplicate never changes a max)
+        distinct = list({id(bk): bk for bk in banks}.values())
+        n = max(bk.features.shape[1] for bk in distinct)
+        stacked = torch.stack([
+            torch.cat([bk.features, bk.features[:, :1].expand(s, n - bk.features.shape[1], d)], dim=1)
+            for bk in distinct
+        ])  # (U, S, N, D)
+        index = torch.tensor([unique[id(bk)] for bk in banks], device=stacked.device)
+        per_image = stacked[index].reshape(b * s, n, d)  # (B*S, N, D)
+        sim = torch.bmm(x.reshape(b * s, l, d), per_image.transpose(1, 2))
+        best = sim.amax(dim=-1).view(b, s, l)
+    return 1.0 - best.float()
+
+
+def leave_one_out_distances(raw_patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """Min distances of each shot's patches to the other shots: (K, S, L, D) -> (K, S, L).
+
+    With a single shot there is no other image, so each patch is matched against the same image's patches
+    outside its 3x3 neighbourhood: a conservative estimate of the normal distance level.
+    """
+    k, s, l, d = raw_patches.shape
+    x = F.normalize(raw_patches.float(), dim=-1).permute(1, 0, 2, 3).reshape(s, k * l, d)
+    sim = torch.bmm(x, x.transpose(1, 2))  # (S, K*L, K*L)
+    image = torch.arange(k * l, device=x.device) // l
+    same_image = image[:, None] == image[None, :]
+    if k == 1:
+        pos = torch.arange(l, device=x.device)
+        row, col = pos // grid, pos % grid
+        near = ((row[:, None] - row[None, :]).abs() <= 1) & ((col[:, None] - col[None, :]).abs() <= 1)
+        excluded = near
+    else:
+        excluded = same_image
+    sim = sim.masked_fill(excluded, float("-inf"))
+    return (1.0 - sim.amax(dim=-1)).view(s, k, l).transpose(0, 1).contiguous()
