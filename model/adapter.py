@@ -59,7 +59,7 @@ class HFWABlock(nn.Module):
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor, value_weight: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor:
-        b, l, c = x.shape
+        b, n, c = x.shape
         g = self.grid
         h = x.reshape(b, g, g, c)
         if self.shift:
@@ -68,7 +68,7 @@ class HFWABlock(nn.Module):
         h = window_merge(h, self.window, g, g)
         if self.shift:
             h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + self.norm1(h.reshape(b, l, c))
+        x = x + self.norm1(h.reshape(b, n, c))
         return x + self.norm2(self.mlp(x))
 
 

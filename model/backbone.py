@@ -60,14 +60,15 @@ def _read_model_config(arch: str) -> tuple[str | None, dict[str, Any]]:
 def resolve_backbone(arch: str, weights: str = "none") -> BackboneConfig:
     """Architecture (open_clip name or model-config JSON path) + weight source -> BackboneConfig.
 
-    `weights`: "none" (random init), an open_clip pretrained tag such as "openai", or a local weight file (then
-    recorded as "bundle": the weights are copied into the bundle). OpenAI tags force QuickGELU, exactly as
-    open_clip does; building ViT-L-14-336 with GELU would silently change every activation (spec §1).
+    `weights`: "none" (random init), an open_clip pretrained tag such as "openai", or a local weight file. Random
+    and file weights are recorded as "bundle": a saved bundle carries them, so it is reproducible. OpenAI tags
+    force QuickGELU, exactly as open_clip does; building ViT-L-14-336 with GELU would silently change every
+    activation (spec §1).
     """
     name, cfg = _read_model_config(arch)
     if "vision_cfg" not in cfg or isinstance(cfg["vision_cfg"].get("timm_model_name"), str):
         raise ConfigError(f"'{arch}' is not a plain open_clip ViT (SOWA taps CLIP's own VisionTransformer)")
-    source = weights
+    source = "bundle"
     if weights not in ("none", "bundle") and not Path(weights).exists():
         if name is None:
             raise ConfigError(f"pretrained tag '{weights}' needs an open_clip model name, not a config file")
@@ -77,8 +78,7 @@ def resolve_backbone(arch: str, weights: str = "none") -> BackboneConfig:
             raise ConfigError(f"'{weights}' is neither a file nor a pretrained tag of {name} (tags: {tags})")
         if tag_cfg.get("quick_gelu"):
             cfg["quick_gelu"] = True
-    elif weights not in ("none", "bundle"):
-        source = "bundle"
+        source = weights
     return BackboneConfig(model_config=cfg, arch=name, weights=source)
 
 

@@ -88,7 +88,7 @@ class BackboneConfig:
 
     model_config: dict[str, Any]
     arch: str | None = None  # open_clip model name, when the config came from one
-    weights: str = "bundle"  # "bundle" (a file of the bundle), an open_clip pretrained tag, or "none"
+    weights: str = "bundle"  # "bundle" (a file of the bundle) or an open_clip pretrained tag such as "openai"
 
     def __post_init__(self) -> None:
         for key in ("embed_dim", "vision_cfg", "text_cfg"):

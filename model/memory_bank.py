@@ -38,14 +38,14 @@ class MemoryBank:
 
 def build_bank(raw_patches: torch.Tensor) -> MemoryBank:
     """(K, S, L, D) raw projected patch tokens of K normal shots -> their MemoryBank."""
-    k, s, l, d = raw_patches.shape
-    features = F.normalize(raw_patches.float(), dim=-1).permute(1, 0, 2, 3).reshape(s, k * l, d)
+    k, s, n, d = raw_patches.shape
+    features = F.normalize(raw_patches.float(), dim=-1).permute(1, 0, 2, 3).reshape(s, k * n, d)
     return MemoryBank(features.to(raw_patches.dtype).contiguous(), k)
 
 
 def min_distances(patches: torch.Tensor, banks: Sequence[MemoryBank]) -> torch.Tensor:
     """(B, S, L, D) raw patch tokens, one bank per image -> (B, S, L) float32 min cosine distance to the bank."""
-    b, s, l, d = patches.shape
+    b, s, n, d = patches.shape
     if len(banks) != b:
         raise ValueError(f"need one bank per image: {b} images, {len(banks)} banks")
     x = F.normalize(patches.float(), dim=-1).to(banks[0].features.dtype)
@@ -54,19 +54,19 @@ def min_distances(patches: torch.Tensor, banks: Sequence[MemoryBank]) -> torch.T
         unique.setdefault(id(bank), len(unique))
     if len(unique) == 1:  # the common case, one class per batch: (S, B*L, D) @ (S, D, N), no copy of the bank
         feats = banks[0].features
-        sim = torch.bmm(x.transpose(0, 1).reshape(s, b * l, d), feats.transpose(1, 2))
-        best = sim.amax(dim=-1).view(s, b, l).transpose(0, 1)
+        sim = torch.bmm(x.transpose(0, 1).reshape(s, b * n, d), feats.transpose(1, 2))
+        best = sim.amax(dim=-1).view(s, b, n).transpose(0, 1)
     else:  # mixed classes: pad banks to one size by repeating a row (a duplicate never changes a max)
         distinct = list({id(bk): bk for bk in banks}.values())
-        n = max(bk.features.shape[1] for bk in distinct)
+        rows = max(bk.features.shape[1] for bk in distinct)
         stacked = torch.stack([
-            torch.cat([bk.features, bk.features[:, :1].expand(s, n - bk.features.shape[1], d)], dim=1)
+            torch.cat([bk.features, bk.features[:, :1].expand(s, rows - bk.features.shape[1], d)], dim=1)
             for bk in distinct
-        ])  # (U, S, N, D)
+        ])  # (U, S, rows, D)
         index = torch.tensor([unique[id(bk)] for bk in banks], device=stacked.device)
-        per_image = stacked[index].reshape(b * s, n, d)  # (B*S, N, D)
-        sim = torch.bmm(x.reshape(b * s, l, d), per_image.transpose(1, 2))
-        best = sim.amax(dim=-1).view(b, s, l)
+        per_image = stacked[index].reshape(b * s, rows, d)  # (B*S, rows, D)
+        sim = torch.bmm(x.reshape(b * s, n, d), per_image.transpose(1, 2))
+        best = sim.amax(dim=-1).view(b, s, n)
     return 1.0 - best.float()
 
 
@@ -76,17 +76,15 @@ def leave_one_out_distances(raw_patches: torch.Tensor, grid: int) -> torch.Tenso
     With a single shot there is no other image, so each patch is matched against the same image's patches
     outside its 3x3 neighbourhood: a conservative estimate of the normal distance level.
     """
-    k, s, l, d = raw_patches.shape
-    x = F.normalize(raw_patches.float(), dim=-1).permute(1, 0, 2, 3).reshape(s, k * l, d)
+    k, s, n, d = raw_patches.shape
+    x = F.normalize(raw_patches.float(), dim=-1).permute(1, 0, 2, 3).reshape(s, k * n, d)
     sim = torch.bmm(x, x.transpose(1, 2))  # (S, K*L, K*L)
-    image = torch.arange(k * l, device=x.device) // l
-    same_image = image[:, None] == image[None, :]
     if k == 1:
-        pos = torch.arange(l, device=x.device)
+        pos = torch.arange(n, device=x.device)
         row, col = pos // grid, pos % grid
-        near = ((row[:, None] - row[None, :]).abs() <= 1) & ((col[:, None] - col[None, :]).abs() <= 1)
-        excluded = near
+        excluded = ((row[:, None] - row[None, :]).abs() <= 1) & ((col[:, None] - col[None, :]).abs() <= 1)
     else:
-        excluded = same_image
+        image = torch.arange(k * n, device=x.device) // n
+        excluded = image[:, None] == image[None, :]
     sim = sim.masked_fill(excluded, float("-inf"))
-    return (1.0 - sim.amax(dim=-1)).view(s, k, l).transpose(0, 1).contiguous()
+    return (1.0 - sim.amax(dim=-1)).view(s, k, n).transpose(0, 1).contiguous()

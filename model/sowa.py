@@ -106,6 +106,13 @@ class SowaModel(nn.Module):
             setattr(self.clip, name, nn.Identity())
         self._text_tower = False
 
+    def to_inference(self, device: torch.device | str, dtype: torch.dtype) -> SowaModel:
+        """Move to `device` and cast weights to `dtype` for inference; the cached text vectors stay float32."""
+        text = self.text_features.float()
+        self.to(device=device, dtype=dtype).eval()
+        self.text_features = text.to(device)
+        return self
+
     # -- passes ----------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, adapt: bool = True) -> SowaFeatures:
         """(B, 3, S, S) normalised images -> image embedding and per-stage raw / adapted patch features."""

@@ -1,0 +1,305 @@
+"""Import of an official SOWA Lightning checkpoint (SOWA_SPEC.md §10) into a SowaModel, without running its pickles.
+
+The checkpoint's `hyper_parameters` pickle objects of the research package (losses, optimiser partials), so it
+cannot be read with `weights_only=True`. `SafeUnpickler` resolves only the handful of globals needed to rebuild
+tensors and containers; every other global becomes an inert stub, so no code named by the file ever runs.
+Hyper-parameters are inferred from tensor shapes and the taps from which CLIP block each adapter aliases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from .adapter import shifted_window_mask
+from .config import AdapterConfig, BackboneConfig, ConfigError, ModelConfig, PromptConfig, default_taps
+from .prompts import tokenize_prompts
+from .sowa import SowaModel
+from .window_attention import relative_coords_table, relative_position_index
+
+__all__ = ["CheckpointError", "ImportedCheckpoint", "SafeUnpickler", "import_checkpoint", "read_checkpoint"]
+
+# Exactly what rebuilding tensors and plain containers needs; cf. torch's own weights_only allow-list.
+_ALLOWED: dict[str, set[str]] = {
+    "torch._utils": {"_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                     "_rebuild_parameter_with_state"},
+    "torch": {"Size", "device", *(n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "tuple", "list", "dict", "int", "float", "bool", "str", "bytes", "complex",
+                 "slice"},
+}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable SOWA checkpoint."""
+
+
+class _Stub:
+    """Stands in for any global outside the allow-list: accepts any construction and state, does nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
+        return _Stub()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler that never imports or calls anything outside `_ALLOWED`."""
+
+    stubbed: set[str]
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        self.stubbed = getattr(self, "stubbed", set()) | {f"{module}.{name}"}
+        return type(name, (_Stub,), {"__module__": "sowa_stub." + module})
+
+
+# torch.load takes a "pickle module": anything with an Unpickler class and a load function.
+_safe_pickle = types.SimpleNamespace(Unpickler=SafeUnpickler, load=lambda f, **kw: SafeUnpickler(f, **kw).load(),
+                                     __name__="sowa_safe_pickle")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint with the allow-list unpickler; returns its top-level dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", pickle_module=_safe_pickle, weights_only=False,
+                          mmap=False)
+    except Exception as e:  # truncated zip, foreign format, garbage: all one clear line
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: no 'state_dict' in the checkpoint (is it a Lightning .ckpt?)")
+    bad = [k for k, v in ckpt["state_dict"].items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: state_dict entry '{bad[0]}' is not a tensor")
+    return ckpt
+
+
+@dataclass(frozen=True)
+class ImportedCheckpoint:
+    model: SowaModel
+    provenance: dict[str, Any]
+
+
+def _find_prefix(sd: dict[str, torch.Tensor], path: Path) -> str:
+    for key in sd:
+        if key.endswith("clip_model.visual.conv1.weight") and ".visual_encoder." not in key \
+                and ".prompt_learner." not in key:
+            return key[: -len("clip_model.visual.conv1.weight")]
+    raise CheckpointError(f"{path}: no CLIP vision tower (…clip_model.visual.conv1.weight) in the state_dict")
+
+
+def _text_heads(width: int) -> int:
+    # OpenAI's build_model uses width // 64; narrower test towers of the research code use 16-wide heads.
+    return width // 64 if width >= 64 else max(1, width // 16)
+
+
+def infer_clip_config(clip: dict[str, torch.Tensor], text_heads: int | None = None) -> dict[str, Any]:
+    """open_clip model config of an OpenAI-format CLIP state dict (the research code's CLIP is OpenAI's)."""
+    try:
+        width = clip["visual.conv1.weight"].shape[0]
+        patch = clip["visual.conv1.weight"].shape[-1]
+        grid = round((clip["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        layers = len({k.split(".")[3] for k in clip if k.startswith("visual.transformer.resblocks.")})
+        text_width = clip["ln_final.weight"].shape[0]
+        text_layers = len({k.split(".")[2] for k in clip if k.startswith("transformer.resblocks.")})
+        return {
+            "embed_dim": int(clip["text_projection"].shape[1]),
+            "quick_gelu": True,  # OpenAI CLIP, as the research code loads it
+            "vision_cfg": {"image_size": int(grid * patch), "layers": layers, "width": int(width),
+                           "patch_size": int(patch), "head_width": 64},  # OpenAI CLIP: heads = width // 64
+            "text_cfg": {"context_length": int(clip["positional_embedding"].shape[0]),
+                         "vocab_size": int(clip["token_embedding.weight"].shape[0]), "width": int(text_width),
+                         "heads": int(text_heads or _text_heads(text_width)), "layers": text_layers},
+        }
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"incomplete CLIP weights in the checkpoint: missing {e}") from None
+
+
+def _known_arch(model_config: dict[str, Any]) -> str | None:
+    """The open_clip name whose config equals the inferred one (e.g. ViT-L-14-336-quickgelu), if any."""
+    def core(c: dict[str, Any]) -> tuple:
+        v, t = c["vision_cfg"], c["text_cfg"]
+        return (c["embed_dim"], bool(c.get("quick_gelu")), v.get("image_size"), v.get("layers"), v.get("width"),
+                v.get("patch_size"), v.get("head_width", 64), t.get("width"), t.get("heads"), t.get("layers"),
+                t.get("context_length"), t.get("vocab_size"))
+
+    want = core(model_config)
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name)
+        try:
+            if cfg and core(cfg) == want and not cfg["vision_cfg"].get("timm_model_name"):
+                return name
+        except (KeyError, TypeError):
+            continue
+    return None
+
+
+def _adapter_config(sd: dict[str, torch.Tensor], pre: str, clip: dict[str, torch.Tensor], grid: int,
+                    path: Path) -> tuple[AdapterConfig, list[int | None], int]:
+    pattern = re.compile(re.escape(pre) + r"visual_encoder\.adapters\.(\d+)\.blocks\.(\d+)\.")
+    found: dict[int, set[int]] = {}
+    for k in sd:
+        m = pattern.match(k)
+        if m:
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not found or sorted(found) != list(range(len(found))):
+        raise CheckpointError(f"{path}: no HFWA adapters (…visual_encoder.adapters.N.blocks.M.*) found")
+    depths = {len(v) for v in found.values()}
+    if len(depths) != 1:
+        raise CheckpointError(f"{path}: adapters have different depths {sorted(depths)}")
+    a0 = f"{pre}visual_encoder.adapters.0.blocks.0.attn."
+    try:
+        heads = sd[a0 + "logit_scale"].shape[0]
+        window = (sd[a0 + "relative_coords_table"].shape[1] + 1) // 2
+        cpb = sd[a0 + "cpb_mlp.0.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: adapter tensor missing: {e}") from None
+    cfg = AdapterConfig(window_size=window, depth=depths.pop(), num_heads=heads, cpb_dim=cpb)
+    # derived buffers must be what this implementation derives, else the checkpoint is another variant
+    for s in found:
+        for j in found[s]:
+            b = f"{pre}visual_encoder.adapters.{s}.blocks.{j}.attn."
+            if b + "relative_coords_table" in sd and not torch.allclose(sd[b + "relative_coords_table"],
+                                                                        relative_coords_table(window), atol=1e-6):
+                raise CheckpointError(f"{path}: adapter {s} block {j} has an unexpected position table")
+            if b + "relative_position_index" in sd and not torch.equal(sd[b + "relative_position_index"],
+                                                                       relative_position_index(window)):
+                raise CheckpointError(f"{path}: adapter {s} block {j} has an unexpected position index")
+            mask_key = f"{pre}visual_encoder.adapters.{s}.blocks.{j}.attn_mask"
+            if mask_key in sd and not torch.equal(sd[mask_key], shifted_window_mask(grid, window, window // 2)):
+                raise CheckpointError(f"{path}: adapter {s} block {j} has an unexpected shifted-window mask")
+    # taps: the CLIP block whose frozen in_proj_weight each adapter aliases
+    taps: list[int | None] = []
+    for s in range(len(found)):
+        qkv = sd.get(f"{pre}visual_encoder.adapters.{s}.blocks.0.attn.qkv")
+        match = None
+        if qkv is not None:
+            for key, w in clip.items():
+                m = re.fullmatch(r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight", key)
+                if m and w.shape == qkv.shape and torch.equal(w, qkv):
+                    match = int(m.group(1))
+                    break
+        taps.append(match)
+    return cfg, taps, len(found)
+
+
+def import_checkpoint(
+    path: str | Path, taps: list[int] | None = None, text_heads: int | None = None, temperature: float = 0.07,
+) -> ImportedCheckpoint:
+    """Official SOWA checkpoint -> SowaModel (eval, float32, text vectors computed) + provenance."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    sd: dict[str, torch.Tensor] = ckpt["state_dict"]
+    pre = _find_prefix(sd, path)
+    clip = {k[len(pre) + len("clip_model."):]: v for k, v in sd.items() if k.startswith(pre + "clip_model.")}
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        clip.pop(key, None)
+    model_config = infer_clip_config(clip, text_heads)
+    grid = model_config["vision_cfg"]["image_size"] // model_config["vision_cfg"]["patch_size"]
+    adapter_cfg, alias_taps, n_adapters = _adapter_config(sd, pre, clip, grid, path)
+    layers = model_config["vision_cfg"]["layers"]
+    if taps is None:
+        if all(t is not None for t in alias_taps):
+            taps = [int(t) for t in alias_taps]  # type: ignore[arg-type]
+        elif n_adapters == 4:
+            taps = list(default_taps(layers))
+        else:
+            raise CheckpointError(f"{path}: cannot tell which blocks the {n_adapters} adapters tap; pass --taps")
+    if len(taps) != n_adapters:
+        raise CheckpointError(f"{path}: {n_adapters} adapters but {len(taps)} taps given")
+    try:
+        ctx = sd[pre + "prompt_learner.ctx_pos"]
+        ids_pos = sd[pre + "prompt_learner.tokenized_prompts_pos"]
+        ids_neg = sd[pre + "prompt_learner.tokenized_prompts_neg"]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: prompt learner tensor missing: {e}") from None
+    m, k, length = ctx.shape[0], ctx.shape[1], ctx.shape[2]
+    prompt = PromptConfig(length=length)
+    if (m, k) != (1, 1):
+        prompt = PromptConfig(length=length, class_names=tuple(f"class{i}" for i in range(m)),
+                              normal_templates=("{}",) * k, anomaly_templates=("damaged {}",) * k)
+    default_ids = tokenize_prompts(prompt, ids_pos.shape[-1])
+    prompts_are_default = torch.equal(default_ids[0], ids_pos.int()) and torch.equal(default_ids[1], ids_neg.int())
+    try:
+        cfg = ModelConfig(
+            backbone=BackboneConfig(model_config=model_config, arch=_known_arch(model_config), weights="bundle"),
+            taps=tuple(taps), adapter=adapter_cfg, prompt=prompt, temperature=temperature,
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: inferred configuration is invalid: {e}") from None
+    model = SowaModel(cfg)
+    try:
+        model.clip.load_state_dict(clip, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: CLIP weights do not fit the inferred architecture: "
+                              f"{str(e).splitlines()[0]}") from None
+    own: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith(pre + "visual_encoder.adapters."):
+            name = key[len(pre + "visual_encoder."):]
+            if re.search(r"\.attn\.(qkv|proj\.weight|proj\.bias|relative_coords_table|relative_position_index)$",
+                         name) or name.endswith(".attn_mask"):
+                continue  # frozen CLIP aliases and derived buffers
+            own[name.replace(".mlp.layers.0.", ".mlp.")] = value
+        elif key.startswith(pre + "prompt_learner.") and re.search(r"\.(ctx_pos|ctx_neg|tokenized_prompts_pos|"
+                                                                    r"tokenized_prompts_neg)$", key):
+            own[key[len(pre):]] = value
+        elif key.startswith(pre + "cross_fusion.linear."):
+            own["fusion." + key[len(pre + "cross_fusion."):]] = value
+    expected = model.sowa_state_dict()
+    missing, extra = sorted(set(expected) - set(own)), sorted(set(own) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{path}: checkpoint does not match the inferred SOWA layout: missing "
+                              f"{missing[:3]}, unexpected {extra[:3]}")
+    for key, ref in expected.items():
+        if own[key].shape != ref.shape:
+            raise CheckpointError(f"{path}: '{key}' has shape {tuple(own[key].shape)}, expected {tuple(ref.shape)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in own.items()}, strict=False)
+    model.refresh_text()
+    provenance = {
+        "source": "import-checkpoint",
+        "checkpoint": path.name,
+        "checkpoint_sha256": _sha256(path),
+        "epoch": ckpt.get("epoch"),
+        "global_step": ckpt.get("global_step"),
+        "lightning_version": ckpt.get("pytorch-lightning_version"),
+        "text_heads": model_config["text_cfg"]["heads"],
+        "prompts": "default" if prompts_are_default else "token ids from the checkpoint",
+    }
+    return ImportedCheckpoint(model, provenance)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,46 @@
+"""Device and precision choices, resolved once with clear errors."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DTYPES", "resolve_device", "resolve_dtype"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{name}' requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device '{name}': use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype = "fp32") -> torch.dtype:
+    """'fp32' | 'fp16' | 'bf16' (or the torch names) -> torch dtype."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {name}: use fp32, fp16 or bf16")
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype '{name}': use fp32, fp16 or bf16") from None

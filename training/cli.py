@@ -1,0 +1,134 @@
+"""The `sowa` command line. Each subcommand is a thin shell over a function in `training/` or `model/`.
+
+Expected failures (bad bundle, bad checkpoint, unreadable image, impossible option) print one line on stderr
+and exit with status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sowa", description="Few-shot visual anomaly detection with SOWA.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("import-checkpoint", help="official SOWA Lightning checkpoint -> bundle")
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    c.add_argument("--taps", type=_int_list, help="tapped block indices, e.g. 5,11,17,23 (default: inferred)")
+    c.add_argument("--text-heads", type=int, help="text tower heads (default: width // 64, the OpenAI rule)")
+    c.add_argument("--temperature", type=float, default=0.07, help="image-level softmax temperature (0.07)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
+
+    c = sub.add_parser("init", help="untrained bundle for few-shot-only serving on a pretrained backbone")
+    c.add_argument("--arch", required=True, help="open_clip model name or model-config JSON path")
+    c.add_argument("--pretrained", default="none", help="none | an open_clip tag such as openai | a weight file")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--taps", type=_int_list)
+    c.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    c.add_argument("--force", action="store_true")
+
+    c = sub.add_parser("predict", help="offline inference on image files -> npz")
+    c.add_argument("--bundle", type=Path, required=True)
+    c.add_argument("--shots", type=Path, nargs="+", default=[], help="normal reference images of the class")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    c.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--out", type=Path, required=True, help="npz file to write")
+    c.add_argument("images", type=Path, nargs="+")
+
+    c = sub.add_parser("info", help="print a bundle's manifest summary")
+    c.add_argument("bundle", type=Path)
+
+    c = sub.add_parser("bench", help="benchmarks")
+    bsub = c.add_subparsers(dest="target", required=True, metavar="TARGET")
+    b = bsub.add_parser("model", help="offline engine images/s by batch size (random weights)")
+    b.add_argument("--arch", default="ViT-B-16", help="open_clip model name or model-config JSON path")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", default="fp32")
+    b.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8])
+    b.add_argument("--shots", type=int, default=4, help="K of the bank scored against (0: zero-shot only)")
+    b.add_argument("--iters", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--json", type=Path, help="also write the rows as JSON")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    # heavy imports only once the arguments are known to be good: `sowa --help` stays instant
+    if args.command == "import-checkpoint":
+        from .offline import run_import
+
+        info = run_import(args.checkpoint, args.out, args.taps, args.text_heads, args.temperature, args.force)
+        print(f"wrote {info.path} (taps {list(info.config.taps)}, arch {info.config.backbone.arch or 'custom'})")
+    elif args.command == "init":
+        from .offline import init_bundle
+
+        info = init_bundle(args.arch, args.pretrained, args.out, args.taps, seed=args.seed, force=args.force)
+        print(f"wrote {info.path} (untrained, taps {list(info.config.taps)})")
+    elif args.command == "predict":
+        import numpy as np
+
+        from .offline import predict_files
+
+        arrays = predict_files(args.bundle, args.images, args.shots, args.device, args.dtype, args.batch_size)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.out, **arrays)
+        for path, s, t, a in zip(args.images, arrays["scores"], arrays["thresholds"], arrays["is_anomalous"],
+                                 strict=True):
+            print(f"{path}\tscore {s:.4f}\tthreshold {t:.4f}\t{'ANOMALOUS' if a else 'normal'}")
+        print(f"wrote {args.out}")
+    elif args.command == "info":
+        import json
+
+        from model.bundle import read_manifest
+
+        info = read_manifest(args.bundle)
+        print(json.dumps({"path": str(info.path), "trained": info.trained, "fingerprint": info.fingerprint,
+                          "model": info.config.to_dict(), "provenance": info.provenance}, indent=2))
+    elif args.command == "bench":
+        from .bench_model import bench_model, format_table, machine_description, write_json
+
+        rows = bench_model(args.arch, args.device, args.dtype, tuple(args.batch_sizes), args.shots, args.iters,
+                           args.warmup, args.threads)
+        print(f"# sowa bench model: {machine_description(rows[0].device)}")
+        print(format_table(rows))
+        if args.json:
+            write_json(rows, args.json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from model.backbone import BackboneError
+    from model.bundle import BundleError
+    from model.checkpoint_import import CheckpointError
+    from model.config import ConfigError
+    from model.preprocess import ImageDecodeError
+
+    try:
+        return _run(args)
+    except (BundleError, CheckpointError, ConfigError, BackboneError, ImageDecodeError, ValueError, OSError) as e:
+        print(f"sowa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
