@@ -43,9 +43,6 @@ class Calibration:
         return Calibration(self.map_mean, self.map_std, self.text_mean, threshold, self.shots)
 
 
-ZERO_SHOT = None  # a missing calibration means: zero-shot scoring
-
-
 @dataclass(frozen=True)
 class ImageScores:
     """Per image: `raw` online score, `threshold`, `score` (0..1, threshold at 0.5), `is_anomalous`."""

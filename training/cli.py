@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     c.add_argument("--force", action="store_true")
 
-    c = sub.add_parser("predict", help="offline inference on image files -> npz")
+    c = sub.add_parser("predict", help="offline inference on image files -> npz",
+                       description="Put --shots before another option (or end them with --): "
+                                   "sowa predict --bundle B --shots s1.png s2.png --out r.npz t1.png t2.png")
     c.add_argument("--bundle", type=Path, required=True)
     c.add_argument("--shots", type=Path, nargs="+", default=[], help="normal reference images of the class")
     c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
