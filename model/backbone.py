@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,15 +120,15 @@ def load_weights_file(model: CLIP, path: str | Path) -> None:
 
             state = load_file(str(path))
         else:
-            try:
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception:  # OpenAI's releases are TorchScript archives, as open_clip's own loader assumes
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            state = _read_openai_archive(path) if _is_torchscript(path) else torch.load(
+                str(path), map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        for key in ("input_resolution", "context_length", "vocab_size"):
+        for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI metadata, not weights
             state.pop(key, None)
+        derived = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+        state = {k: v for k, v in state.items() if k not in derived}  # e.g. a traced archive's causal mask
         if state.get("logit_scale") is not None and state["logit_scale"].ndim != model.logit_scale.ndim:
             state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
@@ -134,6 +136,20 @@ def load_weights_file(model: CLIP, path: str | Path) -> None:
         raise
     except Exception as e:
         raise BackboneError(f"cannot load CLIP weights from {path}: {e}") from e
+
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's CLIP releases are TorchScript archives: a zip holding `*/constants.pkl`."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/constants.pkl") for name in z.namelist())
+
+
+def _read_openai_archive(path: Path) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():  # torch.jit is deprecated, but it is how OpenAI shipped CLIP (open_clip agrees)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
 
 
 def take_taps(model: CLIP, images: torch.Tensor, taps: tuple[int, ...]) -> VisionTaps:

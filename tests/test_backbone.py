@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,7 +69,11 @@ def test_weight_files(tmp_path: Path) -> None:
     src, dst = build_clip(cfg.backbone), build_clip(cfg.backbone)
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
     torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "w.pt")
-    for name in ("w.safetensors", "w.pt"):
+    with warnings.catch_warnings():  # an OpenAI-style TorchScript archive, made the way open_clip traces CLIP
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(copy.deepcopy(src), {"encode_image": torch.ones(1, 3, 64, 64)})
+        torch.jit.save(traced, str(tmp_path / "jit.pt"))
+    for name in ("w.safetensors", "w.pt", "jit.pt"):
         load_weights_file(dst, tmp_path / name)
         assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(),
                                                        strict=True))

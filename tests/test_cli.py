@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import SHARED
+from training.cli import main
+
+TINY = str(SHARED / "configs" / "sowa-tiny.json")
+
+
+def _images(folder: Path, n: int, seed: int, size: int = 90) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size + 10, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    assert main(["init", "--arch", TINY, "--pretrained", "none", "--out", str(out), "--seed", "5"]) == 0
+    return out
+
+
+def test_init_writes_an_untrained_reproducible_bundle(tiny_bundle: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tiny_bundle)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["trained"] is False and info["model"]["taps"] == [1, 3, 5, 7]
+    assert info["provenance"]["seed"] == 5 and info["model"]["backbone"]["weights"] == "bundle"
+    again = tmp_path / "again"
+    assert main(["init", "--arch", TINY, "--out", str(again), "--seed", "5"]) == 0
+    assert (again / "backbone.safetensors").read_bytes() == (tiny_bundle / "backbone.safetensors").read_bytes()
+
+
+def test_predict_with_and_without_shots(tiny_bundle: Path, tmp_path: Path) -> None:
+    shots, tests = _images(tmp_path / "shots", 3, 0), _images(tmp_path / "test", 5, 1)
+    out = tmp_path / "r.npz"
+    assert main(["predict", "--bundle", str(tiny_bundle), "--device", "cpu", "--batch-size", "2",
+                 "--shots", *shots, "--out", str(out), *tests]) == 0
+    r = np.load(out)
+    assert r["anomaly_maps"].shape == (5, 112, 112) and r["anomaly_maps"].dtype == np.float32
+    assert r["text_scores"].shape == r["scores"].shape == (5,)
+    assert (r["text_scores"] == 0.5).all()  # untrained bundle: the shots alone decide
+    assert (r["anomaly_maps"] > 0).all()
+    zero = tmp_path / "z.npz"
+    assert main(["predict", "--bundle", str(tiny_bundle), "--out", str(zero), *tests]) == 0
+    assert (np.load(zero)["anomaly_maps"] == 0).all()
+
+
+def test_expected_errors_exit_2_with_one_line(tiny_bundle: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        ["predict", "--bundle", str(tmp_path), "--out", str(tmp_path / "o.npz"), "x.png"],
+        ["predict", "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o.npz"), str(tmp_path / "nope.png")],
+        ["predict", "--bundle", str(tiny_bundle), "--device", "cuda:7", "--out", str(tmp_path / "o.npz"), "x"],
+        ["predict", "--bundle", str(tiny_bundle), "--dtype", "fp8", "--out", str(tmp_path / "o.npz"), "x"],
+        ["init", "--arch", TINY, "--out", str(tiny_bundle)],
+        ["init", "--arch", "ViT-Nope", "--out", str(tmp_path / "n")],
+    ]
+    for args in cases:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"sowa {args[0]}: error: ") and err.count("\n") == 1, err
+
+
+def test_bench_model_prints_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "model", "--arch", TINY, "--device", "cpu", "--batch-sizes", "1,2", "--iters", "1",
+                 "--warmup", "0", "--json", str(tmp_path / "b.json")]) == 0
+    assert "| batch |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2] and all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_console_script_is_installed() -> None:
+    sowa = shutil.which("sowa", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    assert sowa, "the `sowa` console script is not installed: pip install -e '.[dev]'"
+    out = subprocess.run([sowa, "--help"], capture_output=True, text=True, check=True)
+    assert "import-checkpoint" in out.stdout and "predict" in out.stdout

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.preprocess import CLIP_MEAN, CLIP_STD, ImageDecodeError, decode_image, load_image, preprocess
+
+
+def _encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_reference_preprocessing_is_squash_bicubic_and_clip_norm() -> None:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    x = preprocess(img, 64)
+    resized = np.asarray(img.resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    expected = (torch.from_numpy(resized).permute(2, 0, 1) - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(
+        CLIP_STD).view(3, 1, 1)
+    assert x.shape == (3, 64, 64) and torch.allclose(x, expected, atol=1e-6)
+    same = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert torch.allclose(preprocess(same, 64)[0], (torch.from_numpy(np.asarray(same)[..., 0] / 255.0).float()
+                                                    - CLIP_MEAN[0]) / CLIP_STD[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    img = Image.new("RGB", (20, 10), (200, 100, 50)).convert(mode) if mode != "I;16" else Image.fromarray(
+        np.full((10, 20), 40000, dtype=np.uint16))
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    out = decode_image(_encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (20, 10)
+    if mode == "I;16":  # 16-bit is scaled to 8 bits, not clipped to white
+        assert np.asarray(out)[0, 0, 0] == round(40000 / 65535 * 255)
+
+
+def test_exif_rotation_is_applied() -> None:
+    img = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = decode_image(_encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (20, 40)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"", "empty file"),
+    (b"hello, not an image", "not a readable image"),
+])
+def test_bad_bytes(data: bytes, message: str) -> None:
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data)
+
+
+def test_truncated_and_oversized_images(tmp_path: Path) -> None:
+    data = _encode(Image.new("RGB", (64, 64), (1, 2, 3)).effect_spread(3), "PNG")
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="more than the limit"):
+        decode_image(data, max_pixels=1000)
+    with pytest.raises(ImageDecodeError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "x.png").write_bytes(b"junk")
+    with pytest.raises(ImageDecodeError, match="x.png"):
+        load_image(tmp_path / "x.png")
