@@ -71,7 +71,15 @@ def bench_model(arch: str, device: str = "auto", dtype: str = "fp32", batch_size
 def machine_description(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads"
 
 
 def format_table(rows: list[BenchRow]) -> str:
