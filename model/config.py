@@ -17,6 +17,7 @@ __all__ = [
     "ModelConfig",
     "PromptConfig",
     "default_taps",
+    "default_window",
 ]
 
 DEFAULT_TEMPERATURE = 0.07  # image-level softmax temperature; not stored in reference checkpoints (spec §4, §10)
@@ -24,6 +25,15 @@ DEFAULT_TEMPERATURE = 0.07  # image-level softmax temperature; not stored in ref
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""
+
+
+def default_window(grid: int, preferred: int = 12) -> int:
+    """The reference window (12) when it tiles the grid (or covers it), else the largest divisor of the grid
+    below it: 7 for ViT-B-16's 14x14 grid."""
+    if grid <= preferred or grid % preferred == 0:
+        return preferred
+    divisors = [w for w in range(2, preferred + 1) if grid % w == 0]
+    return max(divisors) if divisors else grid  # a prime grid: one window over all of it
 
 
 def default_taps(layers: int) -> tuple[int, ...]:

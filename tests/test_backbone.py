@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from model.backbone import BackboneError, build_clip, load_weights_file, resolve_backbone, take_taps
-from model.config import ConfigError, ModelConfig, default_taps
+from model.config import ConfigError, ModelConfig, default_taps, default_window
 from tests.helpers import SHARED, tiny_config
+
+
+def test_default_window_tiles_the_grid() -> None:
+    assert [default_window(g) for g in (24, 14, 8, 16, 13)] == [12, 7, 12, 8, 13]
 
 
 def test_default_taps() -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from model.backbone import resolve_backbone
-from model.config import ModelConfig
 from model.device import resolve_device, resolve_dtype
 from model.inference import fit_class, predict_scored
 from model.sowa import SowaModel
+
+from .offline import build_config
 
 __all__ = ["BenchRow", "bench_model", "format_table"]
 
@@ -41,12 +41,13 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_model(arch: str, device: str = "auto", dtype: str = "fp32", batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
-                shots: int = 4, iters: int = 5, warmup: int = 2, threads: int | None = None) -> list[BenchRow]:
+                shots: int = 4, iters: int = 5, warmup: int = 2, threads: int | None = None,
+                window_size: int | None = None) -> list[BenchRow]:
     if threads:
         torch.set_num_threads(threads)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     torch.manual_seed(0)
-    model = SowaModel(ModelConfig(backbone=resolve_backbone(arch, "none")))
+    model = SowaModel(build_config(arch, "none", window_size=window_size))
     model.refresh_text()
     model.drop_text_tower()
     model.to_inference(dev, dt)

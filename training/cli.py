@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--arch", required=True, help="open_clip model name or model-config JSON path")
     c.add_argument("--pretrained", default="none", help="none | an open_clip tag such as openai | a weight file")
     c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--taps", type=_int_list)
+    c.add_argument("--taps", type=_int_list, help="tapped blocks (default: L/4-1, L/2-1, 3L/4-1, L-1)")
+    c.add_argument("--window-size", type=int, help="adapter window (default: 12, or a divisor of the grid)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     c.add_argument("--force", action="store_true")
 
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=5)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--window-size", type=int, help="adapter window (default: 12, or a divisor of the grid)")
     b.add_argument("--json", type=Path, help="also write the rows as JSON")
     return p
 
@@ -83,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "init":
         from .offline import init_bundle
 
-        info = init_bundle(args.arch, args.pretrained, args.out, args.taps, seed=args.seed, force=args.force)
+        info = init_bundle(args.arch, args.pretrained, args.out, args.taps, args.window_size, args.seed, args.force)
         print(f"wrote {info.path} (untrained, taps {list(info.config.taps)})")
     elif args.command == "predict":
         import numpy as np
@@ -109,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         from .bench_model import bench_model, format_table, machine_description, write_json
 
         rows = bench_model(args.arch, args.device, args.dtype, tuple(args.batch_sizes), args.shots, args.iters,
-                           args.warmup, args.threads)
+                           args.warmup, args.threads, args.window_size)
         print(f"# sowa bench model: {machine_description(rows[0].device)}")
         print(format_table(rows))
         if args.json:

@@ -15,13 +15,13 @@ import torch
 from model.backbone import load_pretrained_tag, load_weights_file, resolve_backbone
 from model.bundle import MANIFEST, BundleInfo, load_bundle, save_bundle
 from model.checkpoint_import import import_checkpoint
-from model.config import AdapterConfig, ModelConfig
+from model.config import AdapterConfig, ModelConfig, default_window
 from model.device import resolve_device, resolve_dtype
 from model.inference import fit_class, predict_scored
 from model.preprocess import load_image, preprocess_batch
 from model.sowa import SowaModel
 
-__all__ = ["check_output_dir", "init_bundle", "predict_files", "provenance_base", "run_import"]
+__all__ = ["build_config", "check_output_dir", "init_bundle", "predict_files", "provenance_base", "run_import"]
 
 
 def provenance_base(source: str) -> dict[str, Any]:
@@ -53,12 +53,19 @@ def run_import(ckpt: Path, out: Path, taps: list[int] | None, text_heads: int | 
     return save_bundle(imported.model, out, {**provenance_base("import-checkpoint"), **imported.provenance})
 
 
+def build_config(arch: str, pretrained: str = "none", taps: list[int] | None = None,
+                 window_size: int | None = None) -> ModelConfig:
+    """Reference hyper-parameters on any open_clip ViT; the window defaults to one that tiles its grid."""
+    backbone = resolve_backbone(arch, pretrained)
+    window = window_size or default_window(backbone.grid_size)
+    return ModelConfig(backbone=backbone, taps=tuple(taps or ()), adapter=AdapterConfig(window_size=window))
+
+
 def init_bundle(arch: str, pretrained: str, out: Path, taps: list[int] | None = None,
-                adapter: AdapterConfig | None = None, seed: int = 0, force: bool = False) -> BundleInfo:
+                window_size: int | None = None, seed: int = 0, force: bool = False) -> BundleInfo:
     """An untrained bundle: adapters and prompts at their init, marked untrained (few-shot-only serving)."""
     check_output_dir(out, force)
-    cfg = ModelConfig(backbone=resolve_backbone(arch, pretrained), taps=tuple(taps or ()),
-                      adapter=adapter or AdapterConfig())
+    cfg = build_config(arch, pretrained, taps, window_size)
     torch.manual_seed(seed)
     model = SowaModel(cfg, trained=False)
     if Path(pretrained).is_file():
