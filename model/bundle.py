@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import BackboneError, load_pretrained_tag
 from .config import ConfigError, ModelConfig
+from .files import atomic_write, sha256_file
 from .sowa import SowaModel
 
 __all__ = [
@@ -72,29 +71,6 @@ class BundleInfo:
         return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a bundle is read by whichever user serves it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_bundle(model: SowaModel, out: str | Path, provenance: dict[str, Any] | None = None) -> BundleInfo:
     """Write `model` as a bundle into directory `out` (created if needed; weight files first, manifest last)."""
     out = Path(out)
@@ -106,8 +82,8 @@ def save_bundle(model: SowaModel, out: str | Path, provenance: dict[str, Any] | 
     files: dict[str, dict[str, Any]] = {}
     for name, state in tensors.items():
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        _atomic_write(out / name, lambda tmp, s=state: save_file(s, tmp))
-        files[name] = {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
+        atomic_write(out / name, lambda tmp, s=state: save_file(s, tmp))
+        files[name] = {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
     if BACKBONE_FILE not in files:  # a stale backbone from an earlier save must not sit beside a tag bundle
         (out / BACKBONE_FILE).unlink(missing_ok=True)
     manifest = {
@@ -118,7 +94,7 @@ def save_bundle(model: SowaModel, out: str | Path, provenance: dict[str, Any] | 
         "files": files,
         "provenance": provenance or {},
     }
-    _atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
+    atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
     return read_manifest(out)
 
 
@@ -163,7 +139,7 @@ def _read_checked(info: BundleInfo, name: str, expected: dict[str, torch.Tensor]
     size = path.stat().st_size
     if "bytes" in meta and size != meta["bytes"]:
         raise BundleError(f"{path}: {size} bytes, the manifest says {meta['bytes']} (truncated or replaced)")
-    if _sha256(path) != meta["sha256"]:
+    if sha256_file(path) != meta["sha256"]:
         raise BundleError(f"{path}: sha256 does not match the manifest (corrupted or tampered with)")
     try:
         state = load_file(str(path))

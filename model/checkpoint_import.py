@@ -8,7 +8,6 @@ Hyper-parameters are inferred from tensor shapes and the taps from which CLIP bl
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import types
@@ -21,6 +20,7 @@ import torch
 
 from .adapter import shifted_window_mask
 from .config import AdapterConfig, BackboneConfig, ConfigError, ModelConfig, PromptConfig, default_taps
+from .files import sha256_file
 from .prompts import tokenize_prompts
 from .sowa import SowaModel
 from .window_attention import relative_coords_table, relative_position_index
@@ -287,7 +287,7 @@ def import_checkpoint(
     provenance = {
         "source": "import-checkpoint",
         "checkpoint": path.name,
-        "checkpoint_sha256": _sha256(path),
+        "checkpoint_sha256": sha256_file(path),
         "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"),
         "lightning_version": ckpt.get("pytorch-lightning_version"),
@@ -296,10 +296,3 @@ def import_checkpoint(
     }
     return ImportedCheckpoint(model, provenance)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
