@@ -86,3 +86,17 @@ def test_training_pass_reaches_only_trainable_parameters(tiny_model: SowaModel) 
 def test_wrong_image_size_is_refused(tiny_model: SowaModel) -> None:
     with pytest.raises(ValueError, match="images must be 64x64"):
         tiny_model.predict(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; CI and dev machines have none")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_matches_cpu(tiny_model: SowaModel, dtype: torch.dtype) -> None:
+    x, shots = torch.randn(4, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    ref = predict_scored(tiny_model, x, [fit_class(tiny_model, shots)] * 4)
+    gpu = copy.deepcopy(tiny_model).to_inference("cuda", dtype)
+    out = predict_scored(gpu, x, [fit_class(gpu, shots)] * 4)
+    map_tol, score_tol = (1e-3, 1e-4) if dtype == torch.float32 else TOLERANCE[dtype]  # cuDNN convs may use TF32
+    assert out.anomaly_maps.is_cuda
+    assert (out.anomaly_maps.cpu() - ref.anomaly_maps).abs().max() < map_tol
+    assert (out.scores.raw.cpu() - ref.scores.raw).abs().max() < score_tol
