@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["DEFAULT_Z", "Calibration", "ImageScores", "calibrate", "image_scores", "normalise"]
+__all__ = ["DEFAULT_Z", "Calibration", "ImageScores", "calibrate", "image_scores", "normalise",
+           "zero_shot_pixel_threshold"]
 
 DEFAULT_Z = 3.0
 _MIN_REL_SIGMA = 0.05
@@ -36,11 +37,17 @@ class Calibration:
     text_mean: float
     threshold: float
     shots: int
+    z: float = DEFAULT_Z
+
+    @property
+    def pixel_threshold(self) -> float:
+        """Map value above the class's normal range (mean + Z std of shot maxima): where regions start."""
+        return self.map_mean + self.z * self.map_std
 
     def with_threshold(self, threshold: float) -> Calibration:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        return Calibration(self.map_mean, self.map_std, self.text_mean, threshold, self.shots)
+        return replace(self, threshold=threshold)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,12 @@ def calibrate(final_map_max: torch.Tensor, text_scores: torch.Tensor, z: float =
     std = max(std, _MIN_REL_SIGMA * abs(mean), 1e-6)
     text_mean = text_scores.double().mean().item()
     threshold = 0.5 * (text_mean + 1.0 / (1.0 + math.exp(-z)))
-    return Calibration(mean, std, text_mean, threshold, k)
+    return Calibration(mean, std, text_mean, threshold, k, z)
+
+
+def zero_shot_pixel_threshold(num_stages: int) -> float:
+    """Without a class: the mean stage anomaly probability above one half, i.e. a summed map above S / 2."""
+    return 0.5 * num_stages
 
 
 def normalise(raw: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

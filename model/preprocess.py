@@ -59,8 +59,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             return to_rgb(img)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"not a readable image: {e}") from e
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a readable image (unknown or unsupported format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image refused as a decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
 

@@ -56,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, help="npz file to write")
     c.add_argument("images", type=Path, nargs="+")
 
+    c = sub.add_parser("serve", help="run the inference service (flags override SOWA_* environment variables)")
+    c.add_argument("--bundle", type=Path, help="bundle directory (SOWA_BUNDLE)")
+    c.add_argument("--host", help="bind address (SOWA_HOST, default 127.0.0.1)")
+    c.add_argument("--port", type=int, help="port (SOWA_PORT, default 8000)")
+    c.add_argument("--data-dir", type=Path, help="class storage (SOWA_DATA_DIR, default ./sowa-data)")
+    c.add_argument("--device", help="auto | cpu | cuda | cuda:N (SOWA_DEVICE)")
+    c.add_argument("--dtype", help="fp32 | fp16 | bf16 (SOWA_DTYPE)")
+    c.add_argument("--max-batch-size", type=int, help="images per device batch (SOWA_MAX_BATCH_SIZE, 16)")
+    c.add_argument("--max-wait-ms", type=float, help="batch fill wait (SOWA_MAX_WAIT_MS, 5)")
+    c.add_argument("--max-queue", type=int, help="queued images before 429 (SOWA_MAX_QUEUE, 256)")
+    c.add_argument("--api-key", help="require X-API-Key (prefer SOWA_API_KEY: arguments are visible in ps)")
+    c.add_argument("--log-level", default="info")
+
     c = sub.add_parser("info", help="print a bundle's manifest summary")
     c.add_argument("bundle", type=Path)
 
@@ -99,6 +112,10 @@ def _run(args: argparse.Namespace) -> int:
                                  strict=True):
             print(f"{path}\tscore {s:.4f}\tthreshold {t:.4f}\t{'ANOMALOUS' if a else 'normal'}")
         print(f"wrote {args.out}")
+    elif args.command == "serve":
+        from .serve import serve
+
+        serve(args)
     elif args.command == "info":
         import json
 

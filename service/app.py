@@ -1,0 +1,104 @@
+"""create_app(settings): the FastAPI app and its lifespan. All mutable process state lives in `app.state`.
+
+Start-up runs in the background (load the bundle, restore classes, warm up), so /healthz answers at once and
+/readyz says when the service can take traffic. Shutdown refuses new work, drains the queue, then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from .batcher import DynamicBatcher
+from .engine import Engine
+from .errors import install_error_handlers
+from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .registry import ClassRegistry
+from .routes import classes, health, predict
+from .settings import Settings
+from .telemetry import Telemetry
+
+__all__ = ["ServiceStatus", "create_app"]
+
+log = logging.getLogger("sowa.service")
+
+
+@dataclass
+class ServiceStatus:
+    model_loaded: bool = False
+    classes_restored: bool = False
+    warmed_up: bool = False
+    accepting: bool = False
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.model_loaded and self.classes_restored and self.warmed_up and self.accepting
+
+
+async def _start(app: FastAPI) -> None:
+    s: Settings = app.state.settings
+    status: ServiceStatus = app.state.status
+    try:
+        engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype)
+        app.state.engine = engine
+        status.model_loaded = True
+        registry = ClassRegistry(s.data_dir, engine, s.max_shots_per_class)
+        app.state.registry = registry
+        await engine.call(registry.restore)
+        status.classes_restored = True
+        if s.warmup:
+            await engine.call(engine.warmup, sorted({1, s.max_batch_size}))
+        status.warmed_up = True
+        telemetry: Telemetry = app.state.telemetry
+        telemetry.model_info.info({k: str(v) for k, v in engine.describe().items()})
+        telemetry.track(lambda: len(registry), registry.bank_bytes, engine.device_memory_bytes)
+        batcher = DynamicBatcher(lambda images, memories: engine.call(engine.run, images, memories),
+                                 s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry)
+        app.state.batcher = batcher
+        batcher.start()
+        status.accepting = True
+        log.info("ready: %s, %d classes", engine.describe(), len(registry))
+    except Exception as e:
+        status.error = f"{type(e).__name__}: {e}"
+        log.exception("start-up failed")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    startup = asyncio.create_task(_start(app))
+    app.state.startup = startup
+    yield
+    app.state.status.accepting = False
+    startup.cancel()
+    batcher = getattr(app.state, "batcher", None)
+    if batcher is not None:
+        await batcher.close()
+    engine = getattr(app.state, "engine", None)
+    if engine is not None:
+        engine.close()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="SOWA inspection service",
+        version="0.1.0",
+        description="Few-shot visual anomaly detection: register a few normal shots per product class, then score "
+                    "parts with a heatmap. Errors are `{\"error\": {\"code\", \"message\"}}`.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    app.state.status = ServiceStatus()
+    app.state.telemetry = Telemetry()
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(predict.router)
+    app.include_router(classes.router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry)
+    return app

@@ -1,0 +1,170 @@
+"""DynamicBatcher: one bounded queue in front of the device; batches formed across requests and classes.
+
+A batch closes when it holds `max_batch_size` images or `max_wait_ms` after its first request arrived. While
+the device runs a batch, new requests queue up, so load makes batches bigger by itself. Requests whose client
+went away or whose deadline passed are dropped before the device; a failing batch fails only its own requests.
+The batcher knows neither HTTP nor the registry: it calls an injected `run_batch(images, memories)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model.inference import ClassMemory
+
+from .errors import DeadlineExceededError, NotReadyError, QueueFullError
+from .telemetry import Telemetry
+
+__all__ = ["DynamicBatcher", "WorkItem"]
+
+log = logging.getLogger("sowa.batcher")
+
+RunBatch = Callable[[torch.Tensor, Sequence[ClassMemory | None]], Awaitable[list]]
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One request's images, each image's class memory (or None), and where its results go."""
+
+    images: torch.Tensor  # (n, 3, S, S) preprocessed
+    memories: list[ClassMemory | None]
+    deadline: float  # time.monotonic() after which the result is useless
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+class DynamicBatcher:
+    def __init__(self, run_batch: RunBatch, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                 telemetry: Telemetry | None = None) -> None:
+        if max_batch_size < 1 or max_queue < max_batch_size or max_wait_ms < 0:
+            raise ValueError(f"need max_batch_size >= 1, max_queue >= max_batch_size and max_wait_ms >= 0, got "
+                             f"{max_batch_size}, {max_queue}, {max_wait_ms}")
+        self.run_batch, self.max_batch_size, self.max_queue = run_batch, max_batch_size, max_queue
+        self.max_wait = max_wait_ms / 1000.0
+        self.telemetry = telemetry
+        self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
+        self._queued_images = 0
+        self._carry: WorkItem | None = None  # an item that did not fit the last batch
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="sowa-batcher")
+
+    def submit(self, item: WorkItem) -> WorkItem:
+        """Queue an item or refuse it at once: 503 while shutting down, 429 when the queue is full."""
+        if self._closing:
+            raise NotReadyError("the server is shutting down")
+        if self._queued_images + item.size > self.max_queue:
+            retry = max(1, round(self.max_wait + 0.05 * self._queued_images / self.max_batch_size))
+            raise QueueFullError(f"{self._queued_images} images are waiting (limit {self.max_queue}); retry later",
+                                 headers={"Retry-After": str(retry)})
+        self._queued_images += item.size
+        self._gauge()
+        self._queue.put_nowait(item)
+        return item
+
+    async def close(self) -> None:
+        """Refuse new work, finish what is queued, stop."""
+        self._closing = True
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    async def _next(self, timeout: float | None) -> WorkItem | None:
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        if timeout is None:
+            return await self._queue.get()
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def _done(self, item: WorkItem) -> None:
+        self._queued_images -= item.size
+        self._queue.task_done()
+        self._gauge()
+
+    def _gauge(self) -> None:
+        if self.telemetry:
+            self.telemetry.queue_depth.set(self._queued_images)
+
+    def _usable(self, item: WorkItem, now: float) -> bool:
+        if item.future.done():  # cancelled: the client went away
+            self._done(item)
+            return False
+        if now > item.deadline:
+            item.future.set_exception(DeadlineExceededError("the request waited past its deadline"))
+            self._done(item)
+            return False
+        return True
+
+    async def _collect(self) -> list[WorkItem]:
+        batch: list[WorkItem] = []
+        images = 0
+        close_at: float | None = None
+        while images < self.max_batch_size:
+            timeout = None if close_at is None else max(0.0, close_at - time.monotonic())
+            item = await self._next(timeout)
+            if item is None:
+                break
+            if not self._usable(item, time.monotonic()):
+                continue
+            if batch and images + item.size > self.max_batch_size:
+                self._carry = item  # opens the next batch
+                break
+            batch.append(item)
+            images += item.size
+            if close_at is None:
+                close_at = time.monotonic() + self.max_wait
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            now = time.monotonic()
+            images = torch.cat([it.images for it in batch])
+            memories = [m for it in batch for m in it.memories]
+            if self.telemetry:
+                self.telemetry.batch_size.observe(images.shape[0])
+                for it in batch:
+                    self.telemetry.queue_wait.observe(now - it.enqueued)
+            try:
+                results = await self.run_batch(images, memories)
+                if len(results) != images.shape[0]:
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {images.shape[0]} images")
+            except Exception as e:  # the batch fails alone; the loop goes on
+                log.exception("batch of %d images failed", images.shape[0])
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                    self._done(it)
+                continue
+            start = 0
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_result(results[start:start + it.size])
+                start += it.size
+                self._done(it)

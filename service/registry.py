@@ -1,0 +1,246 @@
+"""ClassRegistry: the product classes, their shots and banks, in memory on the device and on disk.
+
+Layout under `data_dir/classes/<name>/`:
+
+    class.json            name, shot hashes, bundle fingerprint, calibration, threshold override, bank hash
+    shots/<sha256>.png    each shot as decoded RGB (lossless), so banks can be rebuilt for another bundle
+    bank.safetensors      the bank features (S, K*L, D) for the bundle named in class.json
+
+Every file is written to a temporary name, fsynced and renamed; class.json goes last, so a crash at any point
+leaves either the old class or the new one. A 2xx on registration is sent only after class.json is on disk.
+On start, a class whose bank was computed with another bundle, or whose bank file is damaged, is rebuilt from
+its shots; a class whose shots are damaged is refused and reported, never served half-right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import logging
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.calibration import Calibration
+from model.files import atomic_write, sha256_file
+from model.inference import ClassMemory
+from model.memory_bank import MemoryBank
+
+from .engine import Engine
+from .errors import ClassNotFoundError, UnprocessableError
+
+__all__ = ["CLASS_NAME", "ClassEntry", "ClassRegistry", "check_class_name"]
+
+log = logging.getLogger("sowa.registry")
+
+CLASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+FORMAT_VERSION = 1
+
+
+def check_class_name(name: str) -> str:
+    if not CLASS_NAME.fullmatch(name):
+        raise UnprocessableError(f"invalid class name {name[:80]!r}: use 1-64 characters of a-z, 0-9, '_', '.', "
+                                 "'-', starting with a letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    """An immutable snapshot of a class: routes hand it to the batcher as it is."""
+
+    name: str
+    memory: ClassMemory
+    shots: tuple[str, ...]  # sha256 of each shot file, in registration order
+    threshold_override: float | None = None
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+    @property
+    def calibration(self) -> Calibration:
+        cal = self.memory.calibration
+        return cal if self.threshold_override is None else cal.with_threshold(self.threshold_override)
+
+    @property
+    def serving_memory(self) -> ClassMemory:
+        """The memory with the effective threshold, as predictions should use it."""
+        return ClassMemory(self.memory.bank, self.calibration)
+
+    def info(self) -> dict[str, Any]:
+        cal = self.calibration
+        return {
+            "name": self.name, "shots": len(self.shots), "bank_vectors": int(self.memory.bank.features.shape[1]),
+            "bank_bytes": self.memory.bank.nbytes, "threshold": cal.threshold,
+            "calibrated_threshold": self.memory.calibration.threshold,
+            "threshold_overridden": self.threshold_override is not None, "pixel_threshold": cal.pixel_threshold,
+            "created": self.created, "updated": self.updated,
+        }
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ClassRegistry:
+    def __init__(self, data_dir: Path, engine: Engine, max_shots: int) -> None:
+        self.root = Path(data_dir) / "classes"
+        self.engine, self.max_shots = engine, max_shots
+        self._classes: dict[str, ClassEntry] = {}
+        self._lock = asyncio.Lock()  # one mutation at a time; reads take snapshots without waiting
+        self.refused: dict[str, str] = {}  # classes on disk that could not be restored, and why
+
+    # -- reads ------------------------------------------------------------------------------------------------
+    def get(self, name: str) -> ClassEntry:
+        entry = self._classes.get(check_class_name(name))
+        if entry is None:
+            raise ClassNotFoundError(f"class '{name}' is not registered")
+        return entry
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+    def bank_bytes(self) -> int:
+        return sum(e.memory.bank.nbytes for e in self._classes.values())
+
+    # -- mutations --------------------------------------------------------------------------------------------
+    async def add_shots(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
+        check_class_name(name)
+        if mode not in ("append", "replace"):
+            raise UnprocessableError(f"mode must be 'append' or 'replace', got {mode!r}")
+        async with self._lock:
+            old = self._classes.get(name)
+            keep = list(old.shots) if (old and mode == "append") else []
+            if len(keep) + len(images) > self.max_shots:
+                raise UnprocessableError(f"class '{name}' would have {len(keep) + len(images)} shots, more than the "
+                                         f"limit of {self.max_shots}")
+            folder = self.root / name
+            entry = await self.engine.call(self._register, folder, name, keep, images, old)
+            self._classes[name] = entry
+            return entry
+
+    async def set_threshold(self, name: str, threshold: float | None) -> ClassEntry:
+        async with self._lock:
+            old = self.get(name)
+            if threshold is not None and not 0.0 < threshold < 1.0:
+                raise UnprocessableError(f"threshold must be in (0, 1), got {threshold}")
+            entry = ClassEntry(old.name, old.memory, old.shots, threshold, old.created, time.time())
+            await asyncio.to_thread(self._write_manifest, self.root / name, entry,
+                                    sha256_file(self.root / name / "bank.safetensors"))
+            self._classes[name] = entry
+            return entry
+
+    async def delete(self, name: str) -> None:
+        async with self._lock:
+            self.get(name)
+            folder = self.root / name
+            trash = self.root / f".trash-{name}-{uuid.uuid4().hex}"
+            await asyncio.to_thread(folder.rename, trash)  # atomic: the class is gone from disk at once
+            del self._classes[name]
+            await asyncio.to_thread(shutil.rmtree, trash, True)
+
+    # -- disk (engine thread or worker threads) ---------------------------------------------------------------
+    def _register(self, folder: Path, name: str, keep: list[str], images: list[Image.Image],
+                  old: ClassEntry | None) -> ClassEntry:
+        shots_dir = folder / "shots"
+        shots_dir.mkdir(parents=True, exist_ok=True)
+        hashes = list(keep)
+        for img in images:
+            data = _png_bytes(img)
+            digest = hashlib.sha256(data).hexdigest()  # content-addressed: the same shot twice is one file
+            atomic_write(shots_dir / f"{digest}.png", lambda tmp, d=data: Path(tmp).write_bytes(d))
+            hashes.append(digest)
+        all_images = [self._read_shot(folder, h) for h in hashes]
+        memory = self.engine.fit(all_images)
+        entry = ClassEntry(name, memory, tuple(hashes), old.threshold_override if old else None,
+                           old.created if old else time.time(), time.time())
+        self._write_bank_and_manifest(folder, entry)
+        for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode)
+            if stale.stem not in set(hashes):
+                stale.unlink(missing_ok=True)
+        return entry
+
+    def _read_shot(self, folder: Path, digest: str) -> Image.Image:
+        path = folder / "shots" / f"{digest}.png"
+        if sha256_file(path) != digest:
+            raise ValueError(f"shot {path.name} does not match its hash")
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
+    def _write_bank_and_manifest(self, folder: Path, entry: ClassEntry) -> None:
+        bank = folder / "bank.safetensors"
+        features = entry.memory.bank.features.detach().to("cpu").contiguous()
+        atomic_write(bank, lambda tmp: save_file({"features": features}, tmp))
+        self._write_manifest(folder, entry, sha256_file(bank))
+
+    def _write_manifest(self, folder: Path, entry: ClassEntry, bank_sha256: str) -> None:
+        manifest = {
+            "format_version": FORMAT_VERSION, "name": entry.name, "shots": list(entry.shots),
+            "bundle_fingerprint": self.engine.info.fingerprint, "bank_sha256": bank_sha256,
+            "bank_shots": entry.memory.bank.shots, "calibration": asdict(entry.memory.calibration),
+            "threshold_override": entry.threshold_override, "created": entry.created, "updated": entry.updated,
+        }
+        atomic_write(folder / "class.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+
+    def restore(self) -> None:
+        """Load every class on disk (engine thread: it may rebuild banks). Damaged classes are refused."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".trash-"):
+                shutil.rmtree(folder, ignore_errors=True)  # a delete interrupted by a crash
+                continue
+            if not folder.is_dir():
+                continue
+            try:
+                entry = self._restore_one(folder)
+            except Exception as e:  # any damage refuses this class only
+                self.refused[folder.name] = str(e)
+                log.error("class %s not restored: %s", folder.name, e)
+                continue
+            if entry is not None:
+                self._classes[entry.name] = entry
+
+    def _restore_one(self, folder: Path) -> ClassEntry | None:
+        if not CLASS_NAME.fullmatch(folder.name):
+            raise ValueError("directory name is not a valid class name")
+        manifest_path = folder / "class.json"
+        if not manifest_path.is_file():
+            if not any(folder.iterdir()) or not (folder / "shots").exists():
+                return None  # a registration that crashed before its first manifest: nothing was promised
+            raise ValueError("class.json is missing")
+        m = json.loads(manifest_path.read_text())
+        if m.get("format_version") != FORMAT_VERSION or m.get("name") != folder.name:
+            raise ValueError("class.json has another format or names another class")
+        shots = tuple(str(h) for h in m["shots"])
+        entry_args = (m.get("threshold_override"), float(m["created"]), float(m["updated"]))
+        bank_path = folder / "bank.safetensors"
+        same_bundle = m.get("bundle_fingerprint") == self.engine.info.fingerprint
+        if same_bundle and bank_path.is_file() and sha256_file(bank_path) == m.get("bank_sha256"):
+            try:
+                features = load_file(str(bank_path))["features"]
+                bank = MemoryBank(features.to(self.engine.device, self.engine.model.clip.visual.proj.dtype),
+                                  int(m["bank_shots"]))
+                memory = ClassMemory(bank, Calibration(**m["calibration"]))
+                return ClassEntry(folder.name, memory, shots, *entry_args)
+            except (SafetensorError, KeyError, TypeError, ValueError) as e:
+                log.warning("class %s: bank unreadable (%s), rebuilding from shots", folder.name, e)
+        else:
+            log.info("class %s: bank from another bundle or damaged, rebuilding from its %d shots", folder.name,
+                     len(shots))
+        memory = self.engine.fit([self._read_shot(folder, h) for h in shots])
+        entry = ClassEntry(folder.name, memory, shots, *entry_args)
+        self._write_bank_and_manifest(folder, entry)
+        return entry

@@ -1,0 +1,52 @@
+"""Product classes: register shots, list, inspect, override the threshold, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+
+from ..deps import RegistryDep, SettingsDep, require_api_key
+from ..registry import check_class_name
+from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
+from .predict import read_images
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/classes", tags=["classes"], dependencies=[Depends(require_api_key)])
+
+
+@router.post("/{name}/shots", response_model=ClassInfo, summary="Register normal shots of a class")
+async def add_shots(
+    name: str,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    images: Annotated[list[UploadFile], File(description="1..K normal images of the product")],
+    mode: Annotated[Literal["append", "replace"], Form(description="add to the shots or replace them")] = "append",
+) -> dict:
+    """Builds the class's bank and calibration; answers once both are on disk."""
+    check_class_name(name)
+    decoded = await read_images(images, settings.max_shots_per_class, settings.max_image_pixels)
+    entry = await registry.add_shots(name, [d.image for _, d in decoded], mode)
+    return entry.info()
+
+
+@router.get("", response_model=ClassList, summary="List classes")
+async def list_classes(registry: RegistryDep) -> dict:
+    return {"classes": [registry.get(n).info() for n in registry.names()]}
+
+
+@router.get("/{name}", response_model=ClassInfo, summary="One class")
+async def get_class(name: str, registry: RegistryDep) -> dict:
+    return registry.get(name).info()
+
+
+@router.patch("/{name}", response_model=ClassInfo, summary="Override the class threshold")
+async def set_threshold(name: str, update: ThresholdUpdate, registry: RegistryDep) -> dict:
+    return (await registry.set_threshold(name, update.threshold)).info()
+
+
+@router.delete("/{name}", response_model=Deleted, summary="Remove a class and its files")
+async def delete_class(name: str, registry: RegistryDep) -> dict:
+    await registry.delete(name)
+    return {"deleted": name}

@@ -1,0 +1,96 @@
+"""POST /predict: score images, zero-shot or against a registered class."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Literal
+
+import torch
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+
+from ..batcher import WorkItem
+from ..codecs import DecodedImage, decode_upload, find_regions, png_heatmap, raw_heatmap
+from ..deps import BatcherDep, EngineDep, RegistryDep, SettingsDep, TelemetryDep, require_api_key
+from ..engine import Engine, ImageResult
+from ..errors import DeadlineExceededError, SowaError, UnprocessableError
+from ..schemas import PredictResponse
+
+__all__ = ["read_images", "router"]
+
+router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
+
+HeatmapKind = Literal["none", "png", "raw"]
+
+
+class ClientClosedError(SowaError):
+    status, code = 499, "client_closed_request"
+
+
+async def read_images(files: list[UploadFile], limit: int, max_pixels: int) -> list[tuple[str, DecodedImage]]:
+    """Read and decode uploads off the event loop; errors name the file."""
+    if len(files) > limit:
+        raise UnprocessableError(f"{len(files)} images in one request, more than the limit of {limit}")
+    payloads = [(f.filename or f"image-{i}", await f.read()) for i, f in enumerate(files)]
+    return await asyncio.to_thread(lambda: [(name, decode_upload(data, name, max_pixels)) for name, data in payloads])
+
+
+async def _cancel_on_disconnect(request: Request, item: WorkItem) -> None:
+    while not item.future.done():
+        if await request.is_disconnected():
+            item.future.cancel()  # the batcher drops it before the device
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _result(request: Request, item: WorkItem, timeout: float) -> list[ImageResult]:
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, item))
+    try:
+        return await asyncio.wait_for(asyncio.shield(item.future), timeout)
+    except TimeoutError:
+        item.future.cancel()
+        raise DeadlineExceededError(f"no result within {timeout:g} s") from None
+    except asyncio.CancelledError:
+        if item.future.cancelled() and not asyncio.current_task().cancelling():
+            raise ClientClosedError("the client closed the connection") from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def _encode(name: str, img: DecodedImage, r: ImageResult, heatmap: HeatmapKind) -> dict:
+    hm = None
+    if heatmap == "raw":
+        hm = raw_heatmap(r.anomaly_map)
+    elif heatmap == "png":
+        hm = png_heatmap(r.anomaly_map, img.width, img.height, 2.0 * r.pixel_threshold)
+    return {"filename": name, "score": r.score, "normalized_score": r.normalized_score, "text_score": r.text_score,
+            "threshold": r.threshold, "is_anomalous": r.is_anomalous, "heatmap": hm,
+            "regions": find_regions(r.anomaly_map, r.pixel_threshold, img.width, img.height)}
+
+
+@router.post("/predict", response_model=PredictResponse, summary="Score images",
+             responses={404: {"description": "unknown class"}, 413: {"description": "too large"},
+                        422: {"description": "invalid fields"}, 429: {"description": "queue full"}})
+async def predict(
+    request: Request,
+    engine: EngineDep,
+    registry: RegistryDep,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+    telemetry: TelemetryDep,
+    images: Annotated[list[UploadFile], File(description="1..N image files (any format PIL reads)")],
+    class_name: Annotated[str | None, Form(description="registered class; omit for zero-shot")] = None,
+    heatmap: Annotated[HeatmapKind, Form(description="none, png (8-bit, original size) or raw (float32)")] = "png",
+) -> dict:
+    """Anomaly score, decision, regions and heatmap for every image."""
+    memory = registry.get(class_name).serving_memory if class_name else None
+    decoded = await read_images(images, settings.max_images_per_request, settings.max_image_pixels)
+    tensor: torch.Tensor = await asyncio.to_thread(Engine.preprocess, engine, [d.image for _, d in decoded])
+    item = batcher.submit(WorkItem(tensor, [memory] * len(decoded),
+                                   deadline=time.monotonic() + settings.request_timeout_s))
+    results = await _result(request, item, settings.request_timeout_s)
+    body = await asyncio.to_thread(lambda: [_encode(n, d, r, heatmap) for (n, d), r in zip(decoded, results,
+                                                                                           strict=True)])
+    telemetry.images.inc(len(body))
+    return {"class_name": class_name, "results": body, "model": engine.describe()}

@@ -1,0 +1,103 @@
+"""Response models: the OpenAPI contract at /docs, with examples."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ClassInfo", "ClassList", "Deleted", "Heatmap", "ImageResultOut", "ModelInfo", "PredictResponse",
+           "ReadyInfo", "Region", "ThresholdUpdate"]
+
+
+class Heatmap(BaseModel):
+    format: Literal["png", "raw"]
+    data: str = Field(description="base64")
+    dtype: str | None = Field(None, description="raw: float32 (little-endian)")
+    shape: list[int] | None = Field(None, description="raw: [S, S] at model resolution")
+    width: int | None = Field(None, description="png: original image width")
+    height: int | None = Field(None, description="png: original image height")
+    scale: list[float] | None = Field(None, description="png: map values at grey 0 and 255")
+
+
+class Region(BaseModel):
+    box: list[int] = Field(description="[x0, y0, x1, y1) in original image pixels", examples=[[12, 40, 96, 80]])
+    peak: float = Field(description="highest map value inside the region (reference scale)")
+    area: float = Field(description="fraction of the image")
+
+
+class ImageResultOut(BaseModel):
+    filename: str
+    score: float = Field(description="online image score in (0, 1) (docs/scoring.md)", examples=[0.91])
+    normalized_score: float = Field(description="score mapped onto [0, 1] with the threshold at 0.5")
+    text_score: float = Field(description="zero-shot image-level anomaly probability")
+    threshold: float = Field(description="the class's threshold on `score` (0.5 without a class)")
+    is_anomalous: bool
+    heatmap: Heatmap | None = None
+    regions: list[Region] = Field(default_factory=list, description="connected areas above the pixel threshold")
+
+
+class ModelInfo(BaseModel):
+    arch: str
+    image_size: int
+    taps: list[int]
+    trained: bool
+    fingerprint: str
+    device: str
+    dtype: str
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "class_name": "widget",
+        "results": [{"filename": "part-0001.jpg", "score": 0.93, "normalized_score": 0.81, "text_score": 0.71,
+                     "threshold": 0.73, "is_anomalous": True, "heatmap": None,
+                     "regions": [{"box": [12, 40, 96, 80], "peak": 3.1, "area": 0.02}]}],
+        "model": {"arch": "ViT-L-14-336-quickgelu", "image_size": 336, "taps": [5, 11, 17, 23], "trained": True,
+                  "fingerprint": "3f1c2a9b0d4e5f67", "device": "cuda", "dtype": "bfloat16"},
+    }]})
+
+    class_name: str | None
+    results: list[ImageResultOut]
+    model: ModelInfo
+
+
+class ClassInfo(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "widget", "shots": 4, "bank_vectors": 9216, "bank_bytes": 56623104, "threshold": 0.74,
+        "calibrated_threshold": 0.74, "threshold_overridden": False, "pixel_threshold": 3.2,
+        "created": 1763940000.0, "updated": 1763940000.0}]})
+
+    name: str
+    shots: int
+    bank_vectors: int = Field(description="patch vectors per stage (K x L)")
+    bank_bytes: int
+    threshold: float
+    calibrated_threshold: float
+    threshold_overridden: bool
+    pixel_threshold: float
+    created: float
+    updated: float
+
+
+class ClassList(BaseModel):
+    classes: list[ClassInfo]
+
+
+class ThresholdUpdate(BaseModel):
+    threshold: float | None = Field(description="new threshold in (0, 1); null restores the calibrated one",
+                                    examples=[0.8])
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+class ReadyInfo(BaseModel):
+    ready: bool
+    model_loaded: bool
+    warmed_up: bool
+    classes_restored: bool
+    classes: int
+    refused_classes: dict[str, str] = Field(default_factory=dict)
+    error: str | None = None

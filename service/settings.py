@@ -1,0 +1,52 @@
+"""Runtime settings: CLI flags and SOWA_* environment variables (pydantic-settings). Model hyper-parameters
+never live here: they come from the bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOWA_", extra="forbid")
+
+    bundle: Path = Field(description="bundle directory to serve")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Field(Path("sowa-data"), description="where class shots and banks persist")
+    device: str = "auto"
+    dtype: str = "fp32"
+    max_batch_size: int = Field(16, ge=1, le=1024, description="images per device batch")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill up")
+    max_queue: int = Field(256, ge=1, description="images waiting for the device before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a prediction request")
+    api_key: SecretStr | None = Field(None, description="when set, required as X-API-Key on all but health/metrics")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard, per image")
+    max_images_per_request: int = Field(64, ge=1)
+    max_shots_per_class: int = Field(32, ge=1)
+    warmup: bool = True
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v.lower() not in ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16"):
+            raise ValueError(f"dtype must be fp32, fp16 or bf16, got '{v}'")
+        return v.lower()
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 8:
+            raise ValueError("api_key must be at least 8 characters (or unset)")
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.max_queue < self.max_batch_size:
+            raise ValueError(f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size})")
+        return self

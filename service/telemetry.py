@@ -1,0 +1,44 @@
+"""Prometheus metrics, in a registry of the app's own (two apps in one process never share counters)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+__all__ = ["CONTENT_TYPE_LATEST", "Telemetry"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sowa_requests_total", "HTTP requests by route template and status",
+                                ["endpoint", "status"], registry=r)
+        self.request_duration = Histogram("sowa_request_duration_seconds", "HTTP request latency by route",
+                                          ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.images = Counter("sowa_images_total", "images scored by /predict", registry=r)
+        self.batch_size = Histogram("sowa_batch_size", "images per device batch", buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.queue_depth = Gauge("sowa_queue_depth", "images waiting for the device", registry=r)
+        self.queue_wait = Histogram("sowa_queue_wait_seconds", "time from enqueue to batch start",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.classes = Gauge("sowa_classes", "registered product classes", registry=r)
+        self.bank_bytes = Gauge("sowa_bank_bytes", "bytes held by class banks", registry=r)
+        self.device_memory = Gauge("sowa_device_memory_bytes", "device memory in use (CUDA allocated; on CPU the "
+                                   "model and banks)", registry=r)
+        self.model_info = Info("sowa_model", "the served bundle", registry=r)
+
+    def track(self, classes: Callable[[], int], bank_bytes: Callable[[], int],
+              device_memory: Callable[[], int]) -> None:
+        """Gauges read at scrape time, so they are never stale."""
+        self.classes.set_function(lambda: float(classes()))
+        self.bank_bytes.set_function(lambda: float(bank_bytes()))
+        self.device_memory.set_function(lambda: float(device_memory()))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
