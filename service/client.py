@@ -1,0 +1,132 @@
+"""A small typed client of the service (httpx), used by the tests, the demo and the load benchmark.
+
+    with SowaClient("http://127.0.0.1:8000") as c:
+        c.register_shots("widget", ["good1.png", "good2.png"])
+        result = c.predict(["part.png"], class_name="widget").results[0]
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import numpy as np
+
+from .schemas import ClassInfo, ClassList, Heatmap, PredictResponse, ReadyInfo
+
+__all__ = ["ApiError", "AsyncSowaClient", "SowaClient", "decode_raw_heatmap"]
+
+ImageInput = str | Path | bytes | tuple[str, bytes]
+
+
+class ApiError(RuntimeError):
+    """A non-2xx answer: `status`, `code` and `message` from the service's error body."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+def _files(images: Sequence[ImageInput]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    out = []
+    for i, img in enumerate(images):
+        if isinstance(img, tuple):
+            name, data = img
+        elif isinstance(img, bytes):
+            name, data = f"image-{i}", img
+        else:
+            name, data = Path(img).name, Path(img).read_bytes()
+        out.append(("images", (name, data, "application/octet-stream")))
+    return out
+
+
+def _check(r: httpx.Response) -> httpx.Response:
+    if r.is_success:
+        return r
+    try:
+        err = r.json()["error"]
+        code, message = err["code"], err["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", r.text[:200]
+    retry = r.headers.get("Retry-After")
+    raise ApiError(r.status_code, code, message, float(retry) if retry else None)
+
+
+def decode_raw_heatmap(heatmap: Heatmap) -> np.ndarray:
+    """A `raw` heatmap back to its (S, S) float32 array."""
+    if heatmap.format != "raw" or heatmap.shape is None:
+        raise ValueError("not a raw heatmap")
+    return np.frombuffer(base64.b64decode(heatmap.data), dtype="<f4").reshape(heatmap.shape)
+
+
+class SowaClient:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> SowaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def predict(self, images: Sequence[ImageInput], class_name: str | None = None,
+                heatmap: Literal["none", "png", "raw"] = "png") -> PredictResponse:
+        data = {"heatmap": heatmap, **({"class_name": class_name} if class_name else {})}
+        return PredictResponse.model_validate(_check(self._http.post("/predict", files=_files(images),
+                                                                     data=data)).json())
+
+    def register_shots(self, name: str, images: Sequence[ImageInput],
+                       mode: Literal["append", "replace"] = "append") -> ClassInfo:
+        r = self._http.post(f"/classes/{name}/shots", files=_files(images), data={"mode": mode})
+        return ClassInfo.model_validate(_check(r).json())
+
+    def list_classes(self) -> list[ClassInfo]:
+        return ClassList.model_validate(_check(self._http.get("/classes")).json()).classes
+
+    def get_class(self, name: str) -> ClassInfo:
+        return ClassInfo.model_validate(_check(self._http.get(f"/classes/{name}")).json())
+
+    def set_threshold(self, name: str, threshold: float | None) -> ClassInfo:
+        r = self._http.patch(f"/classes/{name}", json={"threshold": threshold})
+        return ClassInfo.model_validate(_check(r).json())
+
+    def delete_class(self, name: str) -> None:
+        _check(self._http.delete(f"/classes/{name}"))
+
+    def ready(self) -> ReadyInfo:
+        r = self._http.get("/readyz")
+        if r.status_code not in (200, 503):
+            _check(r)
+        return ReadyInfo.model_validate(r.json())
+
+    def metrics(self) -> str:
+        return _check(self._http.get("/metrics")).text
+
+
+class AsyncSowaClient:
+    """The prediction call of `SowaClient`, for concurrent load (benchmarks, tests)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
+                 max_connections: int = 64) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
+
+    async def __aenter__(self) -> AsyncSowaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    async def predict(self, images: Sequence[ImageInput], class_name: str | None = None,
+                      heatmap: Literal["none", "png", "raw"] = "none") -> PredictResponse:
+        data = {"heatmap": heatmap, **({"class_name": class_name} if class_name else {})}
+        r = await self._http.post("/predict", files=_files(images), data=data)
+        return PredictResponse.model_validate(_check(r).json())

@@ -1,0 +1,247 @@
+"""Integration tests: the real server (uvicorn on a loopback port) driven over HTTP with httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.client import ApiError, AsyncSowaClient, SowaClient, decode_raw_heatmap
+from tests.helpers import REFERENCE
+from tests.server import ServerProcess
+from training.offline import predict_files, run_import
+
+PARITY = REFERENCE / "parity_tiny"
+SHOTS = sorted(PARITY.glob("shots/*.png"))
+TESTS = sorted(PARITY.glob("test/*.png"))
+
+
+def _png(size: tuple[int, int] = (64, 64), seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("svc") / "parity-bundle"
+    run_import(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("server")
+    flags = ["--max-wait-ms", "100", "--max-batch-size", "8"]
+    env = {"SOWA_MAX_IMAGE_PIXELS": "200000", "SOWA_MAX_REQUEST_BYTES": str(2 * 1024 * 1024),
+           "SOWA_MAX_IMAGES_PER_REQUEST": "6", "SOWA_MAX_SHOTS_PER_CLASS": "5"}
+    with ServerProcess(bundle, tmp / "data", tmp / "server.log", flags, env) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server: ServerProcess) -> Iterator[SowaClient]:
+    with SowaClient(server.url) as c:
+        yield c
+
+
+def test_rest_equals_offline_predict(client: SowaClient, bundle: Path) -> None:
+    client.register_shots("widget", SHOTS, mode="replace")
+    offline = predict_files(bundle, TESTS, SHOTS, device="cpu", batch_size=len(TESTS))
+    got = client.predict(TESTS, class_name="widget", heatmap="raw")
+    maps = np.stack([decode_raw_heatmap(r.heatmap) for r in got.results])
+    assert maps.dtype == np.float32 and maps.shape == (4, 64, 64)
+    assert np.array_equal(maps, offline["anomaly_maps"])
+    assert np.array_equal([r.score for r in got.results], offline["scores"])
+    assert np.array_equal([r.text_score for r in got.results], offline["text_scores"])
+    assert [r.is_anomalous for r in got.results] == offline["is_anomalous"].tolist()
+    expected = np.load(PARITY / "expected.npz")
+    assert np.abs(maps - expected["kshot_maps"]).max() <= 1e-4
+    zero = client.predict(TESTS, heatmap="raw")
+    assert np.abs(np.stack([decode_raw_heatmap(r.heatmap) for r in zero.results]) -
+                  expected["zeroshot_maps"]).max() <= 1e-4
+    assert all(r.threshold == 0.5 for r in zero.results)
+
+
+def test_png_heatmap_and_regions(client: SowaClient) -> None:
+    client.register_shots("widget", SHOTS, mode="replace")
+    big = _png((200, 120), seed=3)  # not the model size: the heatmap comes back at 200x120
+    r = client.predict([("part.png", big)], class_name="widget").results[0]
+    assert r.filename == "part.png" and r.heatmap.format == "png"
+    png = Image.open(io.BytesIO(base64.b64decode(r.heatmap.data)))
+    assert png.size == (200, 120) and png.mode == "L"
+    for region in r.regions:
+        x0, y0, x1, y1 = region.box
+        assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 120 and 0 < region.area <= 1
+
+
+def test_batches_form_under_concurrent_load(server: ServerProcess, client: SowaClient) -> None:
+    def batch_stats() -> tuple[float, float]:
+        text = client.metrics()
+        count = float(re.search(r"^sowa_batch_size_count (\S+)", text, re.M).group(1))
+        total = float(re.search(r"^sowa_batch_size_sum (\S+)", text, re.M).group(1))
+        return count, total
+
+    before = batch_stats()
+
+    async def load() -> None:
+        async with AsyncSowaClient(server.url) as ac:
+            await asyncio.gather(*(ac.predict([_png(seed=i)]) for i in range(24)))
+
+    asyncio.run(load())
+    count, total = (a - b for a, b in zip(batch_stats(), before, strict=True))
+    assert total == 24
+    assert count < 24, "no batch held more than one image"
+    assert re.search(r'^sowa_requests_total\{endpoint="/predict",status="200"\} \d+', client.metrics(), re.M)
+
+
+@pytest.mark.parametrize(("files", "data", "status", "code"), [
+    ([("images", ("x.txt", b"hello", "text/plain"))], {}, 400, "invalid_image"),
+    ([("images", ("empty.png", b"", "image/png"))], {}, 400, "invalid_image"),
+    ([("images", ("cut.png", _png()[:200], "image/png"))], {}, 400, "invalid_image"),
+    ([("images", ("huge.png", _png((600, 600)), "image/png"))], {}, 413, "payload_too_large"),
+    ([("images", ("a.png", _png(), "image/png"))], {"class_name": "nope"}, 404, "class_not_found"),
+    ([("images", ("a.png", _png(), "image/png"))], {"class_name": "../etc"}, 422, "invalid_request"),
+    ([("images", ("a.png", _png(), "image/png"))], {"heatmap": "jpeg"}, 422, "invalid_request"),
+    ([("images", ("a.png", _png(), "image/png"))] * 7, {}, 422, "invalid_request"),
+    ([], {"class_name": "widget"}, 422, "invalid_request"),
+])
+def test_bad_predict_inputs(server: ServerProcess, files: list, data: dict, status: int, code: str) -> None:
+    r = httpx.post(server.url + "/predict", files=files or None, data=data)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    assert "Traceback" not in r.text
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_too_large_request_and_decompression_bomb(server: ServerProcess) -> None:
+    r = httpx.post(server.url + "/predict", files=[("images", ("big.bin", b"\0" * (3 * 1024 * 1024), "x/y"))])
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    bomb = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(bomb, format="PNG")  # tiny file, 25 Mpx once decoded
+    r = httpx.post(server.url + "/predict", files=[("images", ("bomb.png", bomb.getvalue(), "image/png"))])
+    assert r.status_code == 413 and "pixels" in r.json()["error"]["message"]
+
+
+def test_bad_class_requests(server: ServerProcess, client: SowaClient) -> None:
+    url = server.url
+    for name in ("Bad", "-x", "a" * 65, "x y", "..."):
+        r = httpx.post(f"{url}/classes/{name}/shots", files=[("images", ("a.png", _png(), "image/png"))])
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", name
+    r = httpx.post(f"{url}/classes/ok/shots", files=[("images", ("a.png", _png(), "image/png"))],
+                   data={"mode": "merge"})
+    assert r.status_code == 422
+    r = httpx.post(f"{url}/classes/ok/shots", files=[("images", ("a.png", _png(), "image/png"))] * 6)
+    assert r.status_code == 422 and "limit of 5" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/classes/ghost").status_code == 404
+    assert httpx.delete(f"{url}/classes/ghost").status_code == 404
+    client.register_shots("widget", SHOTS, mode="replace")
+    assert httpx.patch(f"{url}/classes/widget", json={"threshold": 1.5}).status_code == 422
+    assert httpx.patch(f"{url}/classes/widget", json={"threshold": "high"}).status_code == 422
+    r = httpx.post(f"{url}/classes/widget/shots", files=[("images", ("t.txt", b"text", "text/plain"))])
+    assert r.status_code == 400 and client.get_class("widget").shots == 3  # a bad upload changes nothing
+
+
+def test_class_lifecycle(client: SowaClient) -> None:
+    info = client.register_shots("gear", SHOTS[:2], mode="replace")
+    assert info.shots == 2 and info.bank_vectors == 2 * 64 and not info.threshold_overridden
+    assert client.register_shots("gear", SHOTS[2:], mode="append").shots == 3
+    assert client.register_shots("gear", SHOTS[:1], mode="replace").shots == 1
+    calibrated = client.get_class("gear").calibrated_threshold
+    assert client.set_threshold("gear", 0.8).threshold == 0.8
+    r = client.predict(TESTS[:1], class_name="gear", heatmap="none").results[0]
+    assert r.threshold == pytest.approx(0.8) and r.is_anomalous == (r.score > 0.8)
+    restored = client.set_threshold("gear", None)
+    assert restored.threshold == calibrated and not restored.threshold_overridden
+    assert "gear" in [c.name for c in client.list_classes()]
+    client.delete_class("gear")
+    with pytest.raises(ApiError) as e:
+        client.get_class("gear")
+    assert e.value.status == 404
+
+
+def test_openapi_and_docs(server: ServerProcess) -> None:
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert {"/predict", "/classes/{name}/shots", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def test_queue_full_answers_429(bundle: Path, tmp_path: Path) -> None:
+    flags = ["--max-batch-size", "1", "--max-queue", "2", "--max-wait-ms", "0"]
+    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags) as srv:
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
+                files = [("images", (f"{i}.png", _png(seed=i), "image/png")) for i in range(2)]
+                rs = await asyncio.gather(*(ac.post("/predict", files=files, data={"heatmap": "none"})
+                                            for _ in range(40)))
+                assert all(int(r.headers["Retry-After"]) >= 1 for r in rs if r.status_code == 429)
+                return [r.status_code for r in rs]
+
+        statuses = asyncio.run(burst())
+        assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
+        assert set(statuses) <= {200, 429}
+        assert httpx.get(srv.url + "/readyz").status_code == 200
+
+
+def test_classes_survive_kill_9_and_restart(bundle: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    srv = ServerProcess(bundle, data, tmp_path / "log").start()
+    try:
+        with SowaClient(srv.url) as c:
+            c.register_shots("widget", SHOTS)
+            c.set_threshold("widget", 0.9)
+            before = c.predict(TESTS, class_name="widget", heatmap="raw")
+    finally:
+        srv.kill()
+    srv = ServerProcess(bundle, data, tmp_path / "log").start()
+    try:
+        with SowaClient(srv.url) as c:
+            assert c.get_class("widget").shots == 3 and c.get_class("widget").threshold == 0.9
+            after = c.predict(TESTS, class_name="widget", heatmap="raw")
+            assert [r.score for r in after.results] == [r.score for r in before.results]
+            assert all(a.heatmap.data == b.heatmap.data for a, b in zip(after.results, before.results, strict=True))
+    finally:
+        srv.stop()
+
+
+def test_bank_of_another_bundle_is_rebuilt_and_damage_is_refused(bundle: Path, tmp_path: Path) -> None:
+    from training.offline import init_bundle
+
+    data = tmp_path / "data"
+    with ServerProcess(bundle, data, tmp_path / "log") as srv, SowaClient(srv.url) as c:
+        c.register_shots("widget", SHOTS)
+        c.register_shots("broken", SHOTS[:2])
+    other = tmp_path / "other"
+    init_bundle(str(REFERENCE.parent / "configs" / "sowa-tiny.json"), "none", other, seed=9)
+    shot = next((data / "classes" / "broken" / "shots").glob("*.png"))
+    shot.write_bytes(shot.read_bytes()[:-10])  # damage one stored shot: that class cannot be rebuilt
+    with ServerProcess(other, data, tmp_path / "log") as srv, SowaClient(srv.url) as c:
+        ready = c.ready()
+        assert ready.ready and "broken" in ready.refused_classes and "hash" in ready.refused_classes["broken"]
+        info = c.get_class("widget")  # rebuilt for the new bundle (112 px, 8x8 grid -> 64 patches per shot)
+        assert info.shots == 3 and info.bank_vectors == 3 * 64
+        assert c.predict(TESTS[:1], class_name="widget").model.image_size == 112
+
+
+def test_api_key(bundle: Path, tmp_path: Path) -> None:
+    key = "s3cret-key-123"
+    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", env={"SOWA_API_KEY": key}) as srv:
+        files = [("images", ("a.png", _png(), "image/png"))]
+        assert httpx.post(srv.url + "/predict", files=files).status_code == 401
+        assert httpx.post(srv.url + "/predict", files=files, headers={"X-API-Key": "wrong-key-000"}).status_code \
+            == 401
+        assert httpx.get(srv.url + "/classes").json()["error"]["code"] == "unauthorized"
+        for open_path in ("/healthz", "/readyz", "/metrics"):
+            assert httpx.get(srv.url + open_path).status_code == 200
+        with SowaClient(srv.url, api_key=key) as c:
+            assert c.predict([_png()]).results[0].threshold == 0.5
+            assert c.list_classes() == []
