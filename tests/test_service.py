@@ -16,8 +16,8 @@ from PIL import Image
 
 from service.client import ApiError, AsyncSowaClient, SowaClient, decode_raw_heatmap
 from tests.helpers import REFERENCE
-from tests.server import ServerProcess
 from training.offline import predict_files, run_import
+from training.server_process import ServerProcess
 
 PARITY = REFERENCE / "parity_tiny"
 SHOTS = sorted(PARITY.glob("shots/*.png"))

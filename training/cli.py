@@ -85,6 +85,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--window-size", type=int, help="adapter window (default: 12, or a divisor of the grid)")
     b.add_argument("--json", type=Path, help="also write the rows as JSON")
+    b = bsub.add_parser("serve", help="service images/s and latency vs concurrency, batching on and off")
+    b.add_argument("--arch", default="ViT-B-16", help="architecture of a random-weight bundle made for the run")
+    b.add_argument("--bundle", type=Path, help="benchmark this bundle instead")
+    b.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="client counts, e.g. 1,4,16")
+    b.add_argument("--duration", type=float, default=20.0, help="seconds of load per point")
+    b.add_argument("--max-batch-size", type=int, default=16)
+    b.add_argument("--max-wait-ms", type=float, default=10.0)
+    b.add_argument("--shots", type=int, default=4)
+    b.add_argument("--json", type=Path)
     return p
 
 
@@ -124,6 +133,16 @@ def _run(args: argparse.Namespace) -> int:
         info = read_manifest(args.bundle)
         print(json.dumps({"path": str(info.path), "trained": info.trained, "fingerprint": info.fingerprint,
                           "model": info.config.to_dict(), "provenance": info.provenance}, indent=2))
+    elif args.command == "bench" and args.target == "serve":
+        from .bench_model import machine_description
+        from .bench_serve import bench_serve, format_serve_table, write_serve_json
+
+        rows = bench_serve(args.arch, args.concurrency, args.duration, args.max_batch_size, args.max_wait_ms,
+                           args.shots, args.bundle)
+        print(f"# sowa bench serve: {args.bundle or args.arch}, {machine_description('cpu')}")
+        print(format_serve_table(rows))
+        if args.json:
+            write_serve_json(rows, args.json, str(args.bundle or args.arch))
     elif args.command == "bench":
         from .bench_model import bench_model, format_table, machine_description, write_json
 

@@ -1,4 +1,5 @@
-"""Run the real server (`sowa serve`, uvicorn) as a subprocess on a free loopback port."""
+"""Run the real server (`sowa serve`, uvicorn) as a subprocess on a free loopback port: for the integration
+tests, the load benchmark and the demo."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class ServerProcess:
     def start(self, timeout: float = 90.0) -> ServerProcess:
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen(self.args, stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=Path(__file__).resolve().parents[1])
+                                     cwd=Path(__file__).resolve().parents[1])  # the checkout, for `-m training.cli`
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
