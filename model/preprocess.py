@@ -77,16 +77,22 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageDecodeError(f"{path}: {e}") from None
 
 
+_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD = np.asarray(CLIP_STD, dtype=np.float32).reshape(3, 1, 1)
+
+
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> (3, size, size) float32, normalised with the CLIP mean and std."""
+    """RGB PIL image -> (3, size, size) float32, normalised with the CLIP mean and std.
+
+    The arithmetic is numpy's, single-threaded: request threads of the service call this, and torch ops there
+    would start a thread pool per calling thread and fight the device thread for the cores.
+    """
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    return torch.from_numpy(np.ascontiguousarray((x - _MEAN) / _STD))
 
 
 def preprocess_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """A list of RGB images -> (B, 3, size, size)."""
-    return torch.stack([preprocess(img, size) for img in images])
+    return torch.from_numpy(np.stack([preprocess(img, size).numpy() for img in images]))

@@ -26,7 +26,7 @@ __all__ = ["DynamicBatcher", "WorkItem"]
 
 log = logging.getLogger("sowa.batcher")
 
-RunBatch = Callable[[torch.Tensor, Sequence[ClassMemory | None]], Awaitable[list]]
+RunBatch = Callable[[Sequence[torch.Tensor], Sequence[ClassMemory | None]], Awaitable[list]]
 
 
 @dataclass(eq=False)
@@ -145,18 +145,18 @@ class DynamicBatcher:
             if not batch:
                 continue
             now = time.monotonic()
-            images = torch.cat([it.images for it in batch])
+            size = sum(it.size for it in batch)
             memories = [m for it in batch for m in it.memories]
             if self.telemetry:
-                self.telemetry.batch_size.observe(images.shape[0])
+                self.telemetry.batch_size.observe(size)
                 for it in batch:
                     self.telemetry.queue_wait.observe(now - it.enqueued)
-            try:
-                results = await self.run_batch(images, memories)
-                if len(results) != images.shape[0]:
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {images.shape[0]} images")
+            try:  # the tensors are joined by run_batch, on the device thread: no torch work on the event loop
+                results = await self.run_batch([it.images for it in batch], memories)
+                if len(results) != size:
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {size} images")
             except Exception as e:  # the batch fails alone; the loop goes on
-                log.exception("batch of %d images failed", images.shape[0])
+                log.exception("batch of %d images failed", size)
                 for it in batch:
                     if not it.future.done():
                         it.future.set_exception(e)

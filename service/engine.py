@@ -73,8 +73,9 @@ class Engine:
     def fit(self, shots: Sequence[Image.Image]) -> ClassMemory:
         return fit_class(self.model, self.preprocess(shots))
 
-    def run(self, images: torch.Tensor, memories: Sequence[ClassMemory | None]) -> list[ImageResult]:
-        pred = predict_scored(self.model, images, memories)
+    def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None]) -> list[ImageResult]:
+        """Score the requests of one batch: `images` are their (n_i, 3, S, S) tensors, joined here."""
+        pred = predict_scored(self.model, torch.cat(list(images)), memories)
         maps = pred.anomaly_maps.float().cpu().numpy()
         text = pred.text_scores.float().cpu().tolist()
         s = pred.scores

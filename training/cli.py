@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--api-key", help="require X-API-Key (prefer SOWA_API_KEY: arguments are visible in ps)")
     c.add_argument("--log-level", default="info")
 
+    c = sub.add_parser("demo", help="the whole story offline: bundle, server, shots, predictions, overlays")
+    c.add_argument("--out", type=Path, default=Path("sowa-demo"), help="where the demo writes (./sowa-demo)")
+    c.add_argument("--seed", type=int, default=0)
+
     c = sub.add_parser("info", help="print a bundle's manifest summary")
     c.add_argument("bundle", type=Path)
 
@@ -125,6 +129,10 @@ def _run(args: argparse.Namespace) -> int:
         from .serve import serve
 
         serve(args)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, args.seed)
     elif args.command == "info":
         import json
 

@@ -9,10 +9,12 @@ from typing import Annotated, Literal
 import torch
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
+from model.preprocess import preprocess_batch
+
 from ..batcher import WorkItem
 from ..codecs import DecodedImage, decode_upload, find_regions, png_heatmap, raw_heatmap
 from ..deps import BatcherDep, EngineDep, RegistryDep, SettingsDep, TelemetryDep, require_api_key
-from ..engine import Engine, ImageResult
+from ..engine import ImageResult
 from ..errors import DeadlineExceededError, SowaError, UnprocessableError
 from ..schemas import PredictResponse
 
@@ -27,12 +29,21 @@ class ClientClosedError(SowaError):
     status, code = 499, "client_closed_request"
 
 
-async def read_images(files: list[UploadFile], limit: int, max_pixels: int) -> list[tuple[str, DecodedImage]]:
-    """Read and decode uploads off the event loop; errors name the file."""
+async def read_images(files: list[UploadFile], limit: int, max_pixels: int,
+                      size: int | None = None) -> tuple[list[tuple[str, DecodedImage]], torch.Tensor | None]:
+    """Read uploads, then decode (and, given the model `size`, preprocess) them in one worker-thread hop.
+
+    Errors name the file. Preprocessing is numpy-only, so no torch thread pool starts outside the device thread.
+    """
     if len(files) > limit:
         raise UnprocessableError(f"{len(files)} images in one request, more than the limit of {limit}")
     payloads = [(f.filename or f"image-{i}", await f.read()) for i, f in enumerate(files)]
-    return await asyncio.to_thread(lambda: [(name, decode_upload(data, name, max_pixels)) for name, data in payloads])
+
+    def work() -> tuple[list[tuple[str, DecodedImage]], torch.Tensor | None]:
+        decoded = [(name, decode_upload(data, name, max_pixels)) for name, data in payloads]
+        return decoded, (preprocess_batch([d.image for _, d in decoded], size) if size else None)
+
+    return await asyncio.to_thread(work)
 
 
 async def _cancel_on_disconnect(request: Request, item: WorkItem) -> None:
@@ -85,8 +96,8 @@ async def predict(
 ) -> dict:
     """Anomaly score, decision, regions and heatmap for every image."""
     memory = registry.get(class_name).serving_memory if class_name else None
-    decoded = await read_images(images, settings.max_images_per_request, settings.max_image_pixels)
-    tensor: torch.Tensor = await asyncio.to_thread(Engine.preprocess, engine, [d.image for _, d in decoded])
+    decoded, tensor = await read_images(images, settings.max_images_per_request, settings.max_image_pixels,
+                                        engine.image_size)
     item = batcher.submit(WorkItem(tensor, [memory] * len(decoded),
                                    deadline=time.monotonic() + settings.request_timeout_s))
     results = await _result(request, item, settings.request_timeout_s)
