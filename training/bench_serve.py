@@ -1,10 +1,10 @@
 """`sowa bench serve`: the service under closed-loop load, with batching on and off, beside the offline engine.
 
 For each batching mode a real server is started (`sowa serve` on loopback) with a K-shot class registered;
-`c` clients each send one image per request (PNG at the model size, heatmap none) as soon as their last answer
-arrives, for `duration` seconds. Reported: images/s, p50/p99 latency, and the mean device batch size read from
-/metrics. The offline engine's images/s (same bundle, batch = max batch size, preprocessed tensors) is measured
-first, in the same run, in a child process, while no server is running.
+`c` clients each send one image per request (a synthetic part, JPEG at the model size, heatmap none) as soon
+as their last answer arrives, for `duration` seconds. Reported: images/s, p50/p99 latency, and the mean device
+batch size read from /metrics. The offline engine's images/s (same bundle, batch = max batch size, preprocessed
+tensors) is measured first, in the same run, in a child process, while no server is running.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from model.bundle import load_bundle, read_manifest
 from model.inference import fit_class, predict_scored
@@ -30,6 +29,7 @@ from model.inference import fit_class, predict_scored
 from .bench_model import machine_description
 from .offline import init_bundle
 from .server_process import ServerProcess
+from .synth import make_part
 
 __all__ = ["ServeRow", "bench_serve", "format_serve_table"]
 
@@ -45,9 +45,10 @@ class ServeRow:
     requests: int
 
 
-def _png(rng: np.random.Generator, size: int) -> bytes:
+def _jpeg(rng: np.random.Generator, size: int) -> bytes:
+    """A synthetic part at the model size, JPEG quality 90: what a line camera sends, not incompressible noise."""
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    make_part(rng, size).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -98,8 +99,8 @@ def _serve_rows(bundle: Path, mode: str, flags: list[str], concurrencies: list[i
     with ServerProcess(bundle, work / f"data-{mode}", work / f"{mode}.log", flags) as srv, \
             SowaClient(srv.url, timeout=300) as client:
         size = read_manifest(bundle).config.backbone.image_size
-        client.register_shots("bench", [_png(rng, size) for _ in range(shots)])
-        images = [_png(rng, size) for _ in range(32)]
+        client.register_shots("bench", [_jpeg(rng, size) for _ in range(shots)])
+        images = [_jpeg(rng, size) for _ in range(32)]
         for c in concurrencies:
             asyncio.run(_load(srv.url, images, c, min(duration, 5.0)))  # warm-up at this concurrency
             before = _batch_counters(client.metrics())

@@ -2,7 +2,7 @@
 
 1. make a bundle: the tiny embedded config with seeded random weights, untrained (few-shot only);
 2. make a product: seeded synthetic parts, normal and with scratches, stains and missing pieces;
-3. start the real server on a loopback port, register four normal shots of the class;
+3. start the real server on a loopback port, register eight normal shots of the class;
 4. score normal and defective parts over HTTP, write heatmap overlays, print a summary.
 """
 
@@ -53,7 +53,7 @@ def overlay(image: Image.Image, heatmap_png_b64: str, regions: list[dict]) -> Im
     return out
 
 
-def run_demo(out: Path, seed: int = 0, shots: int = 4) -> dict:
+def run_demo(out: Path, seed: int = 0, shots: int = 8, jitter: float = 0.1) -> dict:
     from service.client import SowaClient
 
     out.mkdir(parents=True, exist_ok=True)
@@ -64,9 +64,10 @@ def run_demo(out: Path, seed: int = 0, shots: int = 4) -> dict:
     init_bundle(str(config), "none", bundle, seed=seed, force=True)
 
     rng = np.random.default_rng(seed)
-    shot_images = [make_part(rng) for _ in range(shots)]
-    tests = [("good", make_part(rng)) for _ in range(3)]
-    tests += [(kind, with_defect(make_part(rng), rng, kind).image) for kind in DEFECT_KINDS for _ in range(2)]
+    shot_images = [make_part(rng, jitter=jitter) for _ in range(shots)]  # a fixtured camera: small pose jitter
+    tests = [("good", make_part(rng, jitter=jitter)) for _ in range(3)]
+    tests += [(kind, with_defect(make_part(rng, jitter=jitter), rng, kind).image) for kind in DEFECT_KINDS
+              for _ in range(2)]
     print(f"[2/4] product 'demo-part': {shots} normal shots, {len(tests)} parts to inspect")
 
     def png(img: Image.Image) -> bytes:

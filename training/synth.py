@@ -23,21 +23,22 @@ class Sample:
     kind: str  # "good" or a defect kind
 
 
-def make_part(rng: np.random.Generator, size: int = 224) -> Image.Image:
-    """A normal part: brushed-metal plate, a boss near the centre, mild pose and lighting jitter."""
+def make_part(rng: np.random.Generator, size: int = 224, jitter: float = 1.0) -> Image.Image:
+    """A normal part: brushed-metal plate, a boss near the centre; `jitter` scales pose, texture-phase and
+    lighting variation (0: every part identical but for surface grain; 1: a loosely fixtured camera)."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    angle = rng.uniform(-0.15, 0.15)
-    brushed = np.sin((x * np.cos(angle) + y * np.sin(angle)) * 2 * np.pi * 40 + rng.uniform(0, 6.28))
+    angle = rng.uniform(-0.15, 0.15) * jitter
+    brushed = np.sin((x * np.cos(angle) + y * np.sin(angle)) * 2 * np.pi * 40 + rng.uniform(0, 6.28) * jitter)
     grain = np.asarray(Image.fromarray((rng.random((size // 4, size // 4)) * 255).astype(np.uint8))
                        .resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255
-    light = rng.uniform(0.85, 1.1) * (0.9 + 0.2 * x)
+    light = (1.0 + rng.uniform(-0.15, 0.1) * jitter) * (0.9 + 0.2 * x)
     plate = (0.55 + 0.05 * brushed + 0.08 * (grain - 0.5)) * light
     rgb = np.stack([plate * 0.95, plate, plate * 1.05], axis=-1)
     img = Image.fromarray(np.clip(rgb * 255, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    cx, cy = size / 2 + rng.uniform(-0.03, 0.03) * size, size / 2 + rng.uniform(-0.03, 0.03) * size
+    cx, cy = (size / 2 + rng.uniform(-0.03, 0.03, 2) * size * jitter)
     r = size * 0.22
-    tone = int(rng.uniform(95, 115))
+    tone = int(105 + rng.uniform(-10, 10) * jitter)
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(tone, tone + 10, tone + 30), outline=(40, 40, 50), width=3)
     draw.ellipse([cx - r * 0.35, cy - r * 0.35, cx + r * 0.35, cy + r * 0.35], fill=(30, 30, 35))
     return img
