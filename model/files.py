@@ -37,3 +37,8 @@ def atomic_write(path: str | Path, write: Callable[[str], object], mode: int = 0
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself is durable only once the directory is synced (power loss, not just kill -9)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -17,27 +16,20 @@ from model.preprocess import ImageDecodeError, decode_image
 
 from .errors import InvalidImageError, PayloadTooLargeError
 
-__all__ = ["DecodedImage", "decode_upload", "find_regions", "png_heatmap", "raw_heatmap"]
+__all__ = ["decode_upload", "find_regions", "png_heatmap", "raw_heatmap"]
 
 MAX_REGIONS = 32  # bounds the response size whatever the map looks like
 
 
-@dataclass(frozen=True)
-class DecodedImage:
-    image: Image.Image  # RGB, EXIF orientation applied
-    width: int
-    height: int
-
-
-def decode_upload(data: bytes, filename: str, max_pixels: int) -> DecodedImage:
-    """Decode one uploaded file, or raise the right 4xx error naming it."""
+def decode_upload(data: bytes, filename: str, max_pixels: int) -> Image.Image:
+    """Decode one uploaded file to RGB (EXIF orientation applied), or raise the right 4xx error naming it."""
     try:
         img = decode_image(data, max_pixels)
     except ImageDecodeError as e:
         if "more than the limit" in str(e):
             raise PayloadTooLargeError(f"{filename}: {e}") from None
         raise InvalidImageError(f"{filename}: {e}") from None
-    return DecodedImage(img, img.width, img.height)
+    return img
 
 
 def raw_heatmap(anomaly_map: np.ndarray) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.bundle import BundleInfo, load_bundle
+from model.bundle import load_bundle
 from model.calibration import zero_shot_pixel_threshold
 from model.device import resolve_device, resolve_dtype
 from model.inference import ClassMemory, fit_class, predict_scored
@@ -48,10 +48,6 @@ class Engine:
         self.model, self.info = load_bundle(bundle, self.device, self.dtype)
         self.image_size = self.model.image_size
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sowa-engine")
-
-    @property
-    def bundle(self) -> BundleInfo:
-        return self.info
 
     def describe(self) -> dict[str, Any]:
         bb = self.info.config.backbone

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 __all__ = [
     "BadRequestError",
     "ClassNotFoundError",
+    "ClientClosedError",
     "DeadlineExceededError",
     "InvalidImageError",
     "NotReadyError",
@@ -58,6 +59,10 @@ class PayloadTooLargeError(SowaError):
 
 class UnprocessableError(SowaError):
     status, code = 422, "invalid_request"
+
+
+class ClientClosedError(SowaError):
+    status, code = 499, "client_closed_request"  # nginx's convention; nobody reads it, the metrics count it
 
 
 class QueueFullError(SowaError):

@@ -168,8 +168,9 @@ class ClassRegistry:
         entry = ClassEntry(name, memory, tuple(hashes), old.threshold_override if old else None,
                            old.created if old else time.time(), time.time())
         self._write_bank_and_manifest(folder, entry)
-        for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode)
-            if stale.stem not in set(hashes):
+        referenced = set(hashes)
+        for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode, failed attempts)
+            if stale.stem not in referenced:
                 stale.unlink(missing_ok=True)
         return entry
 

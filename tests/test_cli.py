@@ -70,6 +70,9 @@ def test_expected_errors_exit_2_with_one_line(tiny_bundle: Path, tmp_path: Path,
         ["predict", "--bundle", str(tiny_bundle), "--dtype", "fp8", "--out", str(tmp_path / "o.npz"), "x"],
         ["init", "--arch", TINY, "--out", str(tiny_bundle)],
         ["init", "--arch", "ViT-Nope", "--out", str(tmp_path / "n")],
+        ["serve", "--bundle", str(tmp_path / "no-bundle")],
+        ["serve", "--bundle", str(tiny_bundle), "--max-batch-size", "32", "--max-queue", "8"],
+        ["serve", "--bundle", str(tiny_bundle), "--dtype", "int8"],
     ]
     for args in cases:
         capsys.readouterr()

@@ -27,7 +27,7 @@ async def add_shots(
     """Builds the class's bank and calibration; answers once both are on disk."""
     check_class_name(name)
     decoded, _ = await read_images(images, settings.max_shots_per_class, settings.max_image_pixels)
-    entry = await registry.add_shots(name, [d.image for _, d in decoded], mode)
+    entry = await registry.add_shots(name, [img for _, img in decoded], mode)
     return entry.info()
 
 

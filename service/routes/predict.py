@@ -8,14 +8,15 @@ from typing import Annotated, Literal
 
 import torch
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from PIL import Image
 
 from model.preprocess import preprocess_batch
 
 from ..batcher import WorkItem
-from ..codecs import DecodedImage, decode_upload, find_regions, png_heatmap, raw_heatmap
+from ..codecs import decode_upload, find_regions, png_heatmap, raw_heatmap
 from ..deps import BatcherDep, EngineDep, RegistryDep, SettingsDep, TelemetryDep, require_api_key
 from ..engine import ImageResult
-from ..errors import DeadlineExceededError, SowaError, UnprocessableError
+from ..errors import ClientClosedError, DeadlineExceededError, UnprocessableError
 from ..schemas import PredictResponse
 
 __all__ = ["read_images", "router"]
@@ -25,12 +26,8 @@ router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 HeatmapKind = Literal["none", "png", "raw"]
 
 
-class ClientClosedError(SowaError):
-    status, code = 499, "client_closed_request"
-
-
 async def read_images(files: list[UploadFile], limit: int, max_pixels: int,
-                      size: int | None = None) -> tuple[list[tuple[str, DecodedImage]], torch.Tensor | None]:
+                      size: int | None = None) -> tuple[list[tuple[str, Image.Image]], torch.Tensor | None]:
     """Read uploads, then decode (and, given the model `size`, preprocess) them in one worker-thread hop.
 
     Errors name the file. Preprocessing is numpy-only, so no torch thread pool starts outside the device thread.
@@ -39,9 +36,9 @@ async def read_images(files: list[UploadFile], limit: int, max_pixels: int,
         raise UnprocessableError(f"{len(files)} images in one request, more than the limit of {limit}")
     payloads = [(f.filename or f"image-{i}", await f.read()) for i, f in enumerate(files)]
 
-    def work() -> tuple[list[tuple[str, DecodedImage]], torch.Tensor | None]:
+    def work() -> tuple[list[tuple[str, Image.Image]], torch.Tensor | None]:
         decoded = [(name, decode_upload(data, name, max_pixels)) for name, data in payloads]
-        return decoded, (preprocess_batch([d.image for _, d in decoded], size) if size else None)
+        return decoded, (preprocess_batch([img for _, img in decoded], size) if size else None)
 
     return await asyncio.to_thread(work)
 
@@ -69,7 +66,7 @@ async def _result(request: Request, item: WorkItem, timeout: float) -> list[Imag
         watcher.cancel()
 
 
-def _encode(name: str, img: DecodedImage, r: ImageResult, heatmap: HeatmapKind) -> dict:
+def _encode(name: str, img: Image.Image, r: ImageResult, heatmap: HeatmapKind) -> dict:
     hm = None
     if heatmap == "raw":
         hm = raw_heatmap(r.anomaly_map)
