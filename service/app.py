@@ -62,11 +62,23 @@ async def _start(app: FastAPI) -> None:
                                  s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry)
         app.state.batcher = batcher
         batcher.start()
+        if s.sync_interval_s > 0:
+            app.state.sync = asyncio.create_task(_sync_loop(registry, s.sync_interval_s))
         status.accepting = True
         log.info("ready: %s, %d classes", engine.describe(), len(registry))
     except Exception as e:
         status.error = f"{type(e).__name__}: {e}"
         log.exception("start-up failed")
+
+
+async def _sync_loop(registry: ClassRegistry, interval: float) -> None:
+    """Replicas share one data directory: follow what the others register or delete."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await registry.sync()
+        except Exception:  # a failed scan must not stop the next one
+            log.exception("class sync failed")
 
 
 @asynccontextmanager
@@ -76,6 +88,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     app.state.status.accepting = False
     startup.cancel()
+    sync = getattr(app.state, "sync", None)
+    if sync is not None:
+        sync.cancel()
     batcher = getattr(app.state, "batcher", None)
     if batcher is not None:
         await batcher.close()

@@ -15,6 +15,7 @@ its shots; a class whose shots are damaged is refused and reported, never served
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import io
 import json
@@ -23,9 +24,10 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from safetensors import SafetensorError
@@ -43,6 +45,7 @@ __all__ = ["CLASS_NAME", "ClassEntry", "ClassRegistry", "check_class_name"]
 
 log = logging.getLogger("sowa.registry")
 
+T = TypeVar("T")
 CLASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 FORMAT_VERSION = 1
 
@@ -86,6 +89,14 @@ class ClassEntry:
         }
 
 
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def _png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -97,7 +108,9 @@ class ClassRegistry:
         self.root = Path(data_dir) / "classes"
         self.engine, self.max_shots = engine, max_shots
         self._classes: dict[str, ClassEntry] = {}
+        self.locks = Path(data_dir) / "locks"
         self._lock = asyncio.Lock()  # one mutation at a time; reads take snapshots without waiting
+        self._seen: dict[str, tuple[int, int, int] | None] = {}  # class.json signatures, for change detection
         self.refused: dict[str, str] = {}  # classes on disk that could not be restored, and why
 
     # -- reads ------------------------------------------------------------------------------------------------
@@ -116,63 +129,99 @@ class ClassRegistry:
     def bank_bytes(self) -> int:
         return sum(e.memory.bank.nbytes for e in self._classes.values())
 
-    # -- mutations --------------------------------------------------------------------------------------------
+    # -- mutations: serialised by an asyncio lock in this process, and by a file lock across replicas ----------
     async def add_shots(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
         check_class_name(name)
         if mode not in ("append", "replace"):
             raise UnprocessableError(f"mode must be 'append' or 'replace', got {mode!r}")
         async with self._lock:
-            old = self._classes.get(name)
-            keep = list(old.shots) if (old and mode == "append") else []
-            if len(keep) + len(images) > self.max_shots:
-                raise UnprocessableError(f"class '{name}' would have {len(keep) + len(images)} shots, more than the "
-                                         f"limit of {self.max_shots}")
-            folder = self.root / name
-            entry = await self.engine.call(self._register, folder, name, keep, images, old)
-            self._classes[name] = entry
+            entry = await self.engine.call(self._locked, name, self._register, name, images, mode)
+            self._remember(entry)
             return entry
 
     async def set_threshold(self, name: str, threshold: float | None) -> ClassEntry:
+        self.get(name)
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise UnprocessableError(f"threshold must be in (0, 1), got {threshold}")
         async with self._lock:
-            old = self.get(name)
-            if threshold is not None and not 0.0 < threshold < 1.0:
-                raise UnprocessableError(f"threshold must be in (0, 1), got {threshold}")
-            entry = ClassEntry(old.name, old.memory, old.shots, threshold, old.created, time.time())
-            await asyncio.to_thread(self._write_manifest, self.root / name, entry,
-                                    sha256_file(self.root / name / "bank.safetensors"))
-            self._classes[name] = entry
+            entry = await self.engine.call(self._locked, name, self._set_threshold, name, threshold)
+            self._remember(entry)
             return entry
 
     async def delete(self, name: str) -> None:
+        self.get(name)
         async with self._lock:
-            self.get(name)
-            folder = self.root / name
-            trash = self.root / f".trash-{name}-{uuid.uuid4().hex}"
-            await asyncio.to_thread(folder.rename, trash)  # atomic: the class is gone from disk at once
-            del self._classes[name]
-            await asyncio.to_thread(shutil.rmtree, trash, True)
+            await asyncio.to_thread(self._locked, name, self._delete, name)
+            self._classes.pop(name, None)
+            self._seen.pop(name, None)
 
-    # -- disk (engine thread or worker threads) ---------------------------------------------------------------
-    def _register(self, folder: Path, name: str, keep: list[str], images: list[Image.Image],
-                  old: ClassEntry | None) -> ClassEntry:
+    def _remember(self, entry: ClassEntry) -> None:
+        self._classes[entry.name] = entry
+        self._seen[entry.name] = _signature(self.root / entry.name / "class.json")
+        self.refused.pop(entry.name, None)
+
+    def _locked(self, name: str, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn` holding the class's file lock: replicas sharing the data directory take turns."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with open(self.locks / f"{name}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                return fn(*args)
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- disk (engine thread or worker threads, under the class's file lock) ----------------------------------
+    def _current(self, folder: Path) -> ClassEntry | None:
+        """The class as the disk has it now (another replica may have changed it), or None."""
+        return self._restore_one(folder) if (folder / "class.json").is_file() else None
+
+    def _register(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
+        folder = self.root / name
+        try:
+            current = self._current(folder)
+        except Exception as e:
+            if mode == "append":
+                raise UnprocessableError(f"class '{name}' is damaged on disk ({e}); register it with "
+                                         "mode=replace") from None
+            current = None
+        keep = list(current.shots) if (current and mode == "append") else []
+        if len(keep) + len(images) > self.max_shots:
+            raise UnprocessableError(f"class '{name}' would have {len(keep) + len(images)} shots, more than the "
+                                     f"limit of {self.max_shots}")
         shots_dir = folder / "shots"
         shots_dir.mkdir(parents=True, exist_ok=True)
-        hashes = list(keep)
+        hashes = keep
         for img in images:
             data = _png_bytes(img)
             digest = hashlib.sha256(data).hexdigest()  # content-addressed: the same shot twice is one file
             atomic_write(shots_dir / f"{digest}.png", lambda tmp, d=data: Path(tmp).write_bytes(d))
             hashes.append(digest)
-        all_images = [self._read_shot(folder, h) for h in hashes]
-        memory = self.engine.fit(all_images)
-        entry = ClassEntry(name, memory, tuple(hashes), old.threshold_override if old else None,
-                           old.created if old else time.time(), time.time())
+        memory = self.engine.fit([self._read_shot(folder, h) for h in hashes])
+        entry = ClassEntry(name, memory, tuple(hashes), current.threshold_override if current else None,
+                           current.created if current else time.time(), time.time())
         self._write_bank_and_manifest(folder, entry)
         referenced = set(hashes)
         for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode, failed attempts)
             if stale.stem not in referenced:
                 stale.unlink(missing_ok=True)
         return entry
+
+    def _set_threshold(self, name: str, threshold: float | None) -> ClassEntry:
+        folder = self.root / name
+        current = self._current(folder)
+        if current is None:
+            raise ClassNotFoundError(f"class '{name}' is not registered")
+        entry = replace(current, threshold_override=threshold, updated=time.time())
+        self._write_manifest(folder, entry, sha256_file(folder / "bank.safetensors"))
+        return entry
+
+    def _delete(self, name: str) -> None:
+        folder = self.root / name
+        if not folder.is_dir():
+            raise ClassNotFoundError(f"class '{name}' is not registered")
+        trash = self.root / f".trash-{name}-{uuid.uuid4().hex}"
+        folder.rename(trash)  # atomic: the class is gone from disk at once
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _read_shot(self, folder: Path, digest: str) -> Image.Image:
         path = folder / "shots" / f"{digest}.png"
@@ -196,6 +245,38 @@ class ClassRegistry:
         }
         atomic_write(folder / "class.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 
+    async def sync(self) -> None:
+        """Pick up what other replicas sharing the data directory added, changed or deleted.
+
+        Change detection is a stat of every class.json (written last, atomically, so a changed one means a
+        complete class); only changed classes are read.
+        """
+        async with self._lock:
+            present = await asyncio.to_thread(self._scan)
+            for name in set(self._seen) - set(present):
+                self._classes.pop(name, None)
+                self._seen.pop(name, None)
+                self.refused.pop(name, None)
+            for name, sig in present.items():
+                if self._seen.get(name, ()) == sig:
+                    continue
+                try:
+                    entry = await self.engine.call(self._restore_one, self.root / name)
+                except Exception as e:  # e.g. caught mid-delete; the next scan settles it
+                    self.refused[name] = str(e)
+                    self._classes.pop(name, None)
+                    entry = None
+                if entry is not None:
+                    self._classes[name] = entry
+                    self.refused.pop(name, None)
+                self._seen[name] = sig
+
+    def _scan(self) -> dict[str, tuple[int, int, int] | None]:
+        if not self.root.is_dir():
+            return {}
+        return {d.name: _signature(d / "class.json") for d in self.root.iterdir()
+                if CLASS_NAME.fullmatch(d.name) and (d / "class.json").is_file()}
+
     def restore(self) -> None:
         """Load every class on disk (engine thread: it may rebuild banks). Damaged classes are refused."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -209,10 +290,11 @@ class ClassRegistry:
                 entry = self._restore_one(folder)
             except Exception as e:  # any damage refuses this class only
                 self.refused[folder.name] = str(e)
+                self._seen[folder.name] = _signature(folder / "class.json")  # retried when class.json changes
                 log.error("class %s not restored: %s", folder.name, e)
                 continue
             if entry is not None:
-                self._classes[entry.name] = entry
+                self._remember(entry)
 
     def _restore_one(self, folder: Path) -> ClassEntry | None:
         if not CLASS_NAME.fullmatch(folder.name):

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1)
     max_shots_per_class: int = Field(32, ge=1)
     warmup: bool = True
+    sync_interval_s: float = Field(1.0, ge=0, description="how often to pick up classes changed by other replicas "
+                                   "sharing data_dir (0: never)")
 
     @field_validator("dtype")
     @classmethod
@@ -37,6 +39,11 @@ class Settings(BaseSettings):
         if v.lower() not in ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16"):
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got '{v}'")
         return v.lower()
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_api_key(cls, v: object) -> object:
+        return None if v in ("", None) else v  # compose passes SOWA_API_KEY="" when none is configured
 
     @field_validator("api_key")
     @classmethod

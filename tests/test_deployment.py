@@ -1,0 +1,159 @@
+"""Deployment, checked without a Docker engine: the Dockerfile linted, the compose file validated by
+docker-compose, the scrape config exercised by a real Prometheus, and replicas sharing one data directory run
+as plain processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from service.client import ApiError, SowaClient
+from tests.helpers import REFERENCE, REPO
+from training.offline import run_import
+from training.server_process import ServerProcess, free_port
+
+PARITY = REFERENCE / "parity_tiny"
+SHOTS = sorted(PARITY.glob("shots/*.png"))
+TESTS = sorted(PARITY.glob("test/*.png"))
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    assert path, f"`{name}` is not installed: run the README's test command (it installs it)"
+    return path
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    out = subprocess.run([_tool("hadolint"), "--failure-threshold", "warning", "Dockerfile"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = (REPO / "Dockerfile").read_text()
+    assert "HEALTHCHECK" in text and "/readyz" in text and "USER 10001" in text
+    assert text.count("FROM ") >= 2  # multi-stage: the runtime stage has no build tools
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_file_is_valid(profile: str) -> None:
+    env = {**os.environ, "COMPOSE_PROFILES": profile}
+    out = subprocess.run([_tool("docker-compose"), "-f", "docker-compose.yml", "config"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    config = yaml.safe_load(out.stdout)
+    services = config["services"]
+    assert {"lb", "prometheus", "grafana"} <= set(services)
+    api = services["api" if profile == "gpu" else "api-cpu"]
+    assert any(str(v).endswith(":/bundles:ro") for v in api["volumes"]), api["volumes"]
+    assert any(str(v).startswith("sowa-data:/data") for v in api["volumes"]), api["volumes"]
+    assert api["restart"] == "unless-stopped" and "readyz" in str(api["healthcheck"]["test"])
+    if profile == "gpu":
+        devices = api["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
+    else:
+        assert api["environment"]["SOWA_DEVICE"] == "cpu" and "deploy" not in api
+
+
+def test_grafana_dashboard_covers_the_service() -> None:
+    import json
+
+    dash = json.loads((REPO / "docker/grafana/dashboards/sowa.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for metric in ("sowa_images_total", "sowa_request_duration_seconds_bucket", "sowa_batch_size_sum",
+                   "sowa_queue_depth", "sowa_device_memory_bytes"):
+        assert metric in exprs, metric
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("deploy") / "bundle"
+    run_import(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
+    return out
+
+
+def test_real_prometheus_scrapes_the_service(bundle: Path, tmp_path: Path) -> None:
+    with ServerProcess(bundle, tmp_path / "data", tmp_path / "server.log") as srv, SowaClient(srv.url) as c:
+        c.predict(TESTS[:1], heatmap="none")
+        # the repo's scrape config, with Docker's service discovery swapped for the server on loopback
+        config = yaml.safe_load((REPO / "docker/prometheus.yml").read_text())
+        job = config["scrape_configs"][0]
+        job.pop("dns_sd_configs")
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{srv.port}"]}]
+        config["global"]["scrape_interval"] = "1s"
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        prom = subprocess.Popen([_tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline, result = time.monotonic() + 60, []
+            while time.monotonic() < deadline and not result:
+                time.sleep(1)
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
+                                  params={"query": 'sowa_requests_total{endpoint="/predict",status="200"}'})
+                    result = r.json()["data"]["result"] if r.status_code == 200 else []
+                except httpx.HTTPError:
+                    pass
+            assert result, "Prometheus never returned a sowa_ series"
+            assert float(result[0]["value"][1]) >= 1 and result[0]["metric"]["job"] == "sowa"
+        finally:
+            prom.terminate()
+            prom.wait(timeout=30)
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def test_replicas_share_classes_within_two_seconds(bundle: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with ServerProcess(bundle, data, tmp_path / "a.log") as a, ServerProcess(bundle, data, tmp_path / "b.log") as b, \
+            SowaClient(a.url) as ca, SowaClient(b.url) as cb:
+
+        def known(client: SowaClient, name: str, shots: int | None = None) -> bool:
+            try:
+                info = client.get_class(name)
+            except ApiError:
+                return False
+            return shots is None or info.shots == shots
+
+        ca.register_shots("widget", SHOTS)
+        assert _wait_for(lambda: known(cb, "widget", 3), 2.0) < 2.0
+        pa = ca.predict(TESTS, class_name="widget", heatmap="raw")
+        pb = cb.predict(TESTS, class_name="widget", heatmap="raw")
+        assert [r.score for r in pa.results] == [r.score for r in pb.results]
+
+        cb.register_shots("widget", SHOTS[:1], mode="replace")  # a change made on B reaches A
+        _wait_for(lambda: known(ca, "widget", 1), 2.0)
+        cb.set_threshold("widget", 0.77)
+        _wait_for(lambda: ca.get_class("widget").threshold == 0.77, 2.0)
+
+        ca.delete_class("widget")
+        _wait_for(lambda: not known(cb, "widget"), 2.0)
+
+
+def test_concurrent_appends_on_two_replicas_lose_nothing(bundle: Path, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = tmp_path / "data"
+    with ServerProcess(bundle, data, tmp_path / "a.log") as a, ServerProcess(bundle, data, tmp_path / "b.log") as b, \
+            SowaClient(a.url) as ca, SowaClient(b.url) as cb:
+        ca.register_shots("gear", SHOTS[:1])
+        _wait_for(lambda: cb.list_classes() != [], 2.0)
+        with ThreadPoolExecutor(2) as pool:  # the file lock makes the two appends take turns
+            list(pool.map(lambda cs: cs[0].register_shots("gear", cs[1], mode="append"),
+                          [(ca, SHOTS[1:2]), (cb, SHOTS[2:3])]))
+        _wait_for(lambda: ca.get_class("gear").shots == 3 and cb.get_class("gear").shots == 3, 2.0)
