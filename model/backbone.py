@@ -71,7 +71,7 @@ def resolve_backbone(arch: str, weights: str = "none") -> BackboneConfig:
     if "vision_cfg" not in cfg or isinstance(cfg["vision_cfg"].get("timm_model_name"), str):
         raise ConfigError(f"'{arch}' is not a plain open_clip ViT (SOWA taps CLIP's own VisionTransformer)")
     source = "bundle"
-    if weights not in ("none", "bundle") and not Path(weights).exists():
+    if weights not in ("none", "bundle") and not Path(weights).is_file():
         if name is None:
             raise ConfigError(f"pretrained tag '{weights}' needs an open_clip model name, not a config file")
         tag_cfg = open_clip.get_pretrained_cfg(name, weights)

@@ -5,8 +5,9 @@
     sowa.safetensors     adapters, prompt contexts and token ids, fusion linear
     backbone.safetensors the open_clip CLIP weights (absent when the manifest names a pretrained tag)
 
-Loading checks the format, every file's size and hash, and every tensor's name and shape before building
-anything, and reports the first problem as one `BundleError` line.
+Loading checks the format and config, then every file's size and hash and every tensor's name and shape against
+the (randomly initialised) model the config builds, before loading any weight into it; the first problem is one
+`BundleError` line.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "sha256_file"]
+__all__ = ["atomic_write", "fsync_dir", "sha256_file"]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -37,8 +37,13 @@ def atomic_write(path: str | Path, write: Callable[[str], object], mode: int = 0
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # the rename itself is durable only once the directory is synced (power loss, not just kill -9)
-        os.fsync(dir_fd)
+    fsync_dir(path.parent)  # the rename itself is durable only once the directory is synced (power loss)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)

@@ -77,14 +77,16 @@ def leave_one_out_distances(raw_patches: torch.Tensor, grid: int) -> torch.Tenso
     outside its 3x3 neighbourhood: a conservative estimate of the normal distance level.
     """
     k, s, n, d = raw_patches.shape
-    x = F.normalize(raw_patches.float(), dim=-1).permute(1, 0, 2, 3).reshape(s, k * n, d)
-    sim = torch.bmm(x, x.transpose(1, 2))  # (S, K*L, K*L)
+    x = F.normalize(raw_patches.float(), dim=-1)  # (K, S, L, D)
     if k == 1:
+        sim = torch.bmm(x[0], x[0].transpose(1, 2))  # (S, L, L)
         pos = torch.arange(n, device=x.device)
         row, col = pos // grid, pos % grid
-        excluded = ((row[:, None] - row[None, :]).abs() <= 1) & ((col[:, None] - col[None, :]).abs() <= 1)
-    else:
-        image = torch.arange(k * n, device=x.device) // n
-        excluded = image[:, None] == image[None, :]
-    sim = sim.masked_fill(excluded, float("-inf"))
-    return (1.0 - sim.amax(dim=-1)).view(s, k, n).transpose(0, 1).contiguous()
+        near = ((row[:, None] - row[None, :]).abs() <= 1) & ((col[:, None] - col[None, :]).abs() <= 1)
+        return (1.0 - sim.masked_fill(near, float("-inf")).amax(dim=-1)).unsqueeze(0)
+    # one shot at a time: memory S*L*(K-1)*L instead of (S, K*L, K*L), which is gigabytes at K = 32 on ViT-L
+    out = torch.empty(k, s, n, device=x.device)
+    for i in range(k):
+        others = torch.cat([x[:i], x[i + 1:]]).permute(1, 0, 2, 3).reshape(s, (k - 1) * n, d)
+        out[i] = 1.0 - torch.bmm(x[i], others.transpose(1, 2)).amax(dim=-1)
+    return out

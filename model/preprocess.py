@@ -18,6 +18,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "ImageDecodeError",
+    "ImageTooLargeError",
     "decode_image",
     "load_image",
     "preprocess",
@@ -31,7 +32,11 @@ MAX_PIXELS = 64_000_000  # a decompression-bomb guard for files; the service set
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not an image PIL can fully decode, or the image is too large."""
+    """The bytes are not an image PIL can fully decode."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The image has more pixels than allowed (decompression-bomb guard)."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -53,7 +58,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageDecodeError(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+                raise ImageTooLargeError(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
             img.load()  # force full decoding now: truncated files fail here, not later
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
@@ -62,9 +67,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageDecodeError("not a readable image (unknown or unsupported format)") from None
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image refused as a decompression bomb: {e}") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
+        raise ImageTooLargeError(f"image refused as a decompression bomb: {e}") from None
+    except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, TypeError... on bad bytes
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:

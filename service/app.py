@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from .batcher import DynamicBatcher
 from .engine import Engine
 from .errors import install_error_handlers
-from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from .registry import ClassRegistry
 from .routes import classes, health, predict
 from .settings import Settings
@@ -50,7 +50,7 @@ async def _start(app: FastAPI) -> None:
         status.model_loaded = True
         registry = ClassRegistry(s.data_dir, engine, s.max_shots_per_class)
         app.state.registry = registry
-        await engine.call(registry.restore)
+        await asyncio.to_thread(registry.restore)
         status.classes_restored = True
         if s.warmup:
             await engine.call(engine.warmup, sorted({1, s.max_batch_size}))
@@ -115,5 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(classes.router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    if settings.api_key is not None:  # outside the body limit: a request without the key is never read
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
     app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry)
     return app

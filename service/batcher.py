@@ -93,11 +93,13 @@ class DynamicBatcher:
         if self._carry is not None:
             item, self._carry = self._carry, None
             return item
+        if not self._queue.empty():  # already waiting: joins the batch whatever the window says
+            return self._queue.get_nowait()
         if timeout is None:
             return await self._queue.get()
         try:
             return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             return None
 
     def _done(self, item: WorkItem) -> None:
@@ -135,8 +137,8 @@ class DynamicBatcher:
                 break
             batch.append(item)
             images += item.size
-            if close_at is None:
-                close_at = time.monotonic() + self.max_wait
+            if close_at is None:  # the window opens when the first request arrived, not when it was taken
+                close_at = item.enqueued + self.max_wait
         return batch
 
     async def _loop(self) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from model.preprocess import ImageDecodeError, decode_image
+from model.preprocess import ImageDecodeError, ImageTooLargeError, decode_image
 
 from .errors import InvalidImageError, PayloadTooLargeError
 
@@ -25,9 +25,9 @@ def decode_upload(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     """Decode one uploaded file to RGB (EXIF orientation applied), or raise the right 4xx error naming it."""
     try:
         img = decode_image(data, max_pixels)
+    except ImageTooLargeError as e:
+        raise PayloadTooLargeError(f"{filename}: {e}") from None
     except ImageDecodeError as e:
-        if "more than the limit" in str(e):
-            raise PayloadTooLargeError(f"{filename}: {e}") from None
         raise InvalidImageError(f"{filename}: {e}") from None
     return img
 

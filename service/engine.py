@@ -59,6 +59,10 @@ class Engine:
         """Run `fn(*args)` on the engine thread."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(fn, *args))
 
+    def call_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the engine thread from another (non-event-loop) thread, and wait for it."""
+        return self._worker.submit(fn, *args).result()
+
     def close(self) -> None:
         self._worker.shutdown(wait=True)
 

@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = [
-    "BadRequestError",
     "ClassNotFoundError",
     "ClientClosedError",
     "DeadlineExceededError",
@@ -35,10 +34,6 @@ class SowaError(Exception):
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message, self.headers = message, headers
-
-
-class BadRequestError(SowaError):
-    status, code = 400, "bad_request"
 
 
 class InvalidImageError(SowaError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from typing import Any
@@ -11,11 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import error_body
 from .telemetry import Telemetry
 
-__all__ = ["BodyLimitMiddleware", "MetricsMiddleware"]
-
-
-class _BodyTooLargeError(Exception):
-    pass
+__all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "MetricsMiddleware"]
 
 
 class BodyLimitMiddleware:
@@ -34,27 +31,30 @@ class BodyLimitMiddleware:
             await self._reject(send)
             return
         seen = 0
-        started = False
+        started = rejected = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLargeError
+                if seen > self.limit:  # a streamed (chunked) body: answer 413 now, the app sees the client leave
+                    rejected = True
+                    if not started:
+                        await self._reject(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if rejected:
+                return  # the 413 is already sent; the app's own answer to the "disconnect" goes nowhere
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLargeError:
-            if not started:
-                await self._reject(send)
+        await self.app(scope, counting_receive, tracking_send)
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps(error_body("payload_too_large", f"request body larger than {self.limit} bytes")).encode()
@@ -89,3 +89,28 @@ class MetricsMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             self.telemetry.requests.labels(endpoint, str(status["code"])).inc()
             self.telemetry.request_duration.labels(endpoint).observe(time.perf_counter() - start)
+
+
+class ApiKeyMiddleware:
+    """401 before the body is read: without the key nobody can make the server parse an upload.
+
+    Everything but health and metrics needs the key (the routes also declare it, for the OpenAPI document).
+    """
+
+    OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
+            if not hmac.compare_digest(given, self.key):
+                body = json.dumps(error_body("unauthorized", "missing or wrong X-API-Key")).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()),
+                                        (b"www-authenticate", b"APIKey")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

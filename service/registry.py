@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.calibration import Calibration
-from model.files import atomic_write, sha256_file
+from model.files import atomic_write, fsync_dir, sha256_file
 from model.inference import ClassMemory
 from model.memory_bank import MemoryBank
 
@@ -130,12 +130,11 @@ class ClassRegistry:
         return sum(e.memory.bank.nbytes for e in self._classes.values())
 
     # -- mutations: serialised by an asyncio lock in this process, and by a file lock across replicas ----------
+    # Locking and disk work run on worker threads; only the model's fit runs on the engine thread.
     async def add_shots(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
         check_class_name(name)
-        if mode not in ("append", "replace"):
-            raise UnprocessableError(f"mode must be 'append' or 'replace', got {mode!r}")
         async with self._lock:
-            entry = await self.engine.call(self._locked, name, self._register, name, images, mode)
+            entry = await asyncio.to_thread(self._locked, name, self._register, name, images, mode)
             self._remember(entry)
             return entry
 
@@ -144,7 +143,7 @@ class ClassRegistry:
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise UnprocessableError(f"threshold must be in (0, 1), got {threshold}")
         async with self._lock:
-            entry = await self.engine.call(self._locked, name, self._set_threshold, name, threshold)
+            entry = await asyncio.to_thread(self._locked, name, self._set_threshold, name, threshold)
             self._remember(entry)
             return entry
 
@@ -170,35 +169,42 @@ class ClassRegistry:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    # -- disk (engine thread or worker threads, under the class's file lock) ----------------------------------
-    def _current(self, folder: Path) -> ClassEntry | None:
-        """The class as the disk has it now (another replica may have changed it), or None."""
-        return self._restore_one(folder) if (folder / "class.json").is_file() else None
+    def _fit(self, images: list[Image.Image]) -> ClassMemory:
+        return self.engine.call_blocking(self.engine.fit, images)
 
+    # -- disk (worker threads, under the class's file lock) -----------------------------------------------------
     def _register(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
+        if mode not in ("append", "replace"):
+            raise UnprocessableError(f"mode must be 'append' or 'replace', got {mode!r}")
         folder = self.root / name
         try:
-            current = self._current(folder)
-        except Exception as e:
+            current = _read_manifest(folder)  # the disk's word: another replica may have changed the class
+        except ValueError as e:
             if mode == "append":
                 raise UnprocessableError(f"class '{name}' is damaged on disk ({e}); register it with "
                                          "mode=replace") from None
             current = None
-        keep = list(current.shots) if (current and mode == "append") else []
-        if len(keep) + len(images) > self.max_shots:
-            raise UnprocessableError(f"class '{name}' would have {len(keep) + len(images)} shots, more than the "
-                                     f"limit of {self.max_shots}")
-        shots_dir = folder / "shots"
-        shots_dir.mkdir(parents=True, exist_ok=True)
-        hashes = keep
+        hashes = list(current["shots"]) if (current and mode == "append") else []
+        encoded = []
         for img in images:
             data = _png_bytes(img)
-            digest = hashlib.sha256(data).hexdigest()  # content-addressed: the same shot twice is one file
+            digest = hashlib.sha256(data).hexdigest()  # content-addressed: the same shot twice is one shot
+            if digest not in hashes:  # a duplicate would be its own nearest neighbour and void the calibration
+                hashes.append(digest)
+                encoded.append((digest, data))
+        if len(hashes) > self.max_shots:
+            raise UnprocessableError(f"class '{name}' would have {len(hashes)} shots, more than the limit of "
+                                     f"{self.max_shots}")
+        shots_dir = folder / "shots"
+        new_folder = not folder.exists()
+        shots_dir.mkdir(parents=True, exist_ok=True)
+        if new_folder:
+            fsync_dir(self.root)
+        for digest, data in encoded:
             atomic_write(shots_dir / f"{digest}.png", lambda tmp, d=data: Path(tmp).write_bytes(d))
-            hashes.append(digest)
-        memory = self.engine.fit([self._read_shot(folder, h) for h in hashes])
-        entry = ClassEntry(name, memory, tuple(hashes), current.threshold_override if current else None,
-                           current.created if current else time.time(), time.time())
+        memory = self._fit([self._read_shot(folder, h) for h in hashes])
+        entry = ClassEntry(name, memory, tuple(hashes), current["threshold_override"] if current else None,
+                           float(current["created"]) if current else time.time(), time.time())
         self._write_bank_and_manifest(folder, entry)
         referenced = set(hashes)
         for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode, failed attempts)
@@ -208,11 +214,11 @@ class ClassRegistry:
 
     def _set_threshold(self, name: str, threshold: float | None) -> ClassEntry:
         folder = self.root / name
-        current = self._current(folder)
+        current = self._restore_one(folder, write=False)  # as on disk now, bank included
         if current is None:
             raise ClassNotFoundError(f"class '{name}' is not registered")
         entry = replace(current, threshold_override=threshold, updated=time.time())
-        self._write_manifest(folder, entry, sha256_file(folder / "bank.safetensors"))
+        self._write_bank_and_manifest(folder, entry)
         return entry
 
     def _delete(self, name: str) -> None:
@@ -221,6 +227,7 @@ class ClassRegistry:
             raise ClassNotFoundError(f"class '{name}' is not registered")
         trash = self.root / f".trash-{name}-{uuid.uuid4().hex}"
         folder.rename(trash)  # atomic: the class is gone from disk at once
+        fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
     def _read_shot(self, folder: Path, digest: str) -> Image.Image:
@@ -260,8 +267,8 @@ class ClassRegistry:
             for name, sig in present.items():
                 if self._seen.get(name, ()) == sig:
                     continue
-                try:
-                    entry = await self.engine.call(self._restore_one, self.root / name)
+                try:  # read-only: the replica that changed the class wrote it; rebuilding here writes nothing
+                    entry = await asyncio.to_thread(self._restore_one, self.root / name, False)
                 except Exception as e:  # e.g. caught mid-delete; the next scan settles it
                     self.refused[name] = str(e)
                     self._classes.pop(name, None)
@@ -278,7 +285,8 @@ class ClassRegistry:
                 if CLASS_NAME.fullmatch(d.name) and (d / "class.json").is_file()}
 
     def restore(self) -> None:
-        """Load every class on disk (engine thread: it may rebuild banks). Damaged classes are refused."""
+        """Load every class on disk (a worker thread; banks of another bundle are rebuilt and written back under
+        the class's file lock). Damaged classes are refused."""
         self.root.mkdir(parents=True, exist_ok=True)
         for folder in sorted(self.root.iterdir()):
             if folder.name.startswith(".trash-"):
@@ -286,8 +294,11 @@ class ClassRegistry:
                 continue
             if not folder.is_dir():
                 continue
+            if not CLASS_NAME.fullmatch(folder.name):
+                self.refused[folder.name] = "directory name is not a valid class name"
+                continue
             try:
-                entry = self._restore_one(folder)
+                entry = self._locked(folder.name, self._restore_one, folder, True)
             except Exception as e:  # any damage refuses this class only
                 self.refused[folder.name] = str(e)
                 self._seen[folder.name] = _signature(folder / "class.json")  # retried when class.json changes
@@ -296,34 +307,48 @@ class ClassRegistry:
             if entry is not None:
                 self._remember(entry)
 
-    def _restore_one(self, folder: Path) -> ClassEntry | None:
+    def _restore_one(self, folder: Path, write: bool) -> ClassEntry | None:
+        """The class as stored in `folder`; its bank is rebuilt from the shots when it was computed with another
+        bundle or is damaged, and written back only when `write` (the caller then holds the file lock)."""
         if not CLASS_NAME.fullmatch(folder.name):
             raise ValueError("directory name is not a valid class name")
-        manifest_path = folder / "class.json"
-        if not manifest_path.is_file():
-            if not any(folder.iterdir()) or not (folder / "shots").exists():
+        m = _read_manifest(folder)
+        if m is None:
+            if not (folder / "shots").exists():
                 return None  # a registration that crashed before its first manifest: nothing was promised
             raise ValueError("class.json is missing")
-        m = json.loads(manifest_path.read_text())
-        if m.get("format_version") != FORMAT_VERSION or m.get("name") != folder.name:
-            raise ValueError("class.json has another format or names another class")
         shots = tuple(str(h) for h in m["shots"])
         entry_args = (m.get("threshold_override"), float(m["created"]), float(m["updated"]))
         bank_path = folder / "bank.safetensors"
         same_bundle = m.get("bundle_fingerprint") == self.engine.info.fingerprint
         if same_bundle and bank_path.is_file() and sha256_file(bank_path) == m.get("bank_sha256"):
             try:
-                features = load_file(str(bank_path))["features"]
-                bank = MemoryBank(features.to(self.engine.device, self.engine.model.clip.visual.proj.dtype),
-                                  int(m["bank_shots"]))
-                memory = ClassMemory(bank, Calibration(**m["calibration"]))
-                return ClassEntry(folder.name, memory, shots, *entry_args)
+                bank = MemoryBank(load_file(str(bank_path))["features"], int(m["bank_shots"]))
+                bank = bank.to(self.engine.device, self.engine.model.clip.visual.proj.dtype)
+                return ClassEntry(folder.name, ClassMemory(bank, Calibration(**m["calibration"])), shots,
+                                  *entry_args)
             except (SafetensorError, KeyError, TypeError, ValueError) as e:
                 log.warning("class %s: bank unreadable (%s), rebuilding from shots", folder.name, e)
         else:
             log.info("class %s: bank from another bundle or damaged, rebuilding from its %d shots", folder.name,
                      len(shots))
-        memory = self.engine.fit([self._read_shot(folder, h) for h in shots])
-        entry = ClassEntry(folder.name, memory, shots, *entry_args)
-        self._write_bank_and_manifest(folder, entry)
+        entry = ClassEntry(folder.name, self._fit([self._read_shot(folder, h) for h in shots]), shots, *entry_args)
+        if write:
+            self._write_bank_and_manifest(folder, entry)
         return entry
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """A class's class.json, checked; None when there is none. ValueError when it is damaged."""
+    path = folder / "class.json"
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+        ok = (m.get("format_version") == FORMAT_VERSION and m.get("name") == folder.name
+              and isinstance(m.get("shots"), list) and all(isinstance(h, str) for h in m["shots"]))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"class.json unreadable: {e}") from None
+    if not ok:
+        raise ValueError("class.json has another format or names another class")
+    return m

@@ -64,7 +64,7 @@ class PredictResponse(BaseModel):
 
 class ClassInfo(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "name": "widget", "shots": 4, "bank_vectors": 9216, "bank_bytes": 56623104, "threshold": 0.74,
+        "name": "widget", "shots": 4, "bank_vectors": 2304, "bank_bytes": 28311552, "threshold": 0.74,
         "calibrated_threshold": 0.74, "threshold_overridden": False, "pixel_threshold": 3.2,
         "created": 1763940000.0, "updated": 1763940000.0}]})
 

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, required as X-API-Key on all but health/metrics")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard, per image")
+    max_request_pixels: int = Field(160_000_000, ge=1, description="decoded pixels of all images of a request")
     max_images_per_request: int = Field(64, ge=1)
     max_shots_per_class: int = Field(32, ge=1)
     warmup: bool = True
@@ -56,4 +57,7 @@ class Settings(BaseSettings):
     def _limits(self) -> Settings:
         if self.max_queue < self.max_batch_size:
             raise ValueError(f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size})")
+        if self.max_queue < self.max_images_per_request:  # such a request could never be queued
+            raise ValueError(f"max_queue ({self.max_queue}) must be >= max_images_per_request "
+                             f"({self.max_images_per_request})")
         return self

@@ -30,7 +30,7 @@ class Telemetry:
         self.classes = Gauge("sowa_classes", "registered product classes", registry=r)
         self.bank_bytes = Gauge("sowa_bank_bytes", "bytes held by class banks", registry=r)
         self.device_memory = Gauge("sowa_device_memory_bytes", "device memory in use (CUDA allocated; on CPU the "
-                                   "model and banks)", registry=r)
+                                   "model's weights, banks are in sowa_bank_bytes)", registry=r)
         self.model_info = Info("sowa_model", "the served bundle", registry=r)
 
     def track(self, classes: Callable[[], int], bank_bytes: Callable[[], int],

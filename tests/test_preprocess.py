@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -56,6 +57,18 @@ def test_exif_rotation_is_applied() -> None:
 def test_bad_bytes(data: bytes, message: str) -> None:
     with pytest.raises(ImageDecodeError, match=message):
         decode_image(data)
+
+
+@pytest.mark.filterwarnings("ignore")  # PIL warns about the damaged TIFF tags it meets
+def test_damaged_bytes_never_escape_as_other_errors() -> None:
+    tiff = bytearray(_encode(Image.new("RGB", (16, 16), (9, 9, 9)), "TIFF"))
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random byte damage: PIL raises many exception types, callers see one
+        data = bytearray(tiff)
+        for i in rng.integers(0, len(data), 4):
+            data[i] = int(rng.integers(0, 256))
+        with contextlib.suppress(ImageDecodeError):  # any other exception fails the test
+            decode_image(bytes(data))
 
 
 def test_truncated_and_oversized_images(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("server")
     flags = ["--max-wait-ms", "100", "--max-batch-size", "8"]
-    env = {"SOWA_MAX_IMAGE_PIXELS": "200000", "SOWA_MAX_REQUEST_BYTES": str(2 * 1024 * 1024),
+    env = {"SOWA_MAX_IMAGE_PIXELS": "200000", "SOWA_MAX_REQUEST_PIXELS": "300000",
+           "SOWA_MAX_REQUEST_BYTES": str(2 * 1024 * 1024),
            "SOWA_MAX_IMAGES_PER_REQUEST": "6", "SOWA_MAX_SHOTS_PER_CLASS": "5"}
     with ServerProcess(bundle, tmp / "data", tmp / "server.log", flags, env) as srv:
         yield srv
@@ -126,6 +127,20 @@ def test_bad_predict_inputs(server: ServerProcess, files: list, data: dict, stat
 def test_too_large_request_and_decompression_bomb(server: ServerProcess) -> None:
     r = httpx.post(server.url + "/predict", files=[("images", ("big.bin", b"\0" * (3 * 1024 * 1024), "x/y"))])
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:  # a valid multipart body without Content-Length, counted as it streams
+        yield (b'--xyz\r\nContent-Disposition: form-data; name="images"; filename="a.bin"\r\n'
+               b"Content-Type: application/octet-stream\r\n\r\n")
+        for _ in range(48):
+            yield b"\0" * 65536
+        yield b"\r\n--xyz--\r\n"
+
+    r = httpx.post(server.url + "/predict", content=chunks(),
+                   headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    two = [("images", (f"{i}.png", _png((400, 400), seed=i), "image/png")) for i in range(2)]  # 320 kpx > 300
+    r = httpx.post(server.url + "/predict", files=two)
+    assert r.status_code == 413 and "in all" in r.json()["error"]["message"]
     bomb = io.BytesIO()
     Image.new("L", (5000, 5000)).save(bomb, format="PNG")  # tiny file, 25 Mpx once decoded
     r = httpx.post(server.url + "/predict", files=[("images", ("bomb.png", bomb.getvalue(), "image/png"))])
@@ -149,6 +164,8 @@ def test_bad_class_requests(server: ServerProcess, client: SowaClient) -> None:
     assert httpx.patch(f"{url}/classes/widget", json={"threshold": "high"}).status_code == 422
     r = httpx.post(f"{url}/classes/widget/shots", files=[("images", ("t.txt", b"text", "text/plain"))])
     assert r.status_code == 400 and client.get_class("widget").shots == 3  # a bad upload changes nothing
+    # a retried append (same files) adds nothing: a duplicate shot would be its own nearest neighbour
+    assert client.register_shots("widget", SHOTS, mode="append").shots == 3
 
 
 def test_class_lifecycle(client: SowaClient) -> None:
@@ -177,7 +194,8 @@ def test_openapi_and_docs(server: ServerProcess) -> None:
 
 def test_queue_full_answers_429(bundle: Path, tmp_path: Path) -> None:
     flags = ["--max-batch-size", "1", "--max-queue", "2", "--max-wait-ms", "0"]
-    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags) as srv:
+    env = {"SOWA_MAX_IMAGES_PER_REQUEST": "2"}
+    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags, env) as srv:
         async def burst() -> list[int]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
                 files = [("images", (f"{i}.png", _png(seed=i), "image/png")) for i in range(2)]
@@ -240,6 +258,7 @@ def test_api_key(bundle: Path, tmp_path: Path) -> None:
         assert httpx.post(srv.url + "/predict", files=files, headers={"X-API-Key": "wrong-key-000"}).status_code \
             == 401
         assert httpx.get(srv.url + "/classes").json()["error"]["code"] == "unauthorized"
+        assert httpx.get(srv.url + "/openapi.json").status_code == 401  # every endpoint but health and metrics
         for open_path in ("/healthz", "/readyz", "/metrics"):
             assert httpx.get(srv.url + open_path).status_code == 200
         with SowaClient(srv.url, api_key=key) as c:

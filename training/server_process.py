@@ -41,6 +41,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._log_file.close()
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
@@ -48,6 +49,7 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        self.stop()  # never leave a half-started server behind
         raise RuntimeError(f"server not ready after {timeout} s: {self.log.read_text()[-2000:]}")
 
     def kill(self) -> None:

@@ -26,7 +26,7 @@ async def add_shots(
 ) -> dict:
     """Builds the class's bank and calibration; answers once both are on disk."""
     check_class_name(name)
-    decoded, _ = await read_images(images, settings.max_shots_per_class, settings.max_image_pixels)
+    decoded = await read_images(images, settings.max_shots_per_class, settings)
     entry = await registry.add_shots(name, [img for _, img in decoded], mode)
     return entry.info()
 

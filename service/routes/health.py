@@ -28,8 +28,8 @@ async def readyz(request: Request) -> JSONResponse:
     status = request.app.state.status
     registry = getattr(request.app.state, "registry", None)
     body = ReadyInfo(ready=status.ready, model_loaded=status.model_loaded, warmed_up=status.warmed_up,
-                     classes_restored=status.classes_restored, classes=len(registry) if registry else 0,
-                     refused_classes=registry.refused if registry else {}, error=status.error)
+                     classes_restored=status.classes_restored, classes=len(registry) if registry is not None else 0,
+                     refused_classes=registry.refused if registry is not None else {}, error=status.error)
     return JSONResponse(body.model_dump(), status_code=200 if status.ready else 503)
 
 
