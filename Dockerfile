@@ -39,7 +39,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SOWA_HOST=0.0.0.0 \
     SOWA_PORT=8000 \
     SOWA_DEVICE=auto
-VOLUME ["/data"]
+VOLUME ["/bundles", "/data"]
 EXPOSE 8000
 USER 10001:10001
 WORKDIR /data
