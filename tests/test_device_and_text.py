@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.device import resolve_device, resolve_dtype
+from model.sowa import SowaModel
+from model.text import PromptFusion, encode_prompts
+
+
+def test_device_and_dtype_choices() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype("FP16") is torch.float16
+    assert resolve_dtype(torch.float32) is torch.float32
+    for bad in ("tpu", "cuda:99" if torch.cuda.is_available() else "cuda"):
+        with pytest.raises(ValueError):
+            resolve_device(bad)
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        resolve_dtype("int8")
+
+
+def test_fusion_pools_templates_then_normalises() -> None:
+    fusion = PromptFusion(4)
+    with torch.no_grad():
+        fusion.linear.weight.copy_(torch.eye(4))
+        fusion.linear.bias.zero_()
+    # 2 states x 1 class x 2 templates: the mean of the two templates, then unit length
+    feats = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 3.0]])
+    out = fusion(feats, num_classes=1)
+    assert out.shape == (1, 2, 4)
+    assert torch.allclose(out[0, 0], F.normalize(torch.tensor([0.5, 0.5, 0, 0]), dim=0))
+    assert torch.allclose(out[0, 1], F.normalize(torch.tensor([0, 0, 1.5, 1.5]), dim=0))
+
+
+def test_prompt_encoding_reads_the_eot_token(tiny_model: SowaModel) -> None:
+    clip = tiny_model.clip
+    prompts, ids = tiny_model.prompt_learner(clip.token_embedding)
+    feats = encode_prompts(clip, prompts, ids)
+    assert feats.shape == (2, 32)
+    # with the placeholders' own embeddings instead of learned contexts, it is open_clip's encode_text
+    plain = encode_prompts(clip, clip.token_embedding(ids.long()), ids)
+    assert torch.allclose(plain, clip.encode_text(ids.long()), atol=1e-5)
+    assert not torch.allclose(feats, plain)
