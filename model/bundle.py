@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ class BundleInfo:
     files: dict[str, dict[str, Any]]
     provenance: dict[str, Any]
 
-    @property
+    @cached_property  # read per class on restore and per request in the service: hash once
     def fingerprint(self) -> str:
         """Identifies the weights: banks computed with one bundle are only valid for the same fingerprint."""
         h = hashlib.sha256()

@@ -48,12 +48,16 @@ class Engine:
         self.model, self.info = load_bundle(bundle, self.device, self.dtype)
         self.image_size = self.model.image_size
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sowa-engine")
+        # fixed for the engine's life: computed once, not per request or per scrape
+        bb = self.info.config.backbone
+        self._description = {
+            "arch": bb.arch or "custom", "image_size": self.image_size, "taps": list(self.model.taps),
+            "trained": self.info.trained, "fingerprint": self.info.fingerprint[:16], "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch.")}
+        self._weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
     def describe(self) -> dict[str, Any]:
-        bb = self.info.config.backbone
-        return {"arch": bb.arch or "custom", "image_size": self.image_size, "taps": list(self.model.taps),
-                "trained": self.info.trained, "fingerprint": self.info.fingerprint[:16],
-                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+        return dict(self._description)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the engine thread."""
@@ -67,11 +71,8 @@ class Engine:
         self._worker.shutdown(wait=True)
 
     # -- work, on the engine thread -------------------------------------------------------------------------
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return preprocess_batch(images, self.image_size)
-
     def fit(self, shots: Sequence[Image.Image]) -> ClassMemory:
-        return fit_class(self.model, self.preprocess(shots))
+        return fit_class(self.model, preprocess_batch(shots, self.image_size))
 
     def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None]) -> list[ImageResult]:
         """Score the requests of one batch: `images` are their (n_i, 3, S, S) tensors, joined here."""
@@ -95,4 +96,4 @@ class Engine:
     def device_memory_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
-        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        return self._weight_bytes
