@@ -21,7 +21,8 @@ from model.inference import fit_class, predict_scored
 from model.preprocess import load_image, preprocess_batch
 from model.sowa import SowaModel
 
-__all__ = ["build_config", "check_output_dir", "init_bundle", "predict_files", "provenance_base", "run_import"]
+__all__ = ["build_config", "build_model", "check_output_dir", "init_bundle", "predict_files", "provenance_base",
+           "run_import"]
 
 
 def provenance_base(source: str) -> dict[str, Any]:
@@ -61,17 +62,23 @@ def build_config(arch: str, pretrained: str = "none", taps: list[int] | None = N
     return ModelConfig(backbone=backbone, taps=tuple(taps or ()), adapter=AdapterConfig(window_size=window))
 
 
+def build_model(cfg: ModelConfig, pretrained: str, seed: int, trained: bool) -> SowaModel:
+    """A model with seeded adapters and prompts on the backbone weights `pretrained` names (tag, file, none)."""
+    torch.manual_seed(seed)
+    model = SowaModel(cfg, trained=trained)
+    if Path(pretrained).is_file():
+        load_weights_file(model.clip, pretrained)
+    elif cfg.backbone.weights != "bundle":
+        load_pretrained_tag(cfg.backbone, model.clip)
+    return model
+
+
 def init_bundle(arch: str, pretrained: str, out: Path, taps: list[int] | None = None,
                 window_size: int | None = None, seed: int = 0, force: bool = False) -> BundleInfo:
     """An untrained bundle: adapters and prompts at their init, marked untrained (few-shot-only serving)."""
     check_output_dir(out, force)
     cfg = build_config(arch, pretrained, taps, window_size)
-    torch.manual_seed(seed)
-    model = SowaModel(cfg, trained=False)
-    if Path(pretrained).is_file():
-        load_weights_file(model.clip, pretrained)
-    elif cfg.backbone.weights != "bundle":
-        load_pretrained_tag(cfg.backbone, model.clip)
+    model = build_model(cfg, pretrained, seed, trained=False)
     model.refresh_text()
     prov = {**provenance_base("init"), "arch": arch, "pretrained": pretrained, "seed": seed}
     return save_bundle(model, out, prov)

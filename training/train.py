@@ -1,0 +1,270 @@
+"""`sowa train`: the reference recipe (SOWA_SPEC.md §7) as a resumable, seeded loop that also runs under torchrun.
+
+Only the adapters, prompt contexts and fusion linear learn; CLIP is frozen, so the backward pass stops at the
+tapped tokens and never enters the backbone. Under torchrun each process takes every world-size-th item of the
+epoch's shuffled order and DDP averages the gradients, so the global batch is `batch_size * world_size`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from model.bundle import BundleInfo, save_bundle
+
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import World, all_reduce_mean, barrier, setup_world, teardown_world
+from .losses import sowa_loss
+from .offline import build_config, build_model, check_output_dir, provenance_base
+from .train_data import TrainSet, dataset_digest, epoch_order
+
+__all__ = ["TrainOptions", "train"]
+
+_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything that defines a run; the defaults are the reference recipe (one epoch, batch 8, AdamW)."""
+
+    data: Path
+    out: Path
+    arch: str = "ViT-L-14-336"
+    pretrained: str = "openai"
+    split: str = "test"  # the reference trains on the labelled test split of another domain (§7.3)
+    epochs: int = 1
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.2
+    seed: int = 2025
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 0
+    taps: tuple[int, ...] | None = None
+    window_size: int | None = None
+    attn_drop: float | None = None  # adapter attention dropout; None keeps the reference's 0.1
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 200
+    log_every: int = 10
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"--max-steps must be >= 0, got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"--max-minutes must be > 0, got {self.max_minutes}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need --lr > 0 and --weight-decay >= 0, got {self.lr} and {self.weight_decay}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(_PRECISIONS)}, got {self.precision!r}")
+        if self.workers < 0 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("--workers must be >= 0, --checkpoint-every and --log-every >= 1")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_dir or self.out.with_name(self.out.name + ".checkpoints")
+
+    def run_identity(self, world: World) -> dict[str, Any]:
+        """The settings a resumed run must share with the checkpoint it continues."""
+        return {"data": str(self.data.resolve()), "split": self.split, "arch": self.arch, "pretrained":
+                self.pretrained, "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
+                "seed": self.seed, "world_size": world.size, "taps": list(self.taps) if self.taps else None,
+                "window_size": self.window_size, "attn_drop": self.attn_drop}
+
+
+def _autocast(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:
+    """Mixed precision on CUDA (bf16 where supported); CPU trains in fp32, as the reference does everywhere."""
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext(), precision
+    if device.type != "cuda":
+        raise ValueError(f"--precision {precision} needs a CUDA device; train in fp32 on {device}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype), precision
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    # dropout noise from (seed, step, rank) rather than a running RNG: a resumed run draws the same masks
+    return (seed * 1_000_003 + step * 7_919 + rank) % (2**63)
+
+
+class _Throughput:
+    """Smoothed images/s and loss for the progress bar."""
+
+    def __init__(self) -> None:
+        self.loss: float | None = None
+        self.rate: float | None = None
+
+    def update(self, loss: float, images: int, seconds: float) -> None:
+        a = 0.1
+        self.loss = loss if self.loss is None else (1 - a) * self.loss + a * loss
+        r = images / max(seconds, 1e-9)
+        self.rate = r if self.rate is None else (1 - a) * self.rate + a * r
+
+
+def train(opts: TrainOptions) -> BundleInfo | None:
+    """Run training; returns the written bundle on the main process (None on the other ranks)."""
+    opts.validate()
+    world = setup_world(opts.device)
+    try:
+        return _train(opts, world)
+    finally:
+        teardown_world(world)
+
+
+def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
+    started = time.monotonic()
+    if world.is_main:
+        check_output_dir(opts.out, opts.force or opts.resume)
+    cfg = build_config(opts.arch, opts.pretrained, list(opts.taps) if opts.taps else None, opts.window_size)
+    if opts.attn_drop is not None:
+        cfg = replace(cfg, adapter=replace(cfg.adapter, attn_drop=opts.attn_drop))
+    data = TrainSet(opts.data, opts.split, cfg.backbone.image_size)
+    model = build_model(cfg, opts.pretrained, opts.seed, trained=True)
+    model.clip.requires_grad_(False)  # frozen backbone, also the aliased attention weights inside the adapters
+    model.to(world.device).train()
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    # stepped per epoch on the epoch's mean loss; a no-op at the reference's single epoch (§7.2)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=5)
+    autocast, precision = _autocast(world.device, opts.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    net: torch.nn.Module = model
+    if world.distributed:
+        net = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
+
+    per_rank = len(epoch_order(len(data), opts.seed, 0, world.rank, world.size))
+    steps_per_epoch = math.ceil(per_rank / opts.batch_size)
+    total = opts.epochs * steps_per_epoch
+    if opts.max_steps is not None:
+        total = min(total, opts.max_steps)
+    identity = opts.run_identity(world)
+
+    step, epoch, resumed_from, epoch_losses = 0, 0, None, []
+    acc = {"sum": 0.0, "count": 0}  # this epoch's running loss, kept in checkpoints for the plateau scheduler
+    ckpt = latest_checkpoint(opts.checkpoints) if opts.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, identity)
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, epoch_losses = state["step"], state["epoch"], list(state["epoch_losses"])
+        acc = {"sum": float(state["epoch_loss_sum"]), "count": int(state["epoch_loss_count"])}
+        resumed_from = step
+    elif opts.resume and world.is_main:
+        print(f"sowa train: no checkpoint in {opts.checkpoints}; starting from scratch")
+
+    log = opts.checkpoints / "train_log.jsonl"
+    if world.is_main:
+        opts.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint() -> None:
+        if world.is_main:
+            save_checkpoint(opts.checkpoints, step, {
+                "run": identity, "step": step, "epoch": epoch, "epoch_losses": epoch_losses,
+                "epoch_loss_sum": acc["sum"], "epoch_loss_count": acc["count"],
+                "model": model.sowa_state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
+
+    bar = tqdm(total=total, initial=min(step, total), disable=not (world.is_main and opts.progress), unit="step",
+               desc="train", dynamic_ncols=True)
+    meter, stopped, last_terms = _Throughput(), "steps", {}
+    deadline = started + opts.max_minutes * 60 if opts.max_minutes else None
+    while step < total and epoch < opts.epochs:
+        order = epoch_order(len(data), opts.seed, epoch, world.rank, world.size)
+        done_in_epoch = step - epoch * steps_per_epoch
+        loader = DataLoader(Subset(data, order[done_in_epoch * opts.batch_size:]), batch_size=opts.batch_size,
+                            num_workers=opts.workers, pin_memory=world.device.type == "cuda")
+        tick = time.monotonic()
+        for images, masks, labels in loader:
+            torch.manual_seed(_step_seed(opts.seed, step, world.rank))
+            images = images.to(world.device, non_blocking=True)
+            masks = masks.to(world.device, non_blocking=True)
+            labels = labels.to(world.device, non_blocking=True)
+            with autocast:
+                out = net(images)
+            terms = sowa_loss(out, masks, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms.total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            floats = all_reduce_mean(world, torch.stack([terms.total, terms.ce, terms.focal, terms.dice]).detach())
+            last_terms = dict(zip(("total", "ce", "focal", "dice"), floats.tolist(), strict=True))
+            acc["sum"] += last_terms["total"]
+            acc["count"] += 1
+            now = time.monotonic()
+            meter.update(last_terms["total"], images.shape[0] * world.size, now - tick)
+            tick = now
+            bar.update(1)
+            bar.set_postfix(loss=f"{meter.loss:.4f}", img_s=f"{meter.rate:.1f}", epoch=epoch)
+            if world.is_main and step % opts.log_every == 0:
+                with log.open("a") as f:
+                    f.write(json.dumps({"step": step, "epoch": epoch, **last_terms, "lr": optimizer.param_groups[0]
+                                        ["lr"], "images_per_s": meter.rate, "elapsed_s": now - started}) + "\n")
+            if step % opts.checkpoint_every == 0:
+                checkpoint()
+            if step >= total:
+                break
+            if deadline is not None and _agree(world, time.monotonic() > deadline):
+                stopped = "time limit"
+                break
+        if stopped == "time limit":
+            break
+        if step - epoch * steps_per_epoch >= steps_per_epoch:  # a whole epoch is behind us
+            epoch_mean = acc["sum"] / max(acc["count"], 1)  # already a mean over ranks, step by step
+            epoch_losses.append(epoch_mean)
+            scheduler.step(epoch_mean)
+            epoch += 1
+            acc = {"sum": 0.0, "count": 0}
+    bar.close()
+    checkpoint()
+    barrier(world)
+    if not world.is_main:
+        return None
+    model.eval()
+    model.refresh_text()
+    prov = {**provenance_base("train"), "arch": opts.arch, "pretrained": opts.pretrained, "data": {
+        "path": str(opts.data.resolve()), "split": opts.split, "sha256": dataset_digest(data.items, data.root),
+        **data.summary()}, "steps": step, "epochs_completed": epoch, "stopped_by": stopped,
+        "resumed_from_step": resumed_from, "seed": opts.seed, "batch_size": opts.batch_size,
+        "world_size": world.size, "global_batch_size": opts.batch_size * world.size, "lr": opts.lr,
+        "weight_decay": opts.weight_decay, "precision": precision, "device": str(world.device),
+        "final_loss": last_terms or None, "epoch_losses": epoch_losses,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}}
+    info = save_bundle(model, opts.out, prov)
+    if opts.progress:
+        print(f"wrote {info.path} ({step} steps, {epoch} epochs, loss {last_terms.get('total', float('nan')):.4f}, "
+              f"{prov['elapsed_s']} s)")
+    return info
+
+
+def _agree(world: World, flag: bool) -> bool:
+    """Whether any rank says yes: every rank must leave the loop at the same step, or DDP would hang."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor(float(flag), device=world.device if world.device.type == "cuda" else "cpu")
+    return bool(all_reduce_mean(world, t).item() > 0)
+
