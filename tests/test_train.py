@@ -223,3 +223,36 @@ def test_ddp_two_gloo_processes_match_one_process(toy: tuple[Path, Path], tmp_pa
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert ddp.provenance["epoch_losses"] == pytest.approx(single.provenance["epoch_losses"], abs=1e-4)
 
+
+
+def test_mosaic_tiles_four_images_of_the_class_with_their_masks(tmp_path: Path) -> None:
+    """Class 'c': a plain red normal image and a plain blue anomalous one whose mask is everything. In a mosaic,
+    every quadrant is red or blue, and the mask is exactly the blue quadrants; the label stays the item's."""
+    for split_dir, color in (("good", (255, 0, 0)), ("bad", (0, 0, 255))):
+        folder = tmp_path / "c" / "test" / split_dir
+        folder.mkdir(parents=True)
+        Image.new("RGB", (32, 32), color).save(folder / "000.png")
+    (tmp_path / "c" / "ground_truth" / "bad").mkdir(parents=True)
+    Image.new("L", (32, 32), 255).save(tmp_path / "c" / "ground_truth" / "bad" / "000_mask.png")
+    from training.train_data import TrainSet
+
+    plain = TrainSet(tmp_path, "test", 32, mosaic_rate=0.0)
+    mosaic = TrainSet(tmp_path, "test", 32, mosaic_rate=1.0, seed=5)
+    seen = set()
+    for epoch in range(6):
+        mosaic.set_epoch(epoch)
+        for index in range(2):
+            image, mask, label = mosaic[index]
+            assert label.item() == plain[index][2].item()  # the reference keeps the item's label
+            for qy in (0, 16):
+                for qx in (0, 16):
+                    tile = image[:, qy + 4:qy + 12, qx + 4:qx + 12]
+                    blue = bool(tile[2].mean() > tile[0].mean())
+                    assert bool(mask[qy + 4:qy + 12, qx + 4:qx + 12].all()) == blue
+                    assert bool(mask[qy + 4:qy + 12, qx + 4:qx + 12].any()) == blue
+                    seen.add(blue)
+            again = mosaic[index]
+            assert torch.equal(again[0], image)  # draws depend on (seed, epoch, index) only
+    assert seen == {True, False}
+    bad = next(i for i, item in enumerate(plain.items) if item.anomaly)
+    assert torch.equal(plain[bad][1], torch.ones(32, 32))  # without mosaic: the blue item's own full mask

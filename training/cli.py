@@ -95,11 +95,35 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--taps", type=_int_list, help="tapped blocks (default: L/4-1, L/2-1, 3L/4-1, L-1)")
     c.add_argument("--window-size", type=int, help="adapter window (default: 12, or a divisor of the grid)")
     c.add_argument("--attn-drop", type=float, help="adapter attention dropout while training (0.1)")
+    c.add_argument("--mosaic-rate", type=float, default=0.0,
+                   help="probability of a 2x2 same-class mosaic per image (the reference: 0.2 on MVTec, else 0)")
     c.add_argument("--checkpoint-dir", type=Path, help="where checkpoints go (default: OUT.checkpoints)")
     c.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (200)")
     c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the same run")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle at --out")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("eval", help="accuracy on a labelled test split over K shots and seeds -> JSON + table")
+    c.add_argument("--bundle", type=Path, required=True)
+    c.add_argument("--data", type=Path, required=True, help="dataset root (meta.json, VisA split_csv or MVTec)")
+    c.add_argument("--k", type=_int_list, default=[0, 1, 2, 4], help="shot counts, e.g. 0,1,2,4 (0: zero-shot)")
+    c.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="shot-draw seeds for K > 0 (0,1,2)")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    c.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--out", type=Path, required=True, help="report JSON to write")
+    c.add_argument("--markdown", type=Path, help="also write the markdown tables here")
+    c.add_argument("--visuals", type=Path, help="write image | mask | heatmap strips here")
+    c.add_argument("--visuals-per-class", type=int, default=4)
+    c.add_argument("--metric-workers", type=int, help="processes computing metrics (default: CPUs - 1, max 8)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("plot", help="a metric against K from eval reports -> PNG")
+    c.add_argument("reports", type=Path, nargs="+")
+    c.add_argument("--label", action="append", help="legend label, once per report (default: file name)")
+    c.add_argument("--metric", default="pixel_auroc", help="report metric name (pixel_auroc)")
+    c.add_argument("--title")
+    c.add_argument("--out", type=Path, required=True, help="PNG to write")
 
     c = sub.add_parser("info", help="print a bundle's manifest summary")
     c.add_argument("bundle", type=Path)
@@ -169,9 +193,32 @@ def _run(args: argparse.Namespace) -> int:
             epochs=args.epochs, max_steps=args.max_steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
             lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
             precision=args.precision, workers=args.workers, taps=tuple(args.taps) if args.taps else None,
-            window_size=args.window_size, attn_drop=args.attn_drop, checkpoint_dir=args.checkpoint_dir,
+            window_size=args.window_size, attn_drop=args.attn_drop,
+            mosaic_rate=args.mosaic_rate, checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force,
             progress=not args.no_progress))
+    elif args.command == "eval":
+        from .evaluate import evaluate, write_report
+        from .report import markdown
+
+        report = evaluate(args.bundle, args.data, args.k, args.seeds, args.device, args.dtype, args.batch_size,
+                          args.visuals, args.visuals_per_class, not args.no_progress, args.metric_workers)
+        write_report(report, args.out)
+        table = markdown(report)
+        if args.markdown:
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(table)
+        print(table, end="")
+        print(f"wrote {args.out} ({report['elapsed_s']:.1f} s)")
+    elif args.command == "plot":
+        from .plots import load_report, plot_vs_k
+
+        labels = args.label or [p.stem for p in args.reports]
+        if len(labels) != len(args.reports):
+            raise ValueError(f"{len(labels)} --label for {len(args.reports)} reports: give one per report")
+        plot_vs_k([(lb, load_report(p)) for lb, p in zip(labels, args.reports, strict=True)], args.metric, args.out,
+                  args.title)
+        print(f"wrote {args.out}")
     elif args.command == "info":
         import json
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from model.preprocess import ImageDecodeError, load_image, preprocess
 
-__all__ = ["DatasetError", "Item", "Sample", "list_items", "load_sample"]
+__all__ = ["DatasetError", "Item", "Sample", "list_items", "load_raw", "load_sample", "transform"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -134,26 +134,37 @@ def list_items(root: str | Path, split: str = "test") -> list[Item]:
     return _from_mvtec(root, split)
 
 
-def load_sample(item: Item, size: int, mask_threshold: float = 0.5) -> Sample:
-    """Reference preprocessing of the image; mask binarised (> 0), resized bilinear, thresholded (§7.4):
-    `mask_threshold` 0.5 at test time, 0 for training."""
+def load_raw(item: Item) -> tuple[Image.Image, np.ndarray]:
+    """The item's decoded RGB image and its binary mask (H, W) bool at the image's size (all False if none)."""
     try:
         img = load_image(item.image)
     except ImageDecodeError as e:
         raise DatasetError(str(e)) from None
     if item.mask is None:
-        mask = np.zeros((size, size), dtype=bool)
-    else:
-        try:
-            with Image.open(item.mask) as m:
-                m.load()
-                raw = m.convert("L")
-        except Exception as e:
-            raise DatasetError(f"{item.mask}: unreadable mask ({e})") from None
-        if raw.size != img.size:
-            raise DatasetError(f"{item.mask}: mask is {raw.size[0]}x{raw.size[1]}, its image is "
-                               f"{img.size[0]}x{img.size[1]}")
-        binary = Image.fromarray((np.asarray(raw) > 0).astype(np.uint8) * 255)
-        resized = np.asarray(binary.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255
-        mask = resized > mask_threshold
-    return Sample(preprocess(img, size), torch.from_numpy(mask), item)
+        return img, np.zeros((img.height, img.width), dtype=bool)
+    try:
+        with Image.open(item.mask) as m:
+            m.load()
+            raw = m.convert("L")
+    except Exception as e:
+        raise DatasetError(f"{item.mask}: unreadable mask ({e})") from None
+    if raw.size != img.size:
+        raise DatasetError(f"{item.mask}: mask is {raw.size[0]}x{raw.size[1]}, its image is "
+                           f"{img.size[0]}x{img.size[1]}")
+    return img, np.asarray(raw) > 0
+
+
+def transform(img: Image.Image, mask: np.ndarray, size: int, mask_threshold: float = 0.5
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference preprocessing of the image; the {0, 255} mask resized bilinear and thresholded (§7.4)."""
+    binary = Image.fromarray(mask.astype(np.uint8) * 255)
+    resized = np.asarray(binary.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    return preprocess(img, size), torch.from_numpy(resized > mask_threshold)
+
+
+def load_sample(item: Item, size: int, mask_threshold: float = 0.5) -> Sample:
+    """Reference preprocessing of the image; mask binarised (> 0), resized bilinear, thresholded (§7.4):
+    `mask_threshold` 0.5 at test time, 0 for training."""
+    img, mask = load_raw(item)
+    image, m = transform(img, mask, size, mask_threshold)
+    return Sample(image, m, item)

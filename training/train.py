@@ -55,6 +55,7 @@ class TrainOptions:
     taps: tuple[int, ...] | None = None
     window_size: int | None = None
     attn_drop: float | None = None  # adapter attention dropout; None keeps the reference's 0.1
+    mosaic_rate: float = 0.0  # the reference uses 0.2 when training on MVTec (for VisA), 0 otherwise
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 200
     log_every: int = 10
@@ -87,7 +88,7 @@ class TrainOptions:
         return {"data": str(self.data.resolve()), "split": self.split, "arch": self.arch, "pretrained":
                 self.pretrained, "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
                 "seed": self.seed, "world_size": world.size, "taps": list(self.taps) if self.taps else None,
-                "window_size": self.window_size, "attn_drop": self.attn_drop}
+                "window_size": self.window_size, "attn_drop": self.attn_drop, "mosaic_rate": self.mosaic_rate}
 
 
 def _autocast(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:
@@ -138,7 +139,7 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     cfg = build_config(opts.arch, opts.pretrained, list(opts.taps) if opts.taps else None, opts.window_size)
     if opts.attn_drop is not None:
         cfg = replace(cfg, adapter=replace(cfg.adapter, attn_drop=opts.attn_drop))
-    data = TrainSet(opts.data, opts.split, cfg.backbone.image_size)
+    data = TrainSet(opts.data, opts.split, cfg.backbone.image_size, opts.mosaic_rate, opts.seed)
     model = build_model(cfg, opts.pretrained, opts.seed, trained=True)
     model.clip.requires_grad_(False)  # frozen backbone, also the aliased attention weights inside the adapters
     model.to(world.device).train()
@@ -193,6 +194,7 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     deadline = started + opts.max_minutes * 60 if opts.max_minutes else None
     while step < total and epoch < opts.epochs:
         order = epoch_order(len(data), opts.seed, epoch, world.rank, world.size)
+        data.set_epoch(epoch)  # before the loader forks its workers, which copy the dataset
         done_in_epoch = step - epoch * steps_per_epoch
         loader = DataLoader(Subset(data, order[done_in_epoch * opts.batch_size:]), batch_size=opts.batch_size,
                             num_workers=opts.workers, pin_memory=world.device.type == "cuda")

@@ -11,10 +11,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from .datasets import DatasetError, Item, list_items, load_sample
+from .datasets import DatasetError, Item, list_items, load_raw, transform
 
 __all__ = ["TrainSet", "dataset_digest", "epoch_order"]
 
@@ -22,21 +24,57 @@ TRAIN_MASK_THRESHOLD = 0.0  # > 0 in training, > 0.5 at test time
 
 
 class TrainSet(Dataset):
-    """Items of one split as (image (3, S, S), mask (S, S) float {0, 1}, label ()) tensors."""
+    """Items of one split as (image (3, S, S), mask (S, S) float {0, 1}, label ()) tensors.
 
-    def __init__(self, root: str | Path, split: str, image_size: int) -> None:
+    With `mosaic_rate` > 0 an access becomes, with that probability, a 2x2 mosaic of four images of the item's
+    class drawn at random (the reference's augmentation when training on MVTec, rate 0.2): each tile lands at
+    half resolution. As in the reference the label stays the item's own. Draws depend on (seed, epoch, index)
+    only, so resumed and multi-process runs see the same mosaics.
+    """
+
+    def __init__(self, root: str | Path, split: str, image_size: int, mosaic_rate: float = 0.0, seed: int = 0
+                 ) -> None:
         self.root = Path(root)
         self.items: list[Item] = list_items(self.root, split)
         if not self.items:
             raise DatasetError(f"{root}: the '{split}' split has no images to train on")
-        self.split, self.image_size = split, image_size
+        if not 0.0 <= mosaic_rate <= 1.0:
+            raise ValueError(f"mosaic rate must be in [0, 1], got {mosaic_rate}")
+        self.split, self.image_size, self.mosaic_rate, self.seed = split, image_size, mosaic_rate, seed
+        self.epoch = 0
+        self._by_class: dict[str, list[int]] = {}
+        for i, item in enumerate(self.items):
+            self._by_class.setdefault(item.cls_name, []).append(i)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s = load_sample(self.items[index], self.image_size, TRAIN_MASK_THRESHOLD)
-        return s.image, s.mask.float(), torch.tensor(s.item.anomaly, dtype=torch.long)
+        item = self.items[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        if self.mosaic_rate > 0 and rng.random() < self.mosaic_rate:
+            img, mask = self._mosaic(self._by_class[item.cls_name], rng)
+        else:
+            img, mask = load_raw(item)
+        image, m = transform(img, mask, self.image_size, TRAIN_MASK_THRESHOLD)
+        return image, m.float(), torch.tensor(item.anomaly, dtype=torch.long)
+
+    def _mosaic(self, pool: list[int], rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+        tiles = [load_raw(self.items[int(j)]) for j in rng.choice(pool, size=4, replace=True)]
+        w, h = tiles[0][0].size  # the reference's classes have one image size; others are fitted to the first
+        canvas = Image.new("RGB", (2 * w, 2 * h))
+        mask = np.zeros((2 * h, 2 * w), dtype=bool)
+        for k, (img, m) in enumerate(tiles):  # top-left, top-right, bottom-left, bottom-right
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.Resampling.BICUBIC)
+                m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
+            x, y = (k % 2) * w, (k // 2) * h
+            canvas.paste(img, (x, y))
+            mask[y:y + h, x:x + w] = m
+        return canvas, mask
 
     def summary(self) -> dict[str, int]:
         return {"images": len(self.items), "anomalous": sum(i.anomaly for i in self.items),
