@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--markdown", type=Path, help="also write the markdown tables here")
     c.add_argument("--visuals", type=Path, help="write image | mask | heatmap strips here")
     c.add_argument("--visuals-per-class", type=int, default=4)
-    c.add_argument("--metric-workers", type=int, help="processes computing metrics (default: CPUs - 1, max 8)")
+    c.add_argument("--metric-workers", type=int, default=None,
+                   help="processes computing metrics beside the network (default: CPUs - 1, at most 8; 0: none)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     c = sub.add_parser("plot", help="a metric against K from eval reports -> PNG")
@@ -124,6 +125,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--metric", default="pixel_auroc", help="report metric name (pixel_auroc)")
     c.add_argument("--title")
     c.add_argument("--out", type=Path, required=True, help="PNG to write")
+
+    c = sub.add_parser("synth", help="procedural anomaly benchmark: two disjoint families, MVTec layout + meta.json",
+                       description="Writes OUT/a and OUT/b (six categories each, see docs/datasets.md); same seed "
+                                   "and options give byte-identical files.")
+    c.add_argument("--out", type=Path, required=True, help="directory to write (empty, new, or an earlier synth)")
+    c.add_argument("--image-size", type=int, default=256, help="image side in pixels (256)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--train-per-class", type=int, default=32, help="normal train images per class (32)")
+    c.add_argument("--test-good-per-class", type=int, default=16, help="normal test images per class (16)")
+    c.add_argument("--test-defect-per-class", type=int, default=32, help="defective test images per class (32)")
+    c.add_argument("--workers", type=int, help="processes (default: CPUs, at most 8); the output does not depend on it")
+    c.add_argument("--force", action="store_true", help="overwrite an earlier synth output at --out")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     c = sub.add_parser("info", help="print a bundle's manifest summary")
     c.add_argument("bundle", type=Path)
@@ -219,6 +233,16 @@ def _run(args: argparse.Namespace) -> int:
         plot_vs_k([(lb, load_report(p)) for lb, p in zip(labels, args.reports, strict=True)], args.metric, args.out,
                   args.title)
         print(f"wrote {args.out}")
+    elif args.command == "synth":
+        import os
+
+        from .synth import SynthOptions, write_benchmark
+
+        options = SynthOptions(args.image_size, args.seed, args.train_per_class, args.test_good_per_class,
+                               args.test_defect_per_class)
+        workers = args.workers or min(os.cpu_count() or 1, 8)
+        for family in write_benchmark(args.out, options, args.force, workers, not args.no_progress):
+            print(family.line())
     elif args.command == "info":
         import json
 

@@ -1,4 +1,4 @@
-"""Procedural, seeded images of a product and its defects: the offline data behind `sowa demo` and the tests.
+"""The `sowa demo` product: procedural, seeded images of one part and its defects.
 
 A part is a textured plate with a round boss (pose and lighting jitter per image); defects are drawn on top and
 their mask is exactly the changed pixels.
