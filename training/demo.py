@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from .offline import init_bundle
 from .server_process import ServerProcess
 from .synth import DEFECT_KINDS, make_part, with_defect
+from .visuals import colormap
 
 __all__ = ["TINY_CONFIG", "overlay", "run_demo"]
 
@@ -29,21 +30,10 @@ TINY_CONFIG: dict = {  # the embedded default: small enough for a CPU, same shap
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
 }
 
-_COLORS = np.array([[0, 0, 0], [120, 0, 140], [230, 60, 30], [255, 210, 0], [255, 255, 255]], dtype=np.float32)
-
-
-def _colormap(v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> an inferno-like RGB ramp."""
-    pos = np.clip(v, 0, 1) * (len(_COLORS) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_COLORS) - 2)
-    t = (pos - lo)[..., None]
-    return (_COLORS[lo] * (1 - t) + _COLORS[lo + 1] * t).astype(np.uint8)
-
-
 def overlay(image: Image.Image, heatmap_png_b64: str, regions: list[dict]) -> Image.Image:
     """Image | heatmap blended over it, with the anomalous regions boxed."""
     heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(heatmap_png_b64))), dtype=np.float32) / 255
-    blend = Image.blend(image.convert("RGB"), Image.fromarray(_colormap(heat)), 0.5)
+    blend = Image.blend(image.convert("RGB"), Image.fromarray(colormap(heat)), 0.5)
     draw = ImageDraw.Draw(blend)
     for r in regions:
         draw.rectangle(r["box"], outline=(0, 255, 120), width=2)
