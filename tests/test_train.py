@@ -261,3 +261,25 @@ def test_mosaic_tiles_four_images_of_the_class_with_their_masks(tmp_path: Path) 
     assert seen == {True, False}
     bad = next(i for i, item in enumerate(plain.items) if item.anomaly)
     assert torch.equal(plain[bad][1], torch.ones(32, 32))  # without mosaic: the blue item's own full mask
+
+
+def test_augment_moves_the_mask_with_the_image() -> None:
+    """A red square on grey: after flips, quarter turns and colour changes, the mask still covers exactly the
+    pixels that differ from the (still uniform) background."""
+    from training.train_data import augment
+
+    a = np.full((40, 40, 3), 128, np.uint8)
+    a[3:12, 25:37] = [220, 30, 30]
+    mask = np.zeros((40, 40), bool)
+    mask[3:12, 25:37] = True
+    positions = set()
+    for seed in range(12):
+        img, m = augment(Image.fromarray(a), mask, np.random.default_rng(seed))
+        out = np.asarray(img).astype(int)
+        background = out[~m]
+        assert (np.abs(background - background[0]).max(axis=1) <= 1).all()  # grey stays uniform
+        assert (np.abs(out[m] - background[0]).max(axis=1) > 10).all()  # the square stays distinct
+        assert m.sum() == mask.sum()
+        ys, xs = np.nonzero(m)
+        positions.add((ys.min(), xs.min()))
+    assert len(positions) >= 4  # the square was moved around by the flips and turns

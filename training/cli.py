@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--attn-drop", type=float, help="adapter attention dropout while training (0.1)")
     c.add_argument("--mosaic-rate", type=float, default=0.0,
                    help="probability of a 2x2 same-class mosaic per image (the reference: 0.2 on MVTec, else 0)")
+    c.add_argument("--augment", action="store_true",
+                   help="flips, quarter turns and colour changes (not in the reference recipe)")
     c.add_argument("--checkpoint-dir", type=Path, help="where checkpoints go (default: OUT.checkpoints)")
     c.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (200)")
     c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the same run")
@@ -208,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
             lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
             precision=args.precision, workers=args.workers, taps=tuple(args.taps) if args.taps else None,
             window_size=args.window_size, attn_drop=args.attn_drop,
-            mosaic_rate=args.mosaic_rate, checkpoint_dir=args.checkpoint_dir,
+            mosaic_rate=args.mosaic_rate, augment=args.augment, checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force,
             progress=not args.no_progress))
     elif args.command == "eval":

@@ -56,6 +56,7 @@ class TrainOptions:
     window_size: int | None = None
     attn_drop: float | None = None  # adapter attention dropout; None keeps the reference's 0.1
     mosaic_rate: float = 0.0  # the reference uses 0.2 when training on MVTec (for VisA), 0 otherwise
+    augment: bool = False  # flips, quarter turns, colour changes: not in the reference recipe
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 200
     log_every: int = 10
@@ -88,7 +89,8 @@ class TrainOptions:
         return {"data": str(self.data.resolve()), "split": self.split, "arch": self.arch, "pretrained":
                 self.pretrained, "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
                 "seed": self.seed, "world_size": world.size, "taps": list(self.taps) if self.taps else None,
-                "window_size": self.window_size, "attn_drop": self.attn_drop, "mosaic_rate": self.mosaic_rate}
+                "window_size": self.window_size, "attn_drop": self.attn_drop, "mosaic_rate": self.mosaic_rate,
+                "augment": self.augment}
 
 
 def _autocast(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:
@@ -139,7 +141,7 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     cfg = build_config(opts.arch, opts.pretrained, list(opts.taps) if opts.taps else None, opts.window_size)
     if opts.attn_drop is not None:
         cfg = replace(cfg, adapter=replace(cfg.adapter, attn_drop=opts.attn_drop))
-    data = TrainSet(opts.data, opts.split, cfg.backbone.image_size, opts.mosaic_rate, opts.seed)
+    data = TrainSet(opts.data, opts.split, cfg.backbone.image_size, opts.mosaic_rate, opts.seed, opts.augment)
     model = build_model(cfg, opts.pretrained, opts.seed, trained=True)
     model.clip.requires_grad_(False)  # frozen backbone, also the aliased attention weights inside the adapters
     model.to(world.device).train()

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .datasets import DatasetError, Item, list_items, load_raw, transform
 
-__all__ = ["TrainSet", "dataset_digest", "epoch_order"]
+__all__ = ["TrainSet", "augment", "dataset_digest", "epoch_order"]
 
 TRAIN_MASK_THRESHOLD = 0.0  # > 0 in training, > 0.5 at test time
 
@@ -32,8 +32,8 @@ class TrainSet(Dataset):
     only, so resumed and multi-process runs see the same mosaics.
     """
 
-    def __init__(self, root: str | Path, split: str, image_size: int, mosaic_rate: float = 0.0, seed: int = 0
-                 ) -> None:
+    def __init__(self, root: str | Path, split: str, image_size: int, mosaic_rate: float = 0.0, seed: int = 0,
+                 augment: bool = False) -> None:
         self.root = Path(root)
         self.items: list[Item] = list_items(self.root, split)
         if not self.items:
@@ -41,6 +41,7 @@ class TrainSet(Dataset):
         if not 0.0 <= mosaic_rate <= 1.0:
             raise ValueError(f"mosaic rate must be in [0, 1], got {mosaic_rate}")
         self.split, self.image_size, self.mosaic_rate, self.seed = split, image_size, mosaic_rate, seed
+        self.augment = augment
         self.epoch = 0
         self._by_class: dict[str, list[int]] = {}
         for i, item in enumerate(self.items):
@@ -59,6 +60,8 @@ class TrainSet(Dataset):
             img, mask = self._mosaic(self._by_class[item.cls_name], rng)
         else:
             img, mask = load_raw(item)
+        if self.augment:
+            img, mask = augment(img, mask, rng)
         image, m = transform(img, mask, self.image_size, TRAIN_MASK_THRESHOLD)
         return image, m.float(), torch.tensor(item.anomaly, dtype=torch.long)
 
@@ -79,6 +82,23 @@ class TrainSet(Dataset):
     def summary(self) -> dict[str, int]:
         return {"images": len(self.items), "anomalous": sum(i.anomaly for i in self.items),
                 "classes": len({i.cls_name for i in self.items})}
+
+
+def augment(img: Image.Image, mask: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """Not in the reference recipe (opt-in): flips, quarter turns and a hue/saturation/brightness change, so the
+    zero-shot head learns defects rather than the training products' colours and orientations."""
+    a = np.asarray(img)
+    k = int(rng.integers(4))
+    flip = bool(rng.random() < 0.5)
+    a, mask = np.rot90(a, k), np.rot90(mask, k)
+    if flip:
+        a, mask = a[:, ::-1], mask[:, ::-1]
+    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(a)).convert("HSV")).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(0, 256)) % 256
+    hsv[..., 1] *= rng.uniform(0.6, 1.4)
+    hsv[..., 2] *= rng.uniform(0.75, 1.25)
+    out = Image.fromarray(np.clip(hsv, 0, 255).astype(np.uint8), "HSV").convert("RGB")
+    return out, np.ascontiguousarray(mask)
 
 
 def dataset_digest(items: Sequence[Item], root: Path) -> str:
