@@ -237,3 +237,38 @@ def test_cli(workspace: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFi
                  "--out", str(tmp_path / "x.json")]) == 2
     assert "no such dataset directory" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_per_kind_breakdown(workspace: dict[str, Any]) -> None:
+    """Each defect kind against the class's normals: a kind the map ranks perfectly gets 1, an inverted one 0."""
+    from training.report import class_metrics
+
+    labels = np.array([0, 0, 1, 1])
+    kinds = np.array(["good", "good", "crack", "stain"])
+    masks = np.zeros((4, 2, 2), bool)
+    masks[2, 0, 0] = masks[3, 0, 0] = True
+    maps = np.full((4, 2, 2), 0.5)
+    maps[2, 0, 0] = 0.9  # the crack pixel above every normal pixel
+    maps[3, 0, 0] = 0.1  # the stain pixel below every normal pixel
+    scores = np.array([0.5, 0.5, 0.9, 0.1])
+    values, _ = class_metrics(labels, scores, scores, masks, maps, kinds)
+    assert values["by_kind"]["crack"] == {"image_auroc": 1.0, "pixel_auroc": 1.0}
+    assert values["by_kind"]["stain"] == {"image_auroc": 0.0, "pixel_auroc": 0.0}
+    # with ties, the ranked-negatives shortcut is scikit-learn's AUROC of the kind's pixels against all normal ones
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    maps = np.round(rng.random((4, 2, 2)), 1)
+    values, _ = class_metrics(labels, scores, scores, masks, maps, kinds)
+    positives, negatives = maps[2][masks[2]], maps[~masks]
+    expected = roc_auc_score(np.r_[np.ones(positives.size), np.zeros(negatives.size)], np.r_[positives, negatives])
+    assert values["by_kind"]["crack"]["pixel_auroc"] == pytest.approx(expected, abs=1e-12)
+    report = workspace["report"]
+    for k in ("0", "1", "2"):
+        per_kind = report["results"][k]["per_kind"]
+        assert list(per_kind) == ["spot"]
+        assert 0.0 <= per_kind["spot"]["pixel_auroc"] <= 1.0
+    # one kind per class here: the kind's pixel AUROC is the class's, averaged over classes
+    r = report["results"]["2"]
+    assert r["per_kind"]["spot"]["pixel_auroc"] == pytest.approx(r["mean"]["pixel_auroc"], abs=1e-12)
+    assert "## Per defect kind" in markdown(report)

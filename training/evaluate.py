@@ -37,7 +37,7 @@ from model.sowa import SowaModel
 
 from .bench_model import machine_description
 from .datasets import DatasetError, Item, Sample, list_items, load_sample
-from .report import METRICS, STD_KIND, aggregate, class_metrics
+from .report import METRICS, STD_KIND, aggregate, aggregate_kinds, class_metrics
 from .visuals import save_strip
 
 __all__ = ["REPORT_FORMAT", "ClassMaps", "Setting", "evaluate", "fit_from_outputs", "run_class", "sample_shots",
@@ -311,7 +311,8 @@ def evaluate(
                 for setting in settings:
                     final = maps.final_maps(setting)
                     scores = maps.scores(setting, final)
-                    runner.submit(setting, cls, maps.labels, scores[0], scores[1], maps.masks, final.numpy())
+                    runner.submit(setting, cls, maps.labels, scores[0], scores[1], maps.masks, final.numpy(),
+                                  np.array([it.defect for it in maps.items]))
                     if visuals is not None and setting == shown and visuals_per_class:
                         visual_entries += _write_visuals(visuals, cls, maps, setting, final, scores,
                                                          visuals_per_class, vmax)
@@ -329,6 +330,7 @@ def evaluate(
             for cls in classes:
                 notes += [f"class '{cls}', K={k}, seed {setting[1]}: {n}" for n in done[setting, cls][1]]
         results[str(k)] = aggregate(per_seed)
+        results[str(k)]["per_kind"] = aggregate_kinds(per_seed)
         if k > 0:
             results[str(k)]["shots_used"] = shots_used[k]
     if visuals is not None:
