@@ -22,6 +22,7 @@ for b in untrained trained; do
 done
 sowa eval --bundle "$WORK/trained" --data "$WORK/synth/a" --k 0,4 --seeds 0,1,2 --no-progress \
     --out "$DOCS/trained-a.json" --markdown "$DOCS/trained-a.md"
+# overlay strips of the trained bundle at K = 4 (two were copied to docs/accuracy/visuals/)
 sowa eval --bundle "$WORK/trained" --data "$WORK/synth/b" --k 4 --seeds 0 --no-progress \
     --out "$WORK/visuals.json" --visuals "$WORK/visuals" --visuals-per-class 2
 sowa plot "$DOCS/trained-b.json" "$DOCS/untrained-b.json" --label "trained on a" --label "untrained" \
