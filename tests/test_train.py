@@ -150,6 +150,7 @@ def test_training_lowers_the_loss_and_writes_a_trained_bundle(toy: tuple[Path, P
     prov = info.provenance
     assert prov["source"] == "train" and prov["steps"] == 12 and prov["epochs_completed"] == 4  # 24 images / 8
     assert prov["data"]["images"] == 24 and prov["data"]["anomalous"] == 16 and len(prov["data"]["sha256"]) == 64
+    assert prov["data"]["anomalous_without_mask"] == 0
     assert prov["seed"] == 2025 and prov["batch_size"] == 8 and prov["world_size"] == 1
     losses = prov["epoch_losses"]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, losses
@@ -283,3 +284,18 @@ def test_augment_moves_the_mask_with_the_image() -> None:
         ys, xs = np.nonzero(m)
         positions.add((ys.min(), xs.min()))
     assert len(positions) >= 4  # the square was moved around by the flips and turns
+
+
+def test_anomalies_without_masks_are_counted_and_announced(toy: tuple[Path, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    data, _ = toy
+    root = tmp_path / "meta"
+    root.mkdir()
+    items = []
+    for i, image in enumerate(sorted((data / "c1" / "test").rglob("*.png"))[:4]):
+        (root / f"{i}.png").write_bytes(image.read_bytes())
+        items.append({"img_path": f"{i}.png", "mask_path": "", "cls_name": "c1", "anomaly": int(i % 2)})
+    (root / "meta.json").write_text(json.dumps({"train": {}, "test": {"c1": items}}))
+    info = train(_opts(toy, tmp_path / "b", data=root, max_steps=1))
+    assert info is not None and info.provenance["data"]["anomalous_without_mask"] == 2
+    assert "2 anomalous image(s)" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -142,6 +143,10 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     if opts.attn_drop is not None:
         cfg = replace(cfg, adapter=replace(cfg.adapter, attn_drop=opts.attn_drop))
     data = TrainSet(opts.data, opts.split, cfg.backbone.image_size, opts.mosaic_rate, opts.seed, opts.augment)
+    unmasked = data.summary()["anomalous_without_mask"]
+    if unmasked and world.is_main:  # the reference does the same, silently: say it
+        print(f"sowa train: warning: {unmasked} anomalous image(s) in {opts.data} have no mask; their pixel maps are "
+              "trained as all-normal (the reference's behaviour)", file=sys.stderr)
     model = build_model(cfg, opts.pretrained, opts.seed, trained=True)
     model.clip.requires_grad_(False)  # frozen backbone, also the aliased attention weights inside the adapters
     model.to(world.device).train()

@@ -81,6 +81,7 @@ class TrainSet(Dataset):
 
     def summary(self) -> dict[str, int]:
         return {"images": len(self.items), "anomalous": sum(i.anomaly for i in self.items),
+                "anomalous_without_mask": sum(1 for i in self.items if i.anomaly and i.mask is None),
                 "classes": len({i.cls_name for i in self.items})}
 
 
