@@ -190,6 +190,17 @@ def test_resume_continues_exactly(toy: tuple[Path, Path], tmp_path: Path) -> Non
     assert resumed.provenance["epoch_losses"] == pytest.approx(straight.provenance["epoch_losses"], abs=1e-5)
 
 
+def test_a_fresh_run_clears_the_previous_runs_checkpoints(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    train(_opts(toy, tmp_path / "b", epochs=2))  # 6 steps, checkpoints at 4 and 6
+    ckpts = tmp_path / "b.checkpoints"
+    (ckpts / "notes.txt").write_text("mine")
+    train(_opts(toy, tmp_path / "b", max_steps=2, force=True))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["notes.txt", "step-00000002.pt", "train_log.jsonl"]
+    assert [json.loads(line)["step"] for line in (ckpts / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    resumed = train(_opts(toy, tmp_path / "b", max_steps=3, resume=True))
+    assert resumed is not None and resumed.provenance["resumed_from_step"] == 2
+
+
 def test_resume_refuses_another_run_and_out_is_protected(toy: tuple[Path, Path], tmp_path: Path) -> None:
     train(_opts(toy, tmp_path / "b", max_steps=2))
     with pytest.raises(CheckpointMismatchError, match="batch_size"):

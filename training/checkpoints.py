@@ -14,7 +14,7 @@ import torch
 
 from model.files import atomic_write
 
-__all__ = ["CheckpointMismatchError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointMismatchError", "clear_checkpoints", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -33,6 +33,16 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(directory: str | Path) -> Path | None:
     found = _checkpoints(Path(directory))
     return found[-1][1] if found else None
+
+
+def clear_checkpoints(directory: str | Path, also: tuple[str, ...] = ()) -> None:
+    """Remove a previous run's checkpoints (and the named files) so a fresh run never resumes from them; other
+    files in the directory are left alone."""
+    directory = Path(directory)
+    for _, path in _checkpoints(directory):
+        path.unlink(missing_ok=True)
+    for name in also:
+        (directory / name).unlink(missing_ok=True)
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:

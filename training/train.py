@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from model.bundle import BundleInfo, save_bundle
 
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import World, all_reduce_mean, barrier, setup_world, teardown_world
 from .losses import sowa_loss
 from .offline import build_config, build_model, check_output_dir, provenance_base
@@ -186,6 +186,9 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     log = opts.checkpoints / "train_log.jsonl"
     if world.is_main:
         opts.checkpoints.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:  # a fresh run: an earlier run's checkpoints must not be resumed into this one's log
+            clear_checkpoints(opts.checkpoints, also=(log.name,))
+    barrier(world)  # no rank may checkpoint before the clearing is done
 
     def checkpoint() -> None:
         if world.is_main:
