@@ -310,3 +310,14 @@ def test_anomalies_without_masks_are_counted_and_announced(toy: tuple[Path, Path
     info = train(_opts(toy, tmp_path / "b", data=root, max_steps=1))
     assert info is not None and info.provenance["data"]["anomalous_without_mask"] == 2
     assert "2 anomalous image(s)" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; CI and dev machines have none")
+def test_cuda_mixed_precision_training_tracks_fp32(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    """bf16 autocast on the GPU: the bundle is written and its loss curve follows the fp32 CPU run closely."""
+    cpu = train(_opts(toy, tmp_path / "cpu", epochs=2, attn_drop=0.0, device="cpu"))
+    gpu = train(_opts(toy, tmp_path / "gpu", epochs=2, attn_drop=0.0, device="cuda"))
+    assert cpu is not None and gpu is not None
+    assert gpu.provenance["precision"] in ("bf16", "fp16") and gpu.provenance["device"].startswith("cuda")
+    assert gpu.provenance["epoch_losses"] == pytest.approx(cpu.provenance["epoch_losses"], rel=0.02)
