@@ -201,7 +201,8 @@ def test_a_fresh_run_clears_the_previous_runs_checkpoints(toy: tuple[Path, Path]
     assert resumed is not None and resumed.provenance["resumed_from_step"] == 2
 
 
-def test_resume_refuses_another_run_and_out_is_protected(toy: tuple[Path, Path], tmp_path: Path) -> None:
+def test_resume_refuses_another_run_and_out_is_protected(toy: tuple[Path, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     train(_opts(toy, tmp_path / "b", max_steps=2))
     with pytest.raises(CheckpointMismatchError, match="batch_size"):
         train(_opts(toy, tmp_path / "b", batch_size=4, resume=True))
@@ -215,6 +216,7 @@ def test_resume_refuses_another_run_and_out_is_protected(toy: tuple[Path, Path],
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "e"), "--arch", str(arch), "--pretrained",
                  "none", "--max-steps", "1", "--no-progress"]) == 0
     assert read_manifest(tmp_path / "e").provenance["steps"] == 1
+    assert f"wrote {tmp_path / 'e'} (1 steps, 0 epochs, stopped by steps" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from .train import TrainOptions, train
 
-        train(TrainOptions(
+        info = train(TrainOptions(
             data=args.data, out=args.out, arch=args.arch, pretrained=args.pretrained, split=args.split,
             epochs=args.epochs, max_steps=args.max_steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
             lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
@@ -213,6 +213,11 @@ def _run(args: argparse.Namespace) -> int:
             mosaic_rate=args.mosaic_rate, augment=args.augment, checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every, resume=args.resume, force=args.force,
             progress=not args.no_progress))
+        if info is not None:  # the main process (torchrun's other ranks return None)
+            p = info.provenance
+            loss = (p.get("final_loss") or {}).get("total", float("nan"))
+            print(f"wrote {info.path} ({p['steps']} steps, {p['epochs_completed']} epochs, stopped by "
+                  f"{p['stopped_by']}, last loss {loss:.4f}, {p['elapsed_s']} s)")
     elif args.command == "eval":
         from .evaluate import evaluate, write_report
         from .report import markdown

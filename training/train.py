@@ -266,11 +266,7 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
         "final_loss": last_terms or None, "epoch_losses": epoch_losses,
         "elapsed_s": round(time.monotonic() - started, 1),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}}
-    info = save_bundle(model, opts.out, prov)
-    if opts.progress:
-        print(f"wrote {info.path} ({step} steps, {epoch} epochs, loss {last_terms.get('total', float('nan')):.4f}, "
-              f"{prov['elapsed_s']} s)")
-    return info
+    return save_bundle(model, opts.out, prov)
 
 
 def _agree(world: World, flag: bool) -> bool:
