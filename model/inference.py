@@ -17,7 +17,7 @@ from .maps import kshot_map
 from .memory_bank import MemoryBank, build_bank, leave_one_out_distances
 from .sowa import SowaModel
 
-__all__ = ["ClassMemory", "Prediction", "fit_class", "predict_scored"]
+__all__ = ["ClassMemory", "Prediction", "fit_class", "memory_from_outputs", "predict_scored"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,17 @@ def fit_class(model: SowaModel, shots: torch.Tensor, z: float = DEFAULT_Z) -> Cl
     if shots.dim() != 4 or shots.shape[0] < 1:
         raise ValueError(f"shots must be a (K, 3, S, S) batch with K >= 1, got {tuple(shots.shape)}")
     out = model.predict(shots)
-    bank = build_bank(out.raw_patches)
-    loo = leave_one_out_distances(out.raw_patches, model.grid)  # (K, S, L)
-    final = out.zero_shot_maps + kshot_map(loo, model.grid, model.image_size)
-    calibration = calibrate(final.flatten(1).amax(dim=1), out.text_scores, z)
-    return ClassMemory(bank, calibration)
+    return memory_from_outputs(out.raw_patches, out.zero_shot_maps, out.text_scores, model.grid,
+                               model.image_size, z)
+
+
+def memory_from_outputs(raw: torch.Tensor, zero_shot: torch.Tensor, text_scores: torch.Tensor, grid: int,
+                        size: int, z: float = DEFAULT_Z) -> ClassMemory:
+    """`fit_class` on shots that already went through `predict`: raw patches (K, S, L, D), zero-shot maps
+    (K, H, W), text scores (K,). Lets a caller that ran the shots anyway (evaluation) skip a second pass."""
+    loo = leave_one_out_distances(raw, grid)  # (K, S, L)
+    final = zero_shot.float() + kshot_map(loo, grid, size)
+    return ClassMemory(build_bank(raw), calibrate(final.flatten(1).amax(dim=1), text_scores, z))
 
 
 @torch.inference_mode()

@@ -27,12 +27,12 @@ import torch
 from tqdm import tqdm
 
 from model.bundle import load_bundle
-from model.calibration import DEFAULT_Z, calibrate, image_scores
+from model.calibration import image_scores
 from model.device import resolve_device, resolve_dtype
 from model.files import atomic_write
-from model.inference import ClassMemory
+from model.inference import ClassMemory, memory_from_outputs
 from model.maps import kshot_map
-from model.memory_bank import build_bank, leave_one_out_distances, min_distances
+from model.memory_bank import min_distances
 from model.sowa import SowaModel
 
 from .bench_model import machine_description
@@ -40,7 +40,7 @@ from .datasets import DatasetError, Item, Sample, list_items, load_sample
 from .report import METRICS, STD_KIND, aggregate, aggregate_kinds, class_metrics
 from .visuals import save_strip
 
-__all__ = ["REPORT_FORMAT", "ClassMaps", "Setting", "evaluate", "fit_from_outputs", "run_class", "sample_shots",
+__all__ = ["REPORT_FORMAT", "ClassMaps", "Setting", "evaluate", "run_class", "sample_shots",
            "write_report"]
 
 REPORT_FORMAT = "sowa-eval-report"
@@ -54,15 +54,6 @@ def sample_shots(items: Sequence[Item], k: int, seed: int, cls: str) -> list[Ite
     All items when there are fewer than K."""
     order = random.Random(f"{seed}:{cls}").sample(range(len(items)), len(items))
     return [items[i] for i in order[:k]]
-
-
-def fit_from_outputs(raw: torch.Tensor, zero_shot: torch.Tensor, text_scores: torch.Tensor, grid: int, size: int,
-                     z: float = DEFAULT_Z) -> ClassMemory:
-    """`model.inference.fit_class` on shots that already went through `predict`: raw patches (K, S, L, D),
-    zero-shot maps (K, H, W), text scores (K,). Same bank, same leave-one-out calibration."""
-    loo = leave_one_out_distances(raw, grid)
-    final = zero_shot.float() + kshot_map(loo, grid, size)
-    return ClassMemory(build_bank(raw), calibrate(final.flatten(1).amax(dim=1), text_scores, z))
 
 
 @dataclass
@@ -148,7 +139,7 @@ def run_class(
         position = {it: i for i, it in enumerate(union)}
         for setting, shots in draws.items():
             idx = torch.tensor([position[it] for it in shots], device=raw.device)
-            memories[setting] = fit_from_outputs(raw[idx], zero_shot[idx], text[idx], model.grid, size)
+            memories[setting] = memory_from_outputs(raw[idx], zero_shot[idx], text[idx], model.grid, size)
         del raw, zero_shot, text
     zs, texts, masks = [], [], []
     distances: dict[Setting, list[torch.Tensor]] = {s: [] for s in memories}
