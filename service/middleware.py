@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,6 +14,16 @@ from .errors import error_body
 from .telemetry import Telemetry
 
 __all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "MetricsMiddleware"]
+
+
+async def send_error(send: Send, status: int, code: str, message: str,
+                     headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """The service's JSON error body, sent from middleware that answers before any route runs."""
+    body = json.dumps(error_body(code, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -57,11 +68,8 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, tracking_send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps(error_body("payload_too_large", f"request body larger than {self.limit} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, "payload_too_large", f"request body larger than {self.limit} bytes",
+                         [(b"connection", b"close")])
 
 
 class MetricsMiddleware:
@@ -106,11 +114,7 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope["path"] not in self.OPEN:
             given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
             if not hmac.compare_digest(given, self.key):
-                body = json.dumps(error_body("unauthorized", "missing or wrong X-API-Key")).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"www-authenticate", b"APIKey")]})
-                await send({"type": "http.response.body", "body": body})
+                await send_error(send, 401, "unauthorized", "missing or wrong X-API-Key",
+                                 [(b"www-authenticate", b"APIKey")])
                 return
         await self.app(scope, receive, send)
