@@ -8,12 +8,11 @@ coverage and the bare background, which the `missing` defect shows through.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .primitives import box, cover, fractal, grid, lighting, rotate
+from .primitives import Procedural, box, cover, fractal, grid, lighting, rotate
 
 __all__ = ["OBJECTS", "Object", "Render"]
 
@@ -207,12 +206,7 @@ def transistor(rng: np.random.Generator, size: int, d: dict) -> Render:
     return _scene(rng, size, (0.84, 0.80, 0.66), obj, alpha)
 
 
-class Object:
-    """An object category: `design(rng)` once per class, then `render(rng, size, design)` per image."""
-
-    def __init__(self, design: Callable[[np.random.Generator], dict],
-                 render: Callable[[np.random.Generator, int, dict], Render]) -> None:
-        self.design, self.render = design, render
+Object = Procedural[Render]  # an object category: renders the object in its scene
 
 
 OBJECTS: dict[str, Object] = {

@@ -5,9 +5,14 @@ Everything is float32 numpy, vectorised over the whole image (or a defect's wind
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
 import numpy as np
 
-__all__ = ["box", "cover", "fractal", "grid", "lighting", "rotate", "smooth_noise", "standardise", "to_uint8"]
+__all__ = ["Procedural", "box", "cover", "fractal", "grid", "lighting", "rotate", "smooth_noise", "standardise",
+           "to_uint8"]
 
 
 def grid(h: int, w: int, y0: float = 0.0, x0: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -81,3 +86,15 @@ def box(v: np.ndarray, u: np.ndarray, cv: float, cu: float, hv: float, hu: float
     qv, qu = np.abs(v - np.float32(cv)) - np.float32(hv - r), np.abs(u - np.float32(cu)) - np.float32(hu - r)
     outside = np.sqrt(np.maximum(qv, 0) ** 2 + np.maximum(qu, 0) ** 2)
     return outside + np.minimum(np.maximum(qv, qu), 0) - np.float32(r)
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Procedural(Generic[T]):
+    """A category's generator: `design(rng)` once per class (colours, scale, layout), then
+    `render(rng, size, design)` per image with its per-image jitter."""
+
+    design: Callable[[np.random.Generator], dict]
+    render: Callable[[np.random.Generator, int, dict], T]

@@ -6,11 +6,9 @@ sheet), a few percent of scale, a degree or two of rotation, mild lighting drift
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-from .primitives import cover, fractal, grid, lighting, rotate, smooth_noise
+from .primitives import Procedural, cover, fractal, grid, lighting, rotate, smooth_noise
 
 __all__ = ["TEXTURES", "Texture"]
 
@@ -134,12 +132,7 @@ def leather(rng: np.random.Generator, size: int, d: dict) -> np.ndarray:
     return _lit(rng, d["colour"][None, None, :] * shade[..., None] * 1.15)
 
 
-class Texture:
-    """A texture category: `design(rng)` once per class, then `render(rng, size, design)` per image."""
-
-    def __init__(self, design: Callable[[np.random.Generator], dict],
-                 render: Callable[[np.random.Generator, int, dict], np.ndarray]) -> None:
-        self.design, self.render = design, render
+Texture = Procedural[np.ndarray]  # a texture category: renders an (S, S, 3) float image
 
 
 TEXTURES: dict[str, Texture] = {
