@@ -27,7 +27,7 @@ from .checkpoints import clear_checkpoints, latest_checkpoint, load_checkpoint, 
 from .distributed import World, all_reduce_mean, barrier, setup_world, teardown_world
 from .losses import sowa_loss
 from .offline import build_config, build_model, check_output_dir, provenance_base
-from .train_data import TrainSet, dataset_digest, epoch_order
+from .train_data import TrainSet, dataset_digest, epoch_order, rank_share
 
 __all__ = ["TrainOptions", "train"]
 
@@ -143,7 +143,8 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     if opts.attn_drop is not None:
         cfg = replace(cfg, adapter=replace(cfg.adapter, attn_drop=opts.attn_drop))
     data = TrainSet(opts.data, opts.split, cfg.backbone.image_size, opts.mosaic_rate, opts.seed, opts.augment)
-    unmasked = data.summary()["anomalous_without_mask"]
+    summary = data.summary()
+    unmasked = summary["anomalous_without_mask"]
     if unmasked and world.is_main:  # the reference does the same, silently: say it
         print(f"sowa train: warning: {unmasked} anomalous image(s) in {opts.data} have no mask; their pixel maps are "
               "trained as all-normal (the reference's behaviour)", file=sys.stderr)
@@ -160,8 +161,7 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     if world.distributed:
         net = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
 
-    per_rank = len(epoch_order(len(data), opts.seed, 0, world.rank, world.size))
-    steps_per_epoch = math.ceil(per_rank / opts.batch_size)
+    steps_per_epoch = math.ceil(rank_share(len(data), world.size) / opts.batch_size)
     total = opts.epochs * steps_per_epoch
     if opts.max_steps is not None:
         total = min(total, opts.max_steps)
@@ -259,7 +259,7 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     model.refresh_text()
     prov = {**provenance_base("train"), "arch": opts.arch, "pretrained": opts.pretrained, "data": {
         "path": str(opts.data.resolve()), "split": opts.split, "sha256": dataset_digest(data.items, data.root),
-        **data.summary()}, "steps": step, "epochs_completed": epoch, "stopped_by": stopped,
+        **summary}, "steps": step, "epochs_completed": epoch, "stopped_by": stopped,
         "resumed_from_step": resumed_from, "seed": opts.seed, "batch_size": opts.batch_size,
         "world_size": world.size, "global_batch_size": opts.batch_size * world.size, "lr": opts.lr,
         "weight_decay": opts.weight_decay, "precision": precision, "device": str(world.device),
@@ -273,6 +273,6 @@ def _agree(world: World, flag: bool) -> bool:
     """Whether any rank says yes: every rank must leave the loop at the same step, or DDP would hang."""
     if not world.distributed:
         return flag
-    t = torch.tensor(float(flag), device=world.device if world.device.type == "cuda" else "cpu")
+    t = torch.tensor(float(flag), device=world.device)
     return bool(all_reduce_mean(world, t).item() > 0)
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .datasets import DatasetError, Item, list_items, load_raw, transform
 
-__all__ = ["TrainSet", "augment", "dataset_digest", "epoch_order"]
+__all__ = ["TrainSet", "augment", "dataset_digest", "epoch_order", "rank_share"]
 
 TRAIN_MASK_THRESHOLD = 0.0  # > 0 in training, > 0.5 at test time
 
@@ -119,6 +119,10 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) ->
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    per_rank = -(-n // world)
-    order += order[: per_rank * world - n]
+    order += order[: rank_share(n, world) * world - n]
     return order[rank::world]
+
+
+def rank_share(n: int, world: int = 1) -> int:
+    """Items each rank sees per epoch: n over the ranks, rounded up (the order wraps around to pad)."""
+    return -(-n // world)
