@@ -47,6 +47,24 @@ class WindowAttention(nn.Module):
         # Derived from the window size alone: rebuilt here, never loaded (persistent=False).
         self.register_buffer("relative_coords_table", relative_coords_table(window), persistent=False)
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _bias_key(self, dtype: torch.dtype) -> tuple:
+        # parameters change in place (optimiser steps, load_state_dict: _version moves) or are replaced (.to():
+        # data_ptr moves); either way the key changes and the bias is recomputed
+        return (dtype, *((p.data_ptr(), p._version) for p in self.cpb_mlp.parameters()))
+
+    def inference_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`position_bias()` in `dtype`, computed once and reused while the MLP's weights stay the same.
+
+        For inference only (no autograd graph is kept): the bias depends on the window size and weights, never
+        on the input, so recomputing its MLP, gather and sigmoid on every forward is wasted launches.
+        """
+        key = self._bias_key(dtype)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            with torch.no_grad():
+                self._bias_cache = (key, self.position_bias().to(dtype))
+        return self._bias_cache[1]
 
     def position_bias(self) -> torch.Tensor:
         """(heads, N, N) additive bias = 16 * sigmoid(MLP(table)), the same for every window and image."""
@@ -67,7 +85,8 @@ class WindowAttention(nn.Module):
         v = F.linear(x, value_weight).view(bw, n, self.num_heads, c // self.num_heads).transpose(1, 2)
         v_hat = F.normalize(v, dim=-1)  # eps 1e-12, as the reference
         tau = torch.exp(self.logit_scale.clamp(max=_MAX_LOGIT_SCALE)).to(v.dtype)  # (heads, 1, 1)
-        bias = self.position_bias().to(v.dtype)  # (heads, N, N)
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.cpb_mlp.parameters())
+        bias = self.position_bias().to(v.dtype) if grad else self.inference_bias(v.dtype)  # (heads, N, N)
         if mask is not None:
             nw = mask.shape[0]
             bias = (bias.unsqueeze(0) + mask.to(v.dtype).unsqueeze(1))  # (nW, heads, N, N)

@@ -71,3 +71,21 @@ def test_position_bias_range_and_dropout_only_in_training() -> None:
     assert torch.equal(wa(x, wv, out), wa(x, wv, out))
     wa.train()
     assert not torch.allclose(wa(x, wv, out), wa(x, wv, out))
+
+
+def test_inference_bias_is_cached_and_follows_weight_changes() -> None:
+    wa = WindowAttention(16, 3, 2).eval()
+    x, wv, out = torch.randn(4, 9, 16), torch.randn(16, 16), torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        first = wa(x, wv, out)
+        assert wa.inference_bias(torch.float32) is wa.inference_bias(torch.float32)  # computed once
+        assert torch.equal(wa.inference_bias(torch.float32), wa.position_bias())
+        # in-place changes (load_state_dict, an optimiser step) invalidate the cached bias
+        state = {k: v + 0.5 if k.startswith("cpb_mlp") else v for k, v in wa.state_dict().items()}
+        wa.load_state_dict(state)
+        assert torch.equal(wa.inference_bias(torch.float32), wa.position_bias())
+        assert not torch.allclose(wa(x, wv, out), first)
+    # with autograd the bias is recomputed on the graph, so the MLP gets gradients
+    wa.train()
+    wa(x, wv, out).sum().backward()
+    assert wa.cpb_mlp[0].weight.grad is not None and wa.cpb_mlp[0].weight.grad.abs().sum() > 0
