@@ -50,7 +50,7 @@ def min_distances(patches: torch.Tensor, banks: Sequence[MemoryBank]) -> torch.T
     if len(banks) != b:
         raise ValueError(f"need one bank per image: {b} images, {len(banks)} banks")
     x = F.normalize(patches.float(), dim=-1).to(banks[0].features.dtype)
-    if all(bank is banks[0] for bank in banks):  # the common case, one class per batch: (S, B*L, D) @ (S, D, N), no copy of the bank
+    if all(bank is banks[0] for bank in banks):  # the common case, one class: (S, B*L, D) @ (S, D, N)
         feats = banks[0].features
         sim = torch.bmm(x.transpose(0, 1).reshape(s, b * n, d), feats.transpose(1, 2))
         best = sim.amax(dim=-1).view(s, b, n).transpose(0, 1)

@@ -45,7 +45,8 @@ async def _start(app: FastAPI) -> None:
     s: Settings = app.state.settings
     status: ServiceStatus = app.state.status
     try:
-        engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype)
+        budget = None if s.bank_device_budget_mb is None else int(s.bank_device_budget_mb * 2**20)
+        engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype, budget)
         app.state.engine = engine
         status.model_loaded = True
         registry = ClassRegistry(s.data_dir, engine, s.max_shots_per_class)
@@ -58,6 +59,7 @@ async def _start(app: FastAPI) -> None:
         telemetry: Telemetry = app.state.telemetry
         telemetry.model_info.info({k: str(v) for k, v in engine.describe().items()})
         telemetry.track(lambda: len(registry), registry.bank_bytes, engine.device_memory_bytes)
+        telemetry.track_banks(engine.banks.stats)
         batcher = DynamicBatcher(lambda images, memories: engine.call(engine.run, images, memories),
                                  s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry)
         app.state.batcher = batcher

@@ -2,6 +2,10 @@
 
 Every model call runs on the engine's single worker thread, so the device sees one batch at a time and the
 event loop never blocks on it. The batcher and the registry call `await engine.call(fn, ...)`.
+
+Class memories handed to and returned by the engine hold host banks; `banks` (BankResidency) keeps the device
+copies of the recently used ones within a byte budget. On a GPU a batch is joined in page-locked memory and copied
+without blocking, so the copy overlaps the tail of the previous batch's work on the host.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from model.bundle import load_bundle
 from model.calibration import zero_shot_pixel_threshold
 from model.device import resolve_device, resolve_dtype
 from model.inference import ClassMemory, fit_class, predict_scored
+from model.memory_bank import MemoryBank
 from model.preprocess import preprocess_batch
+
+from .bank_residency import BankResidency, default_budget_bytes
 
 __all__ = ["Engine", "ImageResult"]
 
@@ -43,9 +50,13 @@ class ImageResult:
 
 
 class Engine:
-    def __init__(self, bundle: Path, device: str = "auto", dtype: str = "fp32") -> None:
+    def __init__(self, bundle: Path, device: str = "auto", dtype: str = "fp32",
+                 bank_budget_bytes: int | None = None) -> None:
+        """`bank_budget_bytes`: device memory for class banks; None is `default_budget_bytes` (40% of a GPU)."""
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.model, self.info = load_bundle(bundle, self.device, self.dtype)
+        budget = default_budget_bytes(self.device) if bank_budget_bytes is None else bank_budget_bytes
+        self.banks = BankResidency(self.device, budget)
         self.image_size = self.model.image_size
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sowa-engine")
         # fixed for the engine's life: computed once, not per request or per scrape
@@ -71,12 +82,31 @@ class Engine:
         self._worker.shutdown(wait=True)
 
     # -- work, on the engine thread -------------------------------------------------------------------------
+    def host_bank(self, bank: MemoryBank) -> MemoryBank:
+        """A bank as classes keep it (e.g. read from disk): serving dtype, host memory."""
+        return self.banks.to_host(bank.to(dtype=self.model.clip.visual.proj.dtype))
+
     def fit(self, shots: Sequence[Image.Image]) -> ClassMemory:
-        return fit_class(self.model, preprocess_batch(shots, self.image_size))
+        """A class's memory from its shots; its bank stays resident, as the class is likely to be used next."""
+        memory = fit_class(self.model, self._to_device([preprocess_batch(shots, self.image_size)]))
+        host = self.banks.to_host(memory.bank)
+        self.banks.admit(host, memory.bank)
+        return ClassMemory(host, memory.calibration)
+
+    def _to_device(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.cat(list(images))
+        n = sum(int(x.shape[0]) for x in images)
+        pinned = torch.empty((n, *images[0].shape[1:]), dtype=images[0].dtype, pin_memory=True)
+        torch.cat(list(images), out=pinned)
+        return pinned.to(self.device, non_blocking=True)
 
     def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None]) -> list[ImageResult]:
         """Score the requests of one batch: `images` are their (n_i, 3, S, S) tensors, joined here."""
-        pred = predict_scored(self.model, torch.cat(list(images)), memories)
+        banks = self.banks.resolve([m.bank if m else None for m in memories])
+        on_device = [None if m is None else ClassMemory(bank, m.calibration) for m, bank in zip(memories, banks,
+                                                                                              strict=True)]
+        pred = predict_scored(self.model, self._to_device(images), on_device)
         maps = pred.anomaly_maps.float().cpu().numpy()
         text = pred.text_scores.float().cpu().tolist()
         s = pred.scores

@@ -151,11 +151,19 @@ class ClassRegistry:
         self.get(name)
         async with self._lock:
             await asyncio.to_thread(self._locked, name, self._delete, name)
-            self._classes.pop(name, None)
+            self._set(name, None)
             self._seen.pop(name, None)
 
+    def _set(self, name: str, entry: ClassEntry | None) -> None:
+        """The one place `_classes` changes: a replaced or removed bank also leaves the device."""
+        old = self._classes.pop(name, None) if entry is None else self._classes.get(name)
+        if entry is not None:
+            self._classes[name] = entry
+        if old is not None and (entry is None or entry.memory.bank is not old.memory.bank):
+            self.engine.banks.forget(old.memory.bank)
+
     def _remember(self, entry: ClassEntry) -> None:
-        self._classes[entry.name] = entry
+        self._set(entry.name, entry)
         self._seen[entry.name] = _signature(self.root / entry.name / "class.json")
         self.refused.pop(entry.name, None)
 
@@ -261,7 +269,7 @@ class ClassRegistry:
         async with self._lock:
             present = await asyncio.to_thread(self._scan)
             for name in set(self._seen) - set(present):
-                self._classes.pop(name, None)
+                self._set(name, None)
                 self._seen.pop(name, None)
                 self.refused.pop(name, None)
             for name, sig in present.items():
@@ -271,10 +279,10 @@ class ClassRegistry:
                     entry = await asyncio.to_thread(self._restore_one, self.root / name, False)
                 except Exception as e:  # e.g. caught mid-delete; the next scan settles it
                     self.refused[name] = str(e)
-                    self._classes.pop(name, None)
+                    self._set(name, None)
                     entry = None
                 if entry is not None:
-                    self._classes[name] = entry
+                    self._set(name, entry)
                     self.refused.pop(name, None)
                 self._seen[name] = sig
 
@@ -323,8 +331,7 @@ class ClassRegistry:
         same_bundle = m.get("bundle_fingerprint") == self.engine.info.fingerprint
         if same_bundle and bank_path.is_file() and sha256_file(bank_path) == m.get("bank_sha256"):
             try:
-                bank = MemoryBank(load_file(str(bank_path))["features"], int(m["bank_shots"]))
-                bank = bank.to(self.engine.device, self.engine.model.clip.visual.proj.dtype)
+                bank = self.engine.host_bank(MemoryBank(load_file(str(bank_path))["features"], int(m["bank_shots"])))
                 return ClassEntry(folder.name, ClassMemory(bank, Calibration(**m["calibration"])), shots,
                                   *entry_args)
             except (SafetensorError, KeyError, TypeError, ValueError) as e:

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(160_000_000, ge=1, description="decoded pixels of all images of a request")
     max_images_per_request: int = Field(64, ge=1)
     max_shots_per_class: int = Field(32, ge=1)
+    bank_device_budget_mb: float | None = Field(None, ge=0, description="device memory for class banks; the "
+                                                "least recently used beyond it wait in host memory (default: 40% "
+                                                "of a GPU's memory, no limit on the CPU)")
     warmup: bool = True
     sync_interval_s: float = Field(1.0, ge=0, description="how often to pick up classes changed by other replicas "
                                    "sharing data_dir (0: never)")

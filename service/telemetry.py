@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "Telemetry"]
@@ -40,5 +41,28 @@ class Telemetry:
         self.bank_bytes.set_function(lambda: float(bank_bytes()))
         self.device_memory.set_function(lambda: float(device_memory()))
 
+    def track_banks(self, stats: Callable[[], object]) -> None:
+        """Bank residency (`BankResidency.stats()`), read at scrape time: resident banks and bytes on the
+        device, the budget, and the host-to-device loads and evictions so far."""
+        self.registry.register(_BankCollector(stats))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BankCollector:
+    def __init__(self, stats: Callable[[], object]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:  # prometheus_client's collector protocol
+        st = self.stats()
+        yield GaugeMetricFamily("sowa_bank_device_resident", "class banks resident on the device",
+                                value=st.resident_banks)
+        yield GaugeMetricFamily("sowa_bank_device_bytes", "bytes of class banks resident on the device",
+                                value=st.resident_bytes)
+        yield GaugeMetricFamily("sowa_bank_device_budget_bytes", "device byte budget for class banks (-1: none)",
+                                value=-1 if st.budget_bytes is None else st.budget_bytes)
+        yield CounterMetricFamily("sowa_bank_loads", "class banks copied from host to device memory",
+                                  value=st.loads)
+        yield CounterMetricFamily("sowa_bank_evictions", "class banks dropped from device memory (kept on the host)",
+                                  value=st.evictions)

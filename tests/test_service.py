@@ -264,3 +264,22 @@ def test_api_key(bundle: Path, tmp_path: Path) -> None:
         with SowaClient(srv.url, api_key=key) as c:
             assert c.predict([_png()]).results[0].threshold == 0.5
             assert c.list_classes() == []
+
+
+def test_banks_beyond_the_device_budget_are_offloaded_and_served_the_same(bundle: Path, tmp_path: Path) -> None:
+    # a budget below one bank: every class switch copies a bank in and evicts the previous one
+    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", ["--bank-device-budget-mb", "0.001"]) as srv, \
+            SowaClient(srv.url) as c:
+        c.register_shots("one", SHOTS)
+        c.register_shots("two", SHOTS[:2])
+        offline_one = predict_files(bundle, TESTS, SHOTS, device="cpu", batch_size=len(TESTS))
+        offline_two = predict_files(bundle, TESTS, SHOTS[:2], device="cpu", batch_size=len(TESTS))
+        for name, offline in [("one", offline_one), ("two", offline_two), ("one", offline_one)]:
+            got = c.predict(TESTS, class_name=name, heatmap="raw")
+            assert np.array_equal(np.stack([decode_raw_heatmap(r.heatmap) for r in got.results]),
+                                  offline["anomaly_maps"])
+        metrics = c.metrics()
+        value = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(sowa_bank_\w+) (\S+)$", metrics, re.M)}
+        assert value["sowa_bank_device_budget_bytes"] == 1048
+        assert value["sowa_bank_device_resident"] == 1  # the last class used; the other waits on the host
+        assert value["sowa_bank_loads_total"] >= 2 and value["sowa_bank_evictions_total"] >= 2

@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-batch-size", type=int, help="images per device batch (SOWA_MAX_BATCH_SIZE, 16)")
     c.add_argument("--max-wait-ms", type=float, help="batch fill wait (SOWA_MAX_WAIT_MS, 5)")
     c.add_argument("--max-queue", type=int, help="queued images before 429 (SOWA_MAX_QUEUE, 256)")
+    c.add_argument("--bank-device-budget-mb", type=float, help="device memory for class banks, least recently "
+                   "used offloaded to host (SOWA_BANK_DEVICE_BUDGET_MB; default 40%% of a GPU, no limit on CPU)")
     c.add_argument("--api-key", help="require X-API-Key (prefer SOWA_API_KEY: arguments are visible in ps)")
     c.add_argument("--log-level", default="info")
 
