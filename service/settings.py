@@ -44,10 +44,10 @@ class Settings(BaseSettings):
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got '{v}'")
         return v.lower()
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "bank_device_budget_mb", mode="before")
     @classmethod
-    def _empty_api_key(cls, v: object) -> object:
-        return None if v in ("", None) else v  # compose passes SOWA_API_KEY="" when none is configured
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if v in ("", None) else v  # compose passes SOWA_X="" when none is configured
 
     @field_validator("api_key")
     @classmethod

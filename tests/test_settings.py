@@ -11,14 +11,18 @@ from service.settings import Settings
 def test_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOWA_MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("SOWA_API_KEY", "")  # what compose passes when no key is configured
+    monkeypatch.setenv("SOWA_BANK_DEVICE_BUDGET_MB", "")  # ditto: the default budget
     s = Settings(bundle=Path("b"), max_wait_ms=2)
-    assert s.max_batch_size == 8 and s.max_wait_ms == 2 and s.api_key is None
+    assert s.max_batch_size == 8 and s.max_wait_ms == 2 and s.api_key is None and s.bank_device_budget_mb is None
+    monkeypatch.setenv("SOWA_BANK_DEVICE_BUDGET_MB", "2048.5")
+    assert Settings(bundle=Path("b")).bank_device_budget_mb == 2048.5
     monkeypatch.setenv("SOWA_API_KEY", "long-enough-key")
     assert Settings(bundle=Path("b")).api_key.get_secret_value() == "long-enough-key"
 
 
 @pytest.mark.parametrize("bad", [{"api_key": "short"}, {"dtype": "fp8"}, {"max_batch_size": 0},
-                                 {"max_batch_size": 64, "max_queue": 32}, {"port": 70000}, {"unknown": 1}])
+                                 {"max_batch_size": 64, "max_queue": 32}, {"port": 70000}, {"unknown": 1},
+                                 {"bank_device_budget_mb": -1}])
 def test_invalid_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ValidationError):
         Settings(bundle=Path("b"), **bad)
