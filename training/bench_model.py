@@ -1,7 +1,10 @@
-"""`sowa bench model`: offline engine throughput (images/s) by batch size, with random weights.
+"""`sowa bench model`: offline engine throughput (images/s) by batch size and precision, with random weights.
 
-Each batch size is warmed up, then timed over `iters` forward passes of the full inference path (backbone,
-adapters, maps, Gaussian filter, k-shot scoring against a K-shot bank). The median time is reported.
+Each (precision, batch size) is warmed up, then timed over `iters` passes of the full inference path (backbone,
+adapters, maps, Gaussian filter, k-shot scoring against a K-shot bank, online scores). The median time is
+reported, with what it means against the hardware: the vision tower's arithmetic (`vision_gflops`) per second,
+and that as a fraction of the device's measured matmul peak in the same precision. Registering a class (the K
+shots' forward pass, bank and calibration) is timed too.
 """
 
 from __future__ import annotations
@@ -10,18 +13,20 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from model.config import BackboneConfig
 from model.device import resolve_device, resolve_dtype
 from model.inference import fit_class, predict_scored
 from model.sowa import SowaModel
 
 from .offline import build_config
 
-__all__ = ["BenchRow", "bench_model", "format_table"]
+__all__ = ["BenchRow", "bench_model", "format_table", "matmul_peak_tflops", "plot_model", "vision_gflops"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,26 @@ class BenchRow:
     shots: int
     median_s: float
     images_per_s: float
+    gflops_per_image: float  # the vision tower's arithmetic, vision_gflops()
+    tflops: float  # gflops_per_image x images/s
+    peak_tflops: float | None  # the device's measured matmul rate in this dtype
+    fraction_of_peak: float | None
+    register_ms: float  # median time to fit a class of `shots` shots (forward, bank, calibration)
+
+
+def vision_gflops(backbone: BackboneConfig) -> float:
+    """Forward FLOPs of the CLIP vision tower per image, counted as 2 per multiply-add.
+
+    Per block of width D over L tokens: 24·L·D² for the projections and the 4x MLP, 4·L²·D for the two attention
+    products; plus the patch embedding. For ViT-L-14-336 (24 blocks, D 1024, L 577) that is 381.9 GFLOPs: the
+    figure the arithmetic bound of docs/benchmarks.md uses. The HFWA adapters and maps add about 2% on top and
+    are left out, so the fraction of peak is a slight underestimate.
+    """
+    d, p, grid = backbone.width, backbone.patch_size, backbone.grid_size
+    tokens = grid * grid + 1
+    blocks = backbone.layers * (24 * tokens * d * d + 4 * tokens * tokens * d)
+    patch_embed = 2 * grid * grid * 3 * p * p * d
+    return (blocks + patch_embed) / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -40,32 +65,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_model(arch: str, device: str = "auto", dtype: str = "fp32", batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
-                shots: int = 4, iters: int = 5, warmup: int = 2, threads: int | None = None,
-                window_size: int | None = None) -> list[BenchRow]:
+def _median_s(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, iters: int = 10) -> float:
+    """What the device sustains on large square matmuls in `dtype`: the practical arithmetic ceiling."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _median_s(lambda: a @ b, device, iters, warmup=3) / 1e12
+
+
+def bench_model(arch: str, device: str = "auto", dtypes: Sequence[str] = ("fp32",),
+                batch_sizes: Sequence[int] = (1, 2, 4, 8), shots: int = 4, iters: int = 5, warmup: int = 2,
+                threads: int | None = None, window_size: int | None = None, peak: bool = True) -> list[BenchRow]:
     if threads:
         torch.set_num_threads(threads)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    dev = resolve_device(device)
+    rows = []
+    for name in dtypes:
+        rows += _bench_dtype(arch, dev, name, batch_sizes, shots, iters, warmup, window_size, peak)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_dtype(arch: str, dev: torch.device, dtype: str, batch_sizes: Sequence[int], shots: int, iters: int,
+                 warmup: int, window_size: int | None, peak: bool) -> list[BenchRow]:
+    dt = resolve_dtype(dtype)
     torch.manual_seed(0)
     model = SowaModel(build_config(arch, "none", window_size=window_size))
     model.refresh_text()
     model.drop_text_tower()
     model.to_inference(dev, dt)
-    size = model.image_size
-    memory = fit_class(model, torch.randn(shots, 3, size, size, device=dev)) if shots else None
+    size, gflops = model.image_size, vision_gflops(model.cfg.backbone)
+    peak_tf = matmul_peak_tflops(dev, dt) if peak else None
+    shot_images = torch.randn(max(shots, 1), 3, size, size, device=dev)
+    register_s = _median_s(lambda: fit_class(model, shot_images), dev, iters, warmup)
+    memory = fit_class(model, shot_images) if shots else None
     rows = []
     for bs in batch_sizes:
         x = torch.randn(bs, 3, size, size, device=dev)
-        times = []
-        for i in range(warmup + iters):
-            _sync(dev)
-            t0 = time.perf_counter()
-            predict_scored(model, x, [memory] * bs)
-            _sync(dev)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        rows.append(BenchRow(arch, str(dev), dtype, bs, shots, med, bs / med))
+        med = _median_s(lambda: predict_scored(model, x, [memory] * bs), dev, iters, warmup)  # noqa: B023
+        tflops = gflops * bs / med / 1e3
+        rows.append(BenchRow(arch, str(dev), dtype, bs, shots, med, bs / med, gflops, tflops, peak_tf,
+                             tflops / peak_tf if peak_tf else None, register_s * 1e3))
     return rows
 
 
@@ -84,9 +136,12 @@ def machine_description(device: str) -> str:
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    lines = ["| arch | device | dtype | batch | K | median s/batch | images/s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.arch} | {r.device} | {r.dtype} | {r.batch_size} | {r.shots} | {r.median_s:.4f} | "
-              f"{r.images_per_s:.2f} |" for r in rows]
+    lines = ["| arch | device | dtype | batch | K | median s/batch | images/s | TFLOP/s | of peak | register ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        of_peak = f"{r.fraction_of_peak:.1%} of {r.peak_tflops:.3g}" if r.fraction_of_peak is not None else "-"
+        lines.append(f"| {r.arch} | {r.device} | {r.dtype} | {r.batch_size} | {r.shots} | {r.median_s:.4f} | "
+                     f"{r.images_per_s:.2f} | {r.tflops:.3g} | {of_peak} | {r.register_ms:.1f} |")
     return "\n".join(lines)
 
 
@@ -94,3 +149,26 @@ def write_json(rows: list[BenchRow], path: Path) -> None:
     payload = {"machine": machine_description(rows[0].device) if rows else None,
                "torch": torch.__version__, "rows": [asdict(r) for r in rows]}
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def plot_model(rows: list[BenchRow], out: Path, title: str) -> None:
+    """images/s against batch size, one line per precision (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for dtype in dict.fromkeys(r.dtype for r in rows):
+        mine = [r for r in rows if r.dtype == dtype]
+        ax.plot([r.batch_size for r in mine], [r.images_per_s for r in mine], marker="o", label=dtype)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r.batch_size for r in rows}), labels=[str(b) for b in sorted({r.batch_size for r in rows})])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images/s")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")

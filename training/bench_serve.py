@@ -1,10 +1,12 @@
 """`sowa bench serve`: the service under closed-loop load, with batching on and off, beside the offline engine.
 
 For each batching mode a real server is started (`sowa serve` on loopback) with a K-shot class registered;
-`c` clients each send one image per request (a synthetic part, JPEG at the model size, heatmap none) as soon
-as their last answer arrives, for `duration` seconds. Reported: images/s, p50/p99 latency, and the mean device
-batch size read from /metrics. The offline engine's images/s (same bundle, batch = max batch size, preprocessed
-tensors) is measured in the same run, in a child process while no server runs, before and after the load.
+`c` clients each send one image per request (a synthetic part, JPEG at the model size, heatmap none by default)
+as soon as their last answer arrives, for `duration` seconds. Reported: images/s, p50/p99 latency, and the mean
+device batch size read from /metrics. The offline engine's images/s (same bundle, device and precision,
+batch = max batch size, preprocessed tensors) is measured in the same run, in a child process while no server
+runs, before and after the load. Registering a new class of K JPEG shots over HTTP (decode, forward pass, bank,
+calibration, fsynced files) is timed on the batching server before the load.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from model.bundle import load_bundle, read_manifest
+from model.device import resolve_device, resolve_dtype
 from model.inference import fit_class, predict_scored
 
 from .bench_model import machine_description
@@ -31,7 +35,11 @@ from .offline import init_bundle
 from .server_process import ServerProcess
 from .synth import make_part
 
-__all__ = ["ServeRow", "bench_serve", "format_serve_table"]
+if TYPE_CHECKING:
+    from service.client import SowaClient
+
+__all__ = ["RegisterTiming", "ServeBench", "ServeRow", "bench_serve", "format_serve_table", "plot_serve",
+           "write_serve_json"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,14 @@ class ServeRow:
     requests: int
 
 
+@dataclass(frozen=True)
+class RegisterTiming:
+    shots: int
+    registrations: int
+    p50_ms: float
+    max_ms: float
+
+
 def _jpeg(rng: np.random.Generator, size: int) -> bytes:
     """A synthetic part at the model size, JPEG quality 90: what a line camera sends, not incompressible noise."""
     buf = io.BytesIO()
@@ -52,15 +68,16 @@ def _jpeg(rng: np.random.Generator, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _offline(bundle: Path, batch: int, shots: int, duration: float) -> ServeRow:
-    model, _ = load_bundle(bundle, "cpu", torch.float32)
+def _offline(bundle: Path, batch: int, shots: int, duration: float, device: str, dtype: str) -> ServeRow:
+    dev = resolve_device(device)
+    model, _ = load_bundle(bundle, dev, resolve_dtype(dtype))
     size = model.image_size
-    memory = fit_class(model, torch.randn(shots, 3, size, size))
-    x = torch.randn(batch, 3, size, size)
+    memory = fit_class(model, torch.randn(shots, 3, size, size, device=dev))
+    x = torch.randn(batch, 3, size, size, device=dev)
     predict_scored(model, x, [memory] * batch)  # warm-up
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < duration or done == 0:
-        predict_scored(model, x, [memory] * batch)
+        predict_scored(model, x, [memory] * batch).scores.raw.sum().item()  # .item(): waits for the device
         done += batch
     return ServeRow("offline engine", batch, done / (time.perf_counter() - start), None, None, float(batch), 0)
 
@@ -71,7 +88,8 @@ def _batch_counters(metrics: str) -> tuple[float, float]:
     return count, total
 
 
-async def _load(url: str, images: list[bytes], concurrency: int, duration: float) -> tuple[int, list[float]]:
+async def _load(url: str, images: list[bytes], concurrency: int, duration: float,
+                heatmap: str) -> tuple[int, list[float]]:
     from service.client import AsyncSowaClient
 
     latencies: list[float] = []
@@ -81,7 +99,7 @@ async def _load(url: str, images: list[bytes], concurrency: int, duration: float
         n = 0
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            await client.predict([images[(i + n) % len(images)]], class_name="bench", heatmap="none")
+            await client.predict([images[(i + n) % len(images)]], class_name="bench", heatmap=heatmap)
             latencies.append(time.perf_counter() - t0)
             n += 1
 
@@ -90,8 +108,21 @@ async def _load(url: str, images: list[bytes], concurrency: int, duration: float
     return len(latencies), latencies
 
 
+def _register(client: SowaClient, rng: np.random.Generator, size: int, shots: int, count: int) -> RegisterTiming:
+    """`count` new classes of `shots` JPEG shots each, one at a time: wall time of each POST."""
+    times = []
+    for i in range(count + 1):
+        images = [_jpeg(rng, size) for _ in range(shots)]
+        t0 = time.perf_counter()
+        client.register_shots(f"register-{i}", images)
+        if i:  # the first one pays for first-call allocations at batch K
+            times.append((time.perf_counter() - t0) * 1e3)
+        client.delete_class(f"register-{i}")
+    return RegisterTiming(shots, count, statistics.median(times), max(times))
+
+
 def _serve_rows(bundle: Path, mode: str, flags: list[str], concurrencies: list[int], shots: int, duration: float,
-                work: Path) -> list[ServeRow]:
+                work: Path, heatmap: str, registrations: int) -> tuple[list[ServeRow], RegisterTiming | None]:
     from service.client import SowaClient
 
     rng = np.random.default_rng(0)
@@ -99,53 +130,76 @@ def _serve_rows(bundle: Path, mode: str, flags: list[str], concurrencies: list[i
     with ServerProcess(bundle, work / f"data-{mode}", work / f"{mode}.log", flags) as srv, \
             SowaClient(srv.url, timeout=300) as client:
         size = read_manifest(bundle).config.backbone.image_size
+        registering = _register(client, rng, size, shots, registrations) if registrations else None
         client.register_shots("bench", [_jpeg(rng, size) for _ in range(shots)])
         images = [_jpeg(rng, size) for _ in range(32)]
         for c in concurrencies:
-            asyncio.run(_load(srv.url, images, c, min(duration, 5.0)))  # warm-up at this concurrency
+            asyncio.run(_load(srv.url, images, c, min(duration, 5.0), heatmap))  # warm-up at this concurrency
             before = _batch_counters(client.metrics())
             start = time.perf_counter()
-            n, lat = asyncio.run(_load(srv.url, images, c, duration))
+            n, lat = asyncio.run(_load(srv.url, images, c, duration, heatmap))
             elapsed = time.perf_counter() - start
             count, total = (a - b for a, b in zip(_batch_counters(client.metrics()), before, strict=True))
             q = statistics.quantiles([x * 1000 for x in lat], n=100) if len(lat) > 1 else [lat[0] * 1000] * 99
             rows.append(ServeRow(mode, c, n / elapsed, q[49], q[98], total / count if count else None, n))
-    return rows
+    return rows, registering
+
+
+@dataclass(frozen=True)
+class ServeBench:
+    rows: list[ServeRow]
+    register: RegisterTiming | None
+    device: str
+    dtype: str
+    heatmap: str
 
 
 def bench_serve(arch: str, concurrencies: list[int], duration: float = 20.0, max_batch_size: int = 16,
-                max_wait_ms: float = 10.0, shots: int = 4, bundle: Path | None = None) -> list[ServeRow]:
+                max_wait_ms: float = 10.0, shots: int = 4, bundle: Path | None = None, device: str = "auto",
+                dtype: str = "fp32", heatmap: str = "none", registrations: int = 10) -> ServeBench:
     with tempfile.TemporaryDirectory(prefix="sowa-bench-") as tmp:
         work = Path(tmp)
         if bundle is None:
             bundle = work / "bundle"
             init_bundle(arch, "none", bundle)
+        device = str(resolve_device(device))
         modes = {
             "batching": ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)],
             "no batching": ["--max-batch-size", "1", "--max-wait-ms", "0"],
         }
-        rows = [_offline_in_child(bundle, max_batch_size, shots, duration)]
+        common = ["--max-queue", "1024", "--device", device, "--dtype", dtype]
+        rows = [_offline_in_child(bundle, max_batch_size, shots, duration, device, dtype)]
+        register = None
         for mode, flags in modes.items():
-            rows += _serve_rows(bundle, mode, [*flags, "--max-queue", "1024"], concurrencies, shots, duration,
-                                work)
+            got, timing = _serve_rows(bundle, mode, [*flags, *common], concurrencies, shots, duration, work,
+                                      heatmap, registrations if mode == "batching" else 0)
+            rows += got
+            register = register or timing
         # measured again at the end: on a shared machine the spread of the two says how much to trust a ratio
-        rows.append(_offline_in_child(bundle, max_batch_size, shots, duration))
-    return rows
+        rows.append(_offline_in_child(bundle, max_batch_size, shots, duration, device, dtype))
+    return ServeBench(rows, register, device, dtype, heatmap)
 
 
-def _offline_in_child(bundle: Path, batch: int, shots: int, duration: float) -> ServeRow:
+def _offline_in_child(bundle: Path, batch: int, shots: int, duration: float, device: str, dtype: str) -> ServeRow:
     # in a child process: torch's worker threads would otherwise linger here and steal the 2 cores from the
-    # server (measured: p50 280 ms instead of 54 ms for the tiny config at 1 client)
+    # server (measured: p50 280 ms instead of 54 ms for the tiny config at 1 client); on a GPU, the server
+    # process must not share the device with a live engine either
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_offline, (bundle, batch, shots, duration))
+        return pool.apply(_offline, (bundle, batch, shots, duration, device, dtype))
 
 
-def format_serve_table(rows: list[ServeRow]) -> str:
+def format_serve_table(bench: ServeBench) -> str:
     """Markdown table; "vs offline" divides by the mean of the offline runs (before and after the load)."""
+    rows = bench.rows
     runs = [r.images_per_s for r in rows if r.mode == "offline engine"]
     offline = statistics.mean(runs)
-    lines = [f"offline engine: {' / '.join(f'{v:.2f}' for v in runs)} images/s (start / end), mean {offline:.2f}",
-             "", "| mode | clients | images/s | vs offline | p50 ms | p99 ms | mean batch |",
+    lines = [f"{bench.device}, {bench.dtype}, heatmap={bench.heatmap}", "",
+             f"offline engine: {' / '.join(f'{v:.2f}' for v in runs)} images/s (start / end), mean {offline:.2f}"]
+    if bench.register:
+        r = bench.register
+        lines.append(f"registering a new class of {r.shots} JPEG shots over HTTP: p50 {r.p50_ms:.0f} ms, max "
+                     f"{r.max_ms:.0f} ms ({r.registrations} classes)")
+    lines += ["", "| mode | clients | images/s | vs offline | p50 ms | p99 ms | mean batch |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         p50 = f"{r.p50_ms:.0f}" if r.p50_ms is not None else "-"
@@ -156,7 +210,41 @@ def format_serve_table(rows: list[ServeRow]) -> str:
     return "\n".join(lines)
 
 
-def write_serve_json(rows: list[ServeRow], path: Path, arch: str) -> None:
-    payload = {"machine": machine_description("cpu"), "arch": arch, "torch": torch.__version__,
-               "rows": [asdict(r) for r in rows]}
+def write_serve_json(bench: ServeBench, path: Path, arch: str) -> None:
+    payload = {"machine": machine_description(bench.device), "arch": arch, "torch": torch.__version__,
+               "device": bench.device, "dtype": bench.dtype, "heatmap": bench.heatmap,
+               "register": asdict(bench.register) if bench.register else None,
+               "rows": [asdict(r) for r in bench.rows]}
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def plot_serve(bench: ServeBench, out: Path, title: str) -> None:
+    """Two panels against clients: images/s (the offline engine as a band) and p50/p99 latency (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    rate, latency = fig.subplots(1, 2)
+    offline = [r.images_per_s for r in bench.rows if r.mode == "offline engine"]
+    rate.axhspan(min(offline), max(offline), color="grey", alpha=0.25, label="offline engine (start..end)")
+    for mode in ("batching", "no batching"):
+        mine = [r for r in bench.rows if r.mode == mode]
+        if not mine:
+            continue
+        clients = [r.concurrency for r in mine]
+        rate.plot(clients, [r.images_per_s for r in mine], marker="o", label=mode)
+        latency.plot(clients, [r.p50_ms for r in mine], marker="o", label=f"{mode}, p50")
+        latency.plot(clients, [r.p99_ms for r in mine], marker="^", linestyle="--", label=f"{mode}, p99")
+    ticks = sorted({r.concurrency for r in bench.rows if r.mode != "offline engine"})
+    for ax, label in ((rate, "images/s"), (latency, "latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, labels=[str(t) for t in ticks])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")

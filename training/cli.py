@@ -8,10 +8,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["main"]
+
+
+def _name_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return values
+
+
+def _bench_outputs(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--json", type=Path, help="also write the results as JSON")
+    b.add_argument("--markdown", type=Path, help="also write the table as markdown")
+    b.add_argument("--plot", type=Path, help="also draw the results (PNG)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -148,26 +161,31 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("bench", help="benchmarks")
     bsub = c.add_subparsers(dest="target", required=True, metavar="TARGET")
-    b = bsub.add_parser("model", help="offline engine images/s by batch size (random weights)")
+    b = bsub.add_parser("model", help="offline engine images/s by batch size and precision (random weights)")
     b.add_argument("--arch", default="ViT-B-16", help="open_clip model name or model-config JSON path")
     b.add_argument("--device", default="auto")
-    b.add_argument("--dtype", default="fp32")
+    b.add_argument("--dtype", type=_name_list, default=["fp32"], help="precisions, e.g. fp32,bf16")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8])
     b.add_argument("--shots", type=int, default=4, help="K of the bank scored against (0: zero-shot only)")
     b.add_argument("--iters", type=int, default=5)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--window-size", type=int, help="adapter window (default: 12, or a divisor of the grid)")
-    b.add_argument("--json", type=Path, help="also write the rows as JSON")
+    b.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul peak")
+    _bench_outputs(b)
     b = bsub.add_parser("serve", help="service images/s and latency vs concurrency, batching on and off")
     b.add_argument("--arch", default="ViT-B-16", help="architecture of a random-weight bundle made for the run")
     b.add_argument("--bundle", type=Path, help="benchmark this bundle instead")
+    b.add_argument("--device", default="auto", help="the server's and the offline engine's device")
+    b.add_argument("--dtype", default="fp32")
     b.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="client counts, e.g. 1,4,16")
     b.add_argument("--duration", type=float, default=20.0, help="seconds of load per point")
     b.add_argument("--max-batch-size", type=int, default=16)
     b.add_argument("--max-wait-ms", type=float, default=10.0)
     b.add_argument("--shots", type=int, default=4)
-    b.add_argument("--json", type=Path)
+    b.add_argument("--heatmap", choices=["none", "png", "raw"], default="none")
+    b.add_argument("--registrations", type=int, default=10, help="new classes registered and timed (0: none)")
+    _bench_outputs(b)
     return p
 
 
@@ -262,24 +280,34 @@ def _run(args: argparse.Namespace) -> int:
                           "model": info.config.to_dict(), "provenance": info.provenance}, indent=2))
     elif args.command == "bench" and args.target == "serve":
         from .bench_model import machine_description
-        from .bench_serve import bench_serve, format_serve_table, write_serve_json
+        from .bench_serve import bench_serve, format_serve_table, plot_serve, write_serve_json
 
-        rows = bench_serve(args.arch, args.concurrency, args.duration, args.max_batch_size, args.max_wait_ms,
-                           args.shots, args.bundle)
-        print(f"# sowa bench serve: {args.bundle or args.arch}, {machine_description('cpu')}")
-        print(format_serve_table(rows))
-        if args.json:
-            write_serve_json(rows, args.json, str(args.bundle or args.arch))
+        bench = bench_serve(args.arch, args.concurrency, args.duration, args.max_batch_size, args.max_wait_ms,
+                            args.shots, args.bundle, args.device, args.dtype, args.heatmap, args.registrations)
+        title = f"sowa bench serve: {args.bundle or args.arch}, {machine_description(bench.device)}"
+        _bench_write(args, f"# {title}\n\n{format_serve_table(bench)}\n",
+                     lambda path: write_serve_json(bench, path, str(args.bundle or args.arch)),
+                     lambda path: plot_serve(bench, path, title))
     elif args.command == "bench":
-        from .bench_model import bench_model, format_table, machine_description, write_json
+        from .bench_model import bench_model, format_table, machine_description, plot_model, write_json
 
         rows = bench_model(args.arch, args.device, args.dtype, tuple(args.batch_sizes), args.shots, args.iters,
-                           args.warmup, args.threads, args.window_size)
-        print(f"# sowa bench model: {machine_description(rows[0].device)}")
-        print(format_table(rows))
-        if args.json:
-            write_json(rows, args.json)
+                           args.warmup, args.threads, args.window_size, peak=not args.no_peak)
+        title = f"sowa bench model: {args.arch}, {machine_description(rows[0].device)}"
+        _bench_write(args, f"# {title}\n\n{format_table(rows)}\n", lambda path: write_json(rows, path),
+                     lambda path: plot_model(rows, path, title))
     return 0
+
+
+def _bench_write(args: argparse.Namespace, markdown: str, json_writer: Callable[[Path], None],
+                 plotter: Callable[[Path], None]) -> None:
+    print(markdown, end="")
+    if args.markdown:
+        args.markdown.write_text(markdown)
+    if args.json:
+        json_writer(args.json)
+    if args.plot:
+        plotter(args.plot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
