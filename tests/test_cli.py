@@ -98,6 +98,24 @@ def test_bench_model_prints_a_table_and_writes_json_markdown_and_plot(tmp_path: 
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_serve_measures_both_modes_registration_and_writes_its_outputs(tmp_path: Path) -> None:
+    out = {k: tmp_path / f"s.{k}" for k in ("json", "md", "png")}
+    assert main(["bench", "serve", "--arch", TINY, "--device", "cpu", "--concurrency", "1,2", "--duration", "0.5",
+                 "--registrations", "2", "--json", str(out["json"]), "--markdown", str(out["md"]),
+                 "--plot", str(out["png"])]) == 0
+    report = json.loads(out["json"].read_text())
+    assert (report["device"], report["dtype"], report["heatmap"]) == ("cpu", "fp32", "none")
+    assert report["register"]["registrations"] == 2 and 0 < report["register"]["p50_ms"] <= report["register"]["max_ms"]
+    rows = [(r["mode"], r["concurrency"]) for r in report["rows"]]
+    assert rows == [("offline engine", 16), ("batching", 1), ("batching", 2), ("no batching", 1),
+                    ("no batching", 2), ("offline engine", 16)]
+    assert all(r["images_per_s"] > 0 for r in report["rows"])
+    served = [r for r in report["rows"] if r["mode"] != "offline engine"]
+    assert all(r["p50_ms"] <= r["p99_ms"] and r["requests"] > 0 for r in served)
+    assert "registering a new class of 4 JPEG shots" in out["md"].read_text()
+    assert out["png"].read_bytes()[:4] == b"\x89PNG"
+
+
 def test_vision_flops_match_the_published_vit_figures() -> None:
     from training.bench_model import vision_gflops
     from training.offline import build_config
