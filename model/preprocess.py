@@ -21,8 +21,10 @@ __all__ = [
     "ImageTooLargeError",
     "decode_image",
     "load_image",
+    "normalize",
     "preprocess",
     "preprocess_batch",
+    "resize_uint8",
     "to_rgb",
 ]
 
@@ -86,15 +88,34 @@ _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.asarray(CLIP_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
-def preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> (3, size, size) float32, normalised with the CLIP mean and std.
+def resize_uint8(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> (3, size, size) uint8: the reference's bicubic squash-resize, not yet normalised.
 
-    The arithmetic is numpy's, single-threaded: request threads of the service call this, and torch ops there
-    would start a thread pool per calling thread and fight the device thread for the cores.
+    What the service queues and copies to the device: a quarter of the float32 bytes, and `normalize` runs there.
     """
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
-    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """(..., 3, S, S) uint8 on any device -> float32 scaled to [0, 1] and normalised with the CLIP mean and std.
+
+    The same float32 operations in the same order as `preprocess`, each correctly rounded on CPU and GPU alike,
+    so the result is bit-identical to it.
+    """
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return (images.to(torch.float32) / 255.0 - mean) / std
+
+
+def preprocess(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> (3, size, size) float32, normalised with the CLIP mean and std.
+
+    The arithmetic is numpy's, single-threaded: threads outside the device thread may call this, and torch ops
+    there would start a thread pool per calling thread and fight the device thread for the cores.
+    """
+    x = resize_uint8(img, size).numpy().astype(np.float32) / np.float32(255.0)
     return torch.from_numpy(np.ascontiguousarray((x - _MEAN) / _STD))
 
 

@@ -4,8 +4,8 @@ Every model call runs on the engine's single worker thread, so the device sees o
 event loop never blocks on it. The batcher and the registry call `await engine.call(fn, ...)`.
 
 Class memories handed to and returned by the engine hold host banks; `banks` (BankResidency) keeps the device
-copies of the recently used ones within a byte budget. On a GPU a batch is joined in page-locked memory and copied
-without blocking, so the copy overlaps the tail of the previous batch's work on the host.
+copies of the recently used ones within a byte budget. Images arrive resized as uint8 (a quarter of the float bytes)
+and are normalised on the device; on a GPU a batch is joined in page-locked memory and copied without blocking.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from model.calibration import zero_shot_pixel_threshold
 from model.device import resolve_device, resolve_dtype
 from model.inference import ClassMemory, fit_class, predict_scored
 from model.memory_bank import MemoryBank
-from model.preprocess import preprocess_batch
+from model.preprocess import normalize, resize_uint8
 
 from .bank_residency import BankResidency, default_budget_bytes
 
@@ -88,21 +88,23 @@ class Engine:
 
     def fit(self, shots: Sequence[Image.Image]) -> ClassMemory:
         """A class's memory from its shots; its bank stays resident, as the class is likely to be used next."""
-        memory = fit_class(self.model, self._to_device([preprocess_batch(shots, self.image_size)]))
+        resized = [resize_uint8(img, self.image_size)[None] for img in shots]
+        memory = fit_class(self.model, self._to_device(resized))
         host = self.banks.to_host(memory.bank)
         self.banks.admit(host, memory.bank)
         return ClassMemory(host, memory.calibration)
 
     def _to_device(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(n_i, 3, S, S) uint8 parts -> one normalised float32 batch on the device."""
         if self.device.type != "cuda":
-            return torch.cat(list(images))
+            return normalize(torch.cat(list(images)))
         n = sum(int(x.shape[0]) for x in images)
         pinned = torch.empty((n, *images[0].shape[1:]), dtype=images[0].dtype, pin_memory=True)
         torch.cat(list(images), out=pinned)
-        return pinned.to(self.device, non_blocking=True)
+        return normalize(pinned.to(self.device, non_blocking=True))
 
     def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None]) -> list[ImageResult]:
-        """Score the requests of one batch: `images` are their (n_i, 3, S, S) tensors, joined here."""
+        """Score the requests of one batch: `images` are their (n_i, 3, S, S) uint8 tensors, joined here."""
         banks = self.banks.resolve([m.bank if m else None for m in memories])
         on_device = [None if m is None else ClassMemory(bank, m.calibration) for m, bank in zip(memories, banks,
                                                                                               strict=True)]
@@ -120,8 +122,8 @@ class Engine:
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         """One pass per batch size: first-call allocations and kernel choices happen before traffic."""
         for bs in batch_sizes:
-            x = torch.zeros(bs, 3, self.image_size, self.image_size)
-            predict_scored(self.model, x, [None] * bs)
+            x = torch.zeros(bs, 3, self.image_size, self.image_size, dtype=torch.uint8)
+            predict_scored(self.model, self._to_device([x]), [None] * bs)
 
     def device_memory_bytes(self) -> int:
         if self.device.type == "cuda":

@@ -9,7 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from model.preprocess import CLIP_MEAN, CLIP_STD, ImageDecodeError, decode_image, load_image, preprocess
+from model.preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageDecodeError,
+    decode_image,
+    load_image,
+    normalize,
+    preprocess,
+    resize_uint8,
+)
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
@@ -82,3 +91,19 @@ def test_truncated_and_oversized_images(tmp_path: Path) -> None:
     (tmp_path / "x.png").write_bytes(b"junk")
     with pytest.raises(ImageDecodeError, match="x.png"):
         load_image(tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("size", [(64, 64), (200, 120), (37, 301)])
+def test_uint8_resize_then_normalize_is_bit_identical_to_preprocess(size: tuple[int, int]) -> None:
+    # the service queues uint8 and normalises on the device: it must be the reference preprocessing, exactly
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    small = resize_uint8(img, 112)
+    assert small.dtype == torch.uint8 and small.shape == (3, 112, 112)
+    assert torch.equal(normalize(small), preprocess(img, 112))
+    assert torch.equal(normalize(torch.stack([small, small]))[1], preprocess(img, 112))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: normalisation on the GPU")
+def test_normalize_on_the_gpu_is_bit_identical() -> None:
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    assert torch.equal(normalize(resize_uint8(img, 112).cuda()).cpu(), preprocess(img, 112))

@@ -11,7 +11,7 @@ import torch
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from PIL import Image
 
-from model.preprocess import preprocess
+from model.preprocess import resize_uint8
 
 from ..batcher import WorkItem
 from ..codecs import decode_upload, find_regions, png_heatmap, raw_heatmap
@@ -54,10 +54,11 @@ async def read_images(files: list[UploadFile], limit: int, settings: Settings) -
 
 async def read_batch(files: list[UploadFile], settings: Settings,
                      size: int) -> tuple[list[tuple[str, int, int]], torch.Tensor]:
-    """Uploads -> (name, width, height) and the preprocessed (n, 3, size, size) batch, in one worker-thread hop.
+    """Uploads -> (name, width, height) and the resized (n, 3, size, size) uint8 batch, in one worker-thread hop.
 
-    Each image is dropped once preprocessed, so a request never holds all its full-size images at once.
-    Preprocessing is numpy-only: no torch thread pool starts outside the device thread.
+    Each image is dropped once resized, so a request never holds all its full-size images at once. Resizing is
+    PIL and numpy only (no torch thread pool starts outside the device thread); the engine normalises on the
+    device.
     """
     payloads = await _payloads(files, settings.max_images_per_request)
 
@@ -65,7 +66,7 @@ async def read_batch(files: list[UploadFile], settings: Settings,
         sizes, arrays = [], []
         for name, img in _decode_each(payloads, settings):
             sizes.append((name, img.width, img.height))
-            arrays.append(preprocess(img, size))
+            arrays.append(resize_uint8(img, size))
         return sizes, torch.stack(arrays)
 
     return await asyncio.to_thread(work)
