@@ -166,7 +166,7 @@ def plot_model(rows: list[BenchRow], out: Path, title: str) -> None:
     ax.set_xticks(sorted({r.batch_size for r in rows}), labels=[str(b) for b in sorted({r.batch_size for r in rows})])
     ax.set_xlabel("batch size")
     ax.set_ylabel("images/s")
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -244,7 +244,7 @@ def plot_serve(bench: ServeBench, out: Path, title: str) -> None:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")

@@ -287,7 +287,7 @@ def _run(args: argparse.Namespace) -> int:
         title = f"sowa bench serve: {args.bundle or args.arch}, {machine_description(bench.device)}"
         _bench_write(args, f"# {title}\n\n{format_serve_table(bench)}\n",
                      lambda path: write_serve_json(bench, path, str(args.bundle or args.arch)),
-                     lambda path: plot_serve(bench, path, title))
+                     lambda path: plot_serve(bench, path, title.replace(", ", "\n", 1)))
     elif args.command == "bench":
         from .bench_model import bench_model, format_table, machine_description, plot_model, write_json
 
@@ -295,7 +295,7 @@ def _run(args: argparse.Namespace) -> int:
                            args.warmup, args.threads, args.window_size, peak=not args.no_peak)
         title = f"sowa bench model: {args.arch}, {machine_description(rows[0].device)}"
         _bench_write(args, f"# {title}\n\n{format_table(rows)}\n", lambda path: write_json(rows, path),
-                     lambda path: plot_model(rows, path, title))
+                     lambda path: plot_model(rows, path, title.replace(", ", "\n", 1)))
     return 0
 
 
