@@ -6,6 +6,7 @@ open_clip's own transform (shortest-side resize + centre crop) is deliberately n
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,9 +105,15 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     The same float32 operations in the same order as `preprocess`, each correctly rounded on CPU and GPU alike,
     so the result is bit-identical to it.
     """
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images.to(torch.float32) / 255.0 - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: building them per batch would be two blocking host-to-device copies on a GPU
+    return (torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(3, 1, 1),
+            torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(3, 1, 1))
 
 
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:

@@ -81,11 +81,11 @@ class Engine:
     def close(self) -> None:
         self._worker.shutdown(wait=True)
 
-    # -- work, on the engine thread -------------------------------------------------------------------------
     def host_bank(self, bank: MemoryBank) -> MemoryBank:
-        """A bank as classes keep it (e.g. read from disk): serving dtype, host memory."""
+        """A bank as classes keep it (e.g. read from disk): serving dtype, host memory. Any thread."""
         return self.banks.to_host(bank.to(dtype=self.model.clip.visual.proj.dtype))
 
+    # -- work, on the engine thread -------------------------------------------------------------------------
     def fit(self, shots: Sequence[Image.Image]) -> ClassMemory:
         """A class's memory from its shots; its bank stays resident, as the class is likely to be used next."""
         resized = [resize_uint8(img, self.image_size)[None] for img in shots]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from .bank_residency import ResidencyStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "Telemetry"]
 
@@ -41,7 +45,7 @@ class Telemetry:
         self.bank_bytes.set_function(lambda: float(bank_bytes()))
         self.device_memory.set_function(lambda: float(device_memory()))
 
-    def track_banks(self, stats: Callable[[], object]) -> None:
+    def track_banks(self, stats: Callable[[], ResidencyStats]) -> None:
         """Bank residency (`BankResidency.stats()`), read at scrape time: resident banks and bytes on the
         device, the budget, and the host-to-device loads and evictions so far."""
         self.registry.register(_BankCollector(stats))
@@ -51,7 +55,7 @@ class Telemetry:
 
 
 class _BankCollector:
-    def __init__(self, stats: Callable[[], object]) -> None:
+    def __init__(self, stats: Callable[[], ResidencyStats]) -> None:
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:  # prometheus_client's collector protocol
