@@ -6,7 +6,7 @@ inference path (text vectors cached at load, maps in float32, optional few-shot 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +78,7 @@ class SowaModel(nn.Module):
         self.register_buffer("text_features", torch.zeros(len(cfg.prompt.class_names), 2, bb.embed_dim),
                              persistent=False)
         self._text_tower = True
+        self._inference_encoder: Callable[..., SowaFeatures] | None = None
         self.eval()  # inference by default; training code switches to train() explicitly (adapter dropout)
 
     # -- parameters ------------------------------------------------------------------------------------------
@@ -112,6 +113,11 @@ class SowaModel(nn.Module):
         self.to(device=device, dtype=dtype).eval()
         self.text_features = text.to(device)
         return self
+
+    def set_inference_encoder(self, encoder: Callable[..., SowaFeatures] | None) -> None:
+        """What `predict` runs for the vision pass instead of `encode` (same signature and results), e.g. a
+        `CompiledVision`; None goes back to `encode`. Training (`forward`) always runs `encode`."""
+        self._inference_encoder = encoder
 
     # -- passes ----------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, adapt: bool = True) -> SowaFeatures:
@@ -153,7 +159,8 @@ class SowaModel(nn.Module):
         if banks is not None and len(banks) != b:
             raise ValueError(f"need one bank (or None) per image: {b} images, {len(banks)} banks")
         param = self.clip.visual.proj
-        feats = self.encode(images.to(device=param.device, dtype=param.dtype), adapt=self.trained)
+        encode = self._inference_encoder or self.encode
+        feats = encode(images.to(device=param.device, dtype=param.dtype), adapt=self.trained)
         size = self.image_size
         if self.trained:
             text = self.text_features[0].float()  # (2, D)

@@ -21,6 +21,7 @@ from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from .registry import ClassRegistry
 from .routes import classes, health, predict
 from .settings import Settings
+from .staging import ImageStager
 from .telemetry import Telemetry
 
 __all__ = ["ServiceStatus", "create_app"]
@@ -46,15 +47,17 @@ async def _start(app: FastAPI) -> None:
     status: ServiceStatus = app.state.status
     try:
         budget = None if s.bank_device_budget_mb is None else int(s.bank_device_budget_mb * 2**20)
-        engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype, budget)
+        engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype, budget, s.compile_mode,
+                                         s.max_batch_size)
         app.state.engine = engine
+        app.state.stager = ImageStager(engine.device, engine.image_size, s.image_decoder)
         status.model_loaded = True
         registry = ClassRegistry(s.data_dir, engine, s.max_shots_per_class)
         app.state.registry = registry
         await asyncio.to_thread(registry.restore)
         status.classes_restored = True
         if s.warmup:
-            await engine.call(engine.warmup, sorted({1, s.max_batch_size}))
+            await engine.call(engine.warmup)
         status.warmed_up = True
         telemetry: Telemetry = app.state.telemetry
         telemetry.model_info.info({k: str(v) for k, v in engine.describe().items()})

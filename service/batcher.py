@@ -33,7 +33,7 @@ RunBatch = Callable[[Sequence[torch.Tensor], Sequence[ClassMemory | None]], Awai
 class WorkItem:
     """One request's images, each image's class memory (or None), and where its results go."""
 
-    images: torch.Tensor  # (n, 3, S, S) uint8, resized (the engine normalises on the device)
+    images: torch.Tensor  # (n, 3, S, S) uint8, resized, staged on the engine's device (normalised there)
     memories: list[ClassMemory | None]
     deadline: float  # time.monotonic() after which the result is useless
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())

@@ -13,9 +13,10 @@ from .engine import Engine
 from .errors import NotReadyError, UnauthorizedError
 from .registry import ClassRegistry
 from .settings import Settings
+from .staging import ImageStager
 from .telemetry import Telemetry
 
-__all__ = ["BatcherDep", "EngineDep", "RegistryDep", "SettingsDep", "TelemetryDep", "require_api_key"]
+__all__ = ["BatcherDep", "EngineDep", "RegistryDep", "SettingsDep", "StagerDep", "TelemetryDep", "require_api_key"]
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the server has one")
 
@@ -38,6 +39,10 @@ def _engine(request: Request, _: Annotated[None, Depends(_ready_state)]) -> Engi
     return request.app.state.engine
 
 
+def _stager(request: Request, _: Annotated[None, Depends(_ready_state)]) -> ImageStager:
+    return request.app.state.stager
+
+
 def _registry(request: Request, _: Annotated[None, Depends(_ready_state)]) -> ClassRegistry:
     return request.app.state.registry
 
@@ -57,5 +62,6 @@ def require_api_key(request: Request, key: Annotated[str | None, Depends(_api_ke
 SettingsDep = Annotated[Settings, Depends(_settings)]
 TelemetryDep = Annotated[Telemetry, Depends(_telemetry)]
 EngineDep = Annotated[Engine, Depends(_engine)]
+StagerDep = Annotated[ImageStager, Depends(_stager)]
 RegistryDep = Annotated[ClassRegistry, Depends(_registry)]
 BatcherDep = Annotated[DynamicBatcher, Depends(_batcher)]

@@ -5,7 +5,11 @@ event loop never blocks on it. The batcher and the registry call `await engine.c
 
 Class memories handed to and returned by the engine hold host banks; `banks` (BankResidency) keeps the device
 copies of the recently used ones within a byte budget. Images arrive resized as uint8 (a quarter of the float bytes)
-and are normalised on the device; on a GPU a batch is joined in page-locked memory and copied without blocking.
+and are normalised on the device. On a GPU the request threads have already put them there (`staging.py`), on side
+streams, while the device ran the previous batch; host tensors are still accepted and copied here.
+
+With `compile_mode`, the vision pass runs through torch.compile (model/compiled_vision.py), one graph per bucket
+batch size, all compiled by `warmup` before traffic.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from PIL import Image
 
 from model.bundle import load_bundle
 from model.calibration import zero_shot_pixel_threshold
+from model.compiled_vision import CompiledVision, bucket_sizes
 from model.device import resolve_device, resolve_dtype
 from model.inference import ClassMemory, fit_class, predict_scored
 from model.memory_bank import MemoryBank
@@ -51,10 +56,18 @@ class ImageResult:
 
 class Engine:
     def __init__(self, bundle: Path, device: str = "auto", dtype: str = "fp32",
-                 bank_budget_bytes: int | None = None) -> None:
-        """`bank_budget_bytes`: device memory for class banks; None is `default_budget_bytes` (40% of a GPU)."""
+                 bank_budget_bytes: int | None = None, compile_mode: str | None = None,
+                 max_batch_size: int = 16) -> None:
+        """`bank_budget_bytes`: device memory for class banks; None is `default_budget_bytes` (40% of a GPU).
+        `compile_mode`: a torch.compile mode for the vision pass (None: eager); `max_batch_size` bounds its
+        buckets and the warm-up."""
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.model, self.info = load_bundle(bundle, self.device, self.dtype)
+        self.max_batch_size = max_batch_size
+        self.compiled: CompiledVision | None = None
+        if compile_mode is not None:
+            self.compiled = CompiledVision(self.model, compile_mode, bucket_sizes(max_batch_size))
+            self.model.set_inference_encoder(self.compiled)
         budget = default_budget_bytes(self.device) if bank_budget_bytes is None else bank_budget_bytes
         self.banks = BankResidency(self.device, budget)
         self.image_size = self.model.image_size
@@ -64,7 +77,8 @@ class Engine:
         self._description = {
             "arch": bb.arch or "custom", "image_size": self.image_size, "taps": list(self.model.taps),
             "trained": self.info.trained, "fingerprint": self.info.fingerprint[:16], "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch.")}
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "compile": self.compiled.mode if self.compiled else "off"}
         self._weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
     def describe(self) -> dict[str, Any]:
@@ -95,9 +109,16 @@ class Engine:
         return ClassMemory(host, memory.calibration)
 
     def _to_device(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(n_i, 3, S, S) uint8 parts -> one normalised float32 batch on the device."""
+        """(n_i, 3, S, S) uint8 parts, on the host or already staged on the device -> one normalised float32
+        batch on the device."""
         if self.device.type != "cuda":
             return normalize(torch.cat(list(images)))
+        if all(x.device == self.device for x in images):
+            stream = torch.cuda.current_stream(self.device)
+            for x in images:  # made on a staging stream: keep the allocator from reusing it before this use
+                x.record_stream(stream)
+            return normalize(torch.cat(list(images)))
+        images = [x.cpu() for x in images]  # a mix (never made by the service): one host path
         n = sum(int(x.shape[0]) for x in images)
         pinned = torch.empty((n, *images[0].shape[1:]), dtype=images[0].dtype, pin_memory=True)
         torch.cat(list(images), out=pinned)
@@ -119,9 +140,13 @@ class Engine:
             for i, m in enumerate(memories)
         ]
 
-    def warmup(self, batch_sizes: Sequence[int]) -> None:
-        """One pass per batch size: first-call allocations and kernel choices happen before traffic."""
-        for bs in batch_sizes:
+    def warmup(self) -> None:
+        """Compile every bucket, or run the smallest and largest batch: first-call allocations, kernel choices
+        and compilation happen before traffic."""
+        if self.compiled is not None:
+            self.compiled.warm_up()
+            return
+        for bs in sorted({1, self.max_batch_size}):
             x = torch.zeros(bs, 3, self.image_size, self.image_size, dtype=torch.uint8)
             predict_scored(self.model, self._to_device([x]), [None] * bs)
 

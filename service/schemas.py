@@ -45,6 +45,7 @@ class ModelInfo(BaseModel):
     fingerprint: str
     device: str
     dtype: str
+    compile: str = Field(description="torch.compile mode of the vision pass, or off")
 
 
 class PredictResponse(BaseModel):
@@ -54,7 +55,7 @@ class PredictResponse(BaseModel):
                      "threshold": 0.73, "is_anomalous": True, "heatmap": None,
                      "regions": [{"box": [12, 40, 96, 80], "peak": 3.1, "area": 0.02}]}],
         "model": {"arch": "ViT-L-14-336-quickgelu", "image_size": 336, "taps": [5, 11, 17, 23], "trained": True,
-                  "fingerprint": "3f1c2a9b0d4e5f67", "device": "cuda", "dtype": "bfloat16"},
+                  "fingerprint": "3f1c2a9b0d4e5f67", "device": "cuda", "dtype": "bfloat16", "compile": "off"},
     }]})
 
     class_name: str | None

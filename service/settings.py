@@ -4,9 +4,12 @@ never live here: they come from the bundle."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.compiled_vision import COMPILE_MODES
 
 __all__ = ["Settings"]
 
@@ -33,6 +36,12 @@ class Settings(BaseSettings):
     bank_device_budget_mb: float | None = Field(None, ge=0, description="device memory for class banks; the "
                                                 "least recently used beyond it wait in host memory (default: 40% "
                                                 "of a GPU's memory, no limit on the CPU)")
+    compile_mode: str | None = Field(None, description="torch.compile mode for the vision pass: default, "
+                                     "reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs; "
+                                     "unset or off: eager")
+    image_decoder: Literal["pil", "torchvision"] = Field("pil", description="pil: the reference preprocessing, "
+                                                         "bit for bit; torchvision: JPEGs decoded and resized on "
+                                                         "the device (within 2 grey levels of it)")
     warmup: bool = True
     sync_interval_s: float = Field(1.0, ge=0, description="how often to pick up classes changed by other replicas "
                                    "sharing data_dir (0: never)")
@@ -44,10 +53,19 @@ class Settings(BaseSettings):
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got '{v}'")
         return v.lower()
 
-    @field_validator("api_key", "bank_device_budget_mb", mode="before")
+    @field_validator("api_key", "bank_device_budget_mb", "compile_mode", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if v in ("", None) else v  # compose passes SOWA_X="" when none is configured
+
+    @field_validator("compile_mode")
+    @classmethod
+    def _compile_mode(cls, v: str | None) -> str | None:
+        if v is None or v.lower() == "off":
+            return None
+        if v not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be off or one of {', '.join(COMPILE_MODES)}, got '{v}'")
+        return v
 
     @field_validator("api_key")
     @classmethod

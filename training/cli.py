@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-queue", type=int, help="queued images before 429 (SOWA_MAX_QUEUE, 256)")
     c.add_argument("--bank-device-budget-mb", type=float, help="device memory for class banks, least recently "
                    "used offloaded to host (SOWA_BANK_DEVICE_BUDGET_MB; default 40%% of a GPU, no limit on CPU)")
+    c.add_argument("--compile", dest="compile_mode", metavar="MODE",
+                   help="torch.compile the vision pass: default, reduce-overhead (CUDA graphs), max-autotune, "
+                   "max-autotune-no-cudagraphs or off (SOWA_COMPILE_MODE, off); every batch-size bucket compiles "
+                   "at start-up")
+    c.add_argument("--image-decoder", choices=["pil", "torchvision"],
+                   help="pil: reference preprocessing, bit for bit; torchvision: JPEGs decoded and resized on the "
+                   "device (SOWA_IMAGE_DECODER, pil)")
     c.add_argument("--api-key", help="require X-API-Key (prefer SOWA_API_KEY: arguments are visible in ps)")
     c.add_argument("--log-level", default="info")
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 __all__ = ["serve", "settings_from_args"]
 
 _FLAGS = ("bundle", "host", "port", "data_dir", "device", "dtype", "max_batch_size", "max_wait_ms", "max_queue",
-          "bank_device_budget_mb", "api_key")
+          "bank_device_budget_mb", "compile_mode", "image_decoder", "api_key")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

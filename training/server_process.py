@@ -25,16 +25,19 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, bundle: Path, data_dir: Path, log: Path, flags: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, device: str = "cpu", ready_timeout: float = 90.0) -> None:
+        """`ready_timeout`: how long `with` waits for /readyz (start-up compiles with --compile take longer)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "training.cli", "serve", "--bundle", str(bundle), "--data-dir",
-                     str(data_dir), "--port", str(self.port), "--device", "cpu", *flags]
+                     str(data_dir), "--port", str(self.port), "--device", device, *flags]
+        self.ready_timeout = ready_timeout
         self.env = {**os.environ, **(env or {})}
         self.log = log
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> ServerProcess:
+    def start(self, timeout: float | None = None) -> ServerProcess:
+        timeout = self.ready_timeout if timeout is None else timeout
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen(self.args, stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
                                      cwd=Path(__file__).resolve().parents[1])  # the checkout, for `-m training.cli`

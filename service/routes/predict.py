@@ -15,11 +15,12 @@ from model.preprocess import resize_uint8
 
 from ..batcher import WorkItem
 from ..codecs import decode_upload, find_regions, png_heatmap, raw_heatmap
-from ..deps import BatcherDep, EngineDep, RegistryDep, SettingsDep, TelemetryDep, require_api_key
+from ..deps import BatcherDep, EngineDep, RegistryDep, SettingsDep, StagerDep, TelemetryDep, require_api_key
 from ..engine import ImageResult
 from ..errors import ClientClosedError, DeadlineExceededError, PayloadTooLargeError, UnprocessableError
 from ..schemas import PredictResponse
 from ..settings import Settings
+from ..staging import ImageStager, jpeg_size
 
 __all__ = ["read_batch", "read_images", "router"]
 
@@ -34,15 +35,29 @@ async def _payloads(files: list[UploadFile], limit: int) -> list[tuple[str, byte
     return [(f.filename or f"image-{i}", await f.read()) for i, f in enumerate(files)]
 
 
+class _PixelBudget:
+    """The per-image and per-request pixel limits, charged one image at a time; errors name the file."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings, self.used = settings, 0
+
+    def charge(self, name: str, width: int, height: int) -> None:
+        s = self.settings
+        if width * height > s.max_image_pixels:  # the message decode_image gives for the PIL path
+            raise PayloadTooLargeError(f"{name}: image has {width}x{height} = {width * height} pixels, more than "
+                                       f"the limit of {s.max_image_pixels}")
+        self.used += width * height
+        if self.used > s.max_request_pixels:
+            raise PayloadTooLargeError(f"the images of this request hold more than {s.max_request_pixels} "
+                                       "pixels in all; send fewer per request")
+
+
 def _decode_each(payloads: list[tuple[str, bytes]], settings: Settings) -> Iterator[tuple[str, Image.Image]]:
     """Decode one upload at a time, within the per-image and per-request pixel limits; errors name the file."""
-    used = 0
+    budget = _PixelBudget(settings)
     for name, data in payloads:
         img = decode_upload(data, name, settings.max_image_pixels)
-        used += img.width * img.height
-        if used > settings.max_request_pixels:
-            raise PayloadTooLargeError(f"the images of this request hold more than {settings.max_request_pixels} "
-                                       "pixels in all; send fewer per request")
+        budget.charge(name, img.width, img.height)
         yield name, img
 
 
@@ -52,24 +67,50 @@ async def read_images(files: list[UploadFile], limit: int, settings: Settings) -
     return await asyncio.to_thread(lambda: list(_decode_each(payloads, settings)))
 
 
-async def read_batch(files: list[UploadFile], settings: Settings,
-                     size: int) -> tuple[list[tuple[str, int, int]], torch.Tensor]:
-    """Uploads -> (name, width, height) and the resized (n, 3, size, size) uint8 batch, in one worker-thread hop.
+def _stage_batch(payloads: list[tuple[str, bytes]], settings: Settings,
+                 stager: ImageStager) -> tuple[list[tuple[str, int, int]], torch.Tensor]:
+    """Uploads -> (name, width, height) and the resized (n, 3, S, S) uint8 batch on the engine's device.
 
-    Each image is dropped once resized, so a request never holds all its full-size images at once. Resizing is
-    PIL and numpy only (no torch thread pool starts outside the device thread); the engine normalises on the
-    device.
+    PIL images are dropped once resized, so a request never holds all its full-size images at once. PIL work
+    is PIL and numpy only (no torch thread pool starts outside the device thread). JPEGs go to the device decoder
+    when the stager has one, their limits checked from their headers; any it refuses come back through PIL.
     """
+    budget = _PixelBudget(settings)
+    sizes: list[tuple[str, int, int]] = []
+    parts: list[torch.Tensor | None] = []
+    jpegs: list[int] = []  # indexes left for the device decoder
+    for i, (name, data) in enumerate(payloads):
+        wh = jpeg_size(data) if stager.decodes_jpeg else None
+        if wh is None:
+            img = decode_upload(data, name, settings.max_image_pixels)
+            wh = img.size
+            parts.append(resize_uint8(img, stager.size))
+        else:
+            parts.append(None)
+            jpegs.append(i)
+        budget.charge(name, *wh)
+        sizes.append((name, *wh))
+    if jpegs:
+        decoded = stager.decode_jpegs([(payloads[i][1], sizes[i][1] * sizes[i][2]) for i in jpegs])
+        for i, x in zip(jpegs, decoded, strict=True):
+            name, data = payloads[i]
+            parts[i] = x if x is not None else resize_uint8(decode_upload(data, name, settings.max_image_pixels),
+                                                            stager.size)
+    on_host = [i for i, x in enumerate(parts) if x is not None and x.device.type == "cpu"]
+    if len(on_host) == len(parts):
+        return sizes, stager.stage(torch.stack(parts))  # type: ignore[arg-type]
+    if on_host:
+        staged = stager.stage(torch.stack([parts[i] for i in on_host]))  # type: ignore[misc]
+        for j, i in enumerate(on_host):
+            parts[i] = staged[j]
+    return sizes, torch.stack(parts)  # type: ignore[arg-type]
+
+
+async def read_batch(files: list[UploadFile], settings: Settings,
+                     stager: ImageStager) -> tuple[list[tuple[str, int, int]], torch.Tensor]:
+    """Uploads -> (name, width, height) and the staged uint8 batch, in one worker-thread hop (`_stage_batch`)."""
     payloads = await _payloads(files, settings.max_images_per_request)
-
-    def work() -> tuple[list[tuple[str, int, int]], torch.Tensor]:
-        sizes, arrays = [], []
-        for name, img in _decode_each(payloads, settings):
-            sizes.append((name, img.width, img.height))
-            arrays.append(resize_uint8(img, size))
-        return sizes, torch.stack(arrays)
-
-    return await asyncio.to_thread(work)
+    return await asyncio.to_thread(_stage_batch, payloads, settings, stager)
 
 
 async def _cancel_on_disconnect(request: Request, item: WorkItem) -> bool:
@@ -114,6 +155,7 @@ def _encode(name: str, width: int, height: int, r: ImageResult, heatmap: Heatmap
 async def predict(
     request: Request,
     engine: EngineDep,
+    stager: StagerDep,
     registry: RegistryDep,
     batcher: BatcherDep,
     settings: SettingsDep,
@@ -124,7 +166,7 @@ async def predict(
 ) -> dict:
     """Anomaly score, decision, regions and heatmap for every image."""
     memory = registry.get(class_name).serving_memory if class_name else None
-    sizes, tensor = await read_batch(images, settings, engine.image_size)
+    sizes, tensor = await read_batch(images, settings, stager)
     item = batcher.submit(WorkItem(tensor, [memory] * len(sizes),
                                    deadline=time.monotonic() + settings.request_timeout_s))
     results = await _result(request, item, settings.request_timeout_s)

@@ -1,0 +1,108 @@
+"""Staging: which uploads the device decoder takes, how close it comes to the reference, and device copies."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.preprocess import decode_image, resize_uint8
+from service.staging import ImageStager, jpeg_size
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: nvJPEG decode and streams")
+
+
+def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Smooth structure plus grain: JPEG-like content, not white noise (which JPEG mangles)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8))
+    a = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16) + rng.integers(-20, 20, (h, w, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def _jpeg(img: Image.Image, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def test_jpeg_size_takes_plain_jpegs_only() -> None:
+    plain = _jpeg(_photo(120, 80))
+    assert jpeg_size(plain) == (120, 80)
+    assert jpeg_size(_jpeg(_photo(50, 40).convert("L"))) == (50, 40)
+    png = io.BytesIO()
+    _photo(20, 20).save(png, format="PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    refused = {
+        "png": png.getvalue(),
+        "cmyk": _jpeg(_photo(30, 30).convert("CMYK")),
+        "exif rotated": _jpeg(_photo(30, 20), exif=exif.tobytes()),
+        "truncated": plain[: len(plain) // 2],
+        "header only": plain[:3] + b"garbage\xff\xd9",
+        "empty": b"",
+    }
+    assert {k: jpeg_size(v) for k, v in refused.items()} == dict.fromkeys(refused)
+    exif[0x0112] = 1  # upright: nothing to rotate, so the device path keeps it
+    assert jpeg_size(_jpeg(_photo(30, 20), exif=exif.tobytes())) == (30, 20)
+
+
+@pytest.mark.parametrize(("w", "h", "size"), [(640, 480, 336), (200, 150, 336), (1024, 768, 112), (64, 64, 64)])
+def test_torchvision_decoder_is_within_two_grey_levels_of_the_reference(w: int, h: int, size: int) -> None:
+    data = _jpeg(_photo(w, h, seed=w))
+    stager = ImageStager(torch.device("cpu"), size, "torchvision")
+    (got,) = stager.decode_jpegs([(data, w * h)])
+    ref = resize_uint8(decode_image(data), size)
+    assert got is not None and got.shape == ref.shape == (3, size, size) and got.dtype == torch.uint8
+    diff = (got.int() - ref.int()).abs()
+    # the same libjpeg-turbo decode; torch's antialiased bicubic and PIL's round apart by 1 when shrinking and
+    # at most 2 when enlarging, on about 0.5% of the values
+    assert diff.max() <= (1 if w >= size else 2)
+    assert diff.float().mean() < 0.02
+    if (w, h) == (size, size):  # no resize on either side: identical
+        assert torch.equal(got, ref)
+
+
+def test_decoder_refusals_come_back_as_none_in_order() -> None:
+    good = _jpeg(_photo(40, 30))
+    damaged = good[:200] + b"\x00" * 50 + good[250:]  # a damaged header table, end marker intact
+    stager = ImageStager(torch.device("cpu"), 32, "torchvision")
+    got = stager.decode_jpegs([(good, 1200), (b"\xff\xd8\xff\xd9", 0), (good, 1200)])
+    assert [g is None for g in got] == [False, True, False] and torch.equal(got[0], got[2])
+    # libjpeg-turbo recovers from this damage on both paths alike: no stricter, no laxer than the reference
+    assert decode_image(damaged).size == (40, 30) and stager.decode_jpegs([(damaged, 1200)])[0] is not None
+
+
+def test_groups_bound_device_pixels_without_changing_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    datas = [(_jpeg(_photo(60, 40, seed=i)), 2400) for i in range(5)]
+    stager = ImageStager(torch.device("cpu"), 32, "torchvision")
+    whole = stager.decode_jpegs(datas)
+    monkeypatch.setattr("service.staging._DECODE_GROUP_PIXELS", 5000)  # two images per group
+    grouped = stager.decode_jpegs(datas)
+    assert all(torch.equal(a, b) for a, b in zip(whole, grouped, strict=True))
+
+
+def test_stage_is_the_identity_on_the_cpu_and_decoders_are_checked() -> None:
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    assert ImageStager(torch.device("cpu"), 8).stage(x) is x
+    assert not ImageStager(torch.device("cpu"), 8).decodes_jpeg
+    with pytest.raises(ValueError, match="unknown image decoder 'nvjpeg': use one of pil, torchvision"):
+        ImageStager(torch.device("cpu"), 8, "nvjpeg")  # type: ignore[arg-type]
+
+
+@CUDA
+def test_cuda_staging_copies_on_a_side_stream_and_nvjpeg_is_close_to_the_reference() -> None:
+    dev = torch.device("cuda")
+    stager = ImageStager(dev, 336, "torchvision")
+    x = torch.randint(0, 256, (3, 3, 336, 336), dtype=torch.uint8)
+    staged = stager.stage(x)
+    assert staged.device.type == "cuda" and torch.equal(staged.cpu(), x)
+    data = [(_jpeg(_photo(640, 480, seed=i)), 640 * 480) for i in range(4)]
+    got = stager.decode_jpegs(data)
+    for (d, _), g in zip(data, got, strict=True):
+        ref = resize_uint8(decode_image(d), 336)
+        diff = (g.cpu().int() - ref.int()).abs()
+        assert g.device.type == "cuda" and diff.max() <= 4 and diff.float().mean() < 0.5  # nvJPEG's own IDCT
