@@ -104,7 +104,8 @@ def test_bench_serve_measures_both_modes_registration_and_writes_its_outputs(tmp
                  "--registrations", "2", "--json", str(out["json"]), "--markdown", str(out["md"]),
                  "--plot", str(out["png"])]) == 0
     report = json.loads(out["json"].read_text())
-    assert (report["device"], report["dtype"], report["heatmap"]) == ("cpu", "fp32", "none")
+    assert (report["device"], report["dtype"], report["heatmap"], report["compile"], report["image_decoder"]) == (
+        "cpu", "fp32", "none", "off", "pil")
     assert report["register"]["registrations"] == 2 and 0 < report["register"]["p50_ms"] <= report["register"]["max_ms"]
     rows = [(r["mode"], r["concurrency"]) for r in report["rows"]]
     assert rows == [("offline engine", 16), ("batching", 1), ("batching", 2), ("no batching", 1),
@@ -131,3 +132,19 @@ def test_console_script_is_installed() -> None:
     assert sowa, "the `sowa` console script is not installed: pip install -e '.[dev]'"
     out = subprocess.run([sowa, "--help"], capture_output=True, text=True, check=True)
     assert "import-checkpoint" in out.stdout and "predict" in out.stdout
+
+
+@pytest.mark.slow
+def test_bench_model_compares_compile_modes(tmp_path: Path) -> None:
+    from tests.helpers import TINY_CLIP
+
+    arch = tmp_path / "tiny.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    out = tmp_path / "b.json"
+    assert main(["bench", "model", "--arch", str(arch), "--device", "cpu", "--batch-sizes", "4", "--shots", "4",
+                 "--window-size", "4", "--compile", "off,default", "--iters", "2", "--warmup", "1", "--no-peak",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["compile"], r["batch_size"]) for r in rows] == [("off", 4), ("default", 4)]
+    assert rows[0]["compile_s"] is None and rows[1]["compile_s"] > 0
+    assert all(r["images_per_s"] > 0 and r["register_ms"] > 0 for r in rows)

@@ -54,6 +54,13 @@ def test_compose_file_is_valid(profile: str) -> None:
     assert any(str(v).endswith(":/bundles:ro") for v in api["volumes"]), api["volumes"]
     assert any(str(v).startswith("sowa-data:/data") for v in api["volumes"]), api["volumes"]
     assert api["restart"] == "unless-stopped" and "readyz" in str(api["healthcheck"]["test"])
+    from service.settings import Settings
+
+    unknown = set(api["environment"]) - {f"SOWA_{name.upper()}" for name in Settings.model_fields}
+    assert not unknown, f"compose sets variables the service does not read: {unknown}"
+    if profile == "gpu":  # compose's defaults are valid settings (extra="forbid" and the validators run)
+        values = {k.removeprefix("SOWA_").lower(): v for k, v in api["environment"].items() if v != ""}
+        assert Settings(**values).compile_mode is None and Settings(**values).image_decoder == "pil"
     if profile == "gpu":
         devices = api["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"

@@ -20,9 +20,19 @@ def test_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings(bundle=Path("b")).api_key.get_secret_value() == "long-enough-key"
 
 
+@pytest.mark.parametrize(("given", "mode"), [("", None), ("off", None), ("OFF", None), ("default", "default"),
+                                             ("reduce-overhead", "reduce-overhead")])
+def test_compile_mode(monkeypatch: pytest.MonkeyPatch, given: str, mode: str | None) -> None:
+    monkeypatch.setenv("SOWA_COMPILE_MODE", given)
+    monkeypatch.setenv("SOWA_IMAGE_DECODER", "torchvision")
+    s = Settings(bundle=Path("b"))
+    assert s.compile_mode == mode and s.image_decoder == "torchvision"
+
+
 @pytest.mark.parametrize("bad", [{"api_key": "short"}, {"dtype": "fp8"}, {"max_batch_size": 0},
                                  {"max_batch_size": 64, "max_queue": 32}, {"port": 70000}, {"unknown": 1},
-                                 {"bank_device_budget_mb": -1}])
+                                 {"bank_device_budget_mb": -1}, {"compile_mode": "fast"},
+                                 {"image_decoder": "nvjpeg"}])
 def test_invalid_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ValidationError):
         Settings(bundle=Path("b"), **bad)

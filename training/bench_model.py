@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from model.compiled_vision import CompiledVision
 from model.config import BackboneConfig
 from model.device import resolve_device, resolve_dtype
 from model.inference import fit_class, predict_scored
@@ -34,6 +35,7 @@ class BenchRow:
     arch: str
     device: str
     dtype: str
+    compile: str  # torch.compile mode of the vision pass, or "off"
     batch_size: int
     shots: int
     median_s: float
@@ -43,6 +45,7 @@ class BenchRow:
     peak_tflops: float | None  # the device's measured matmul rate in this dtype
     fraction_of_peak: float | None
     register_ms: float  # median time to fit a class of `shots` shots (forward, bank, calibration)
+    compile_s: float | None = None  # compiling every batch size of the row's mode, once
 
 
 def vision_gflops(backbone: BackboneConfig) -> float:
@@ -86,20 +89,24 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int | None =
 
 def bench_model(arch: str, device: str = "auto", dtypes: Sequence[str] = ("fp32",),
                 batch_sizes: Sequence[int] = (1, 2, 4, 8), shots: int = 4, iters: int = 5, warmup: int = 2,
-                threads: int | None = None, window_size: int | None = None, peak: bool = True) -> list[BenchRow]:
+                threads: int | None = None, window_size: int | None = None, peak: bool = True,
+                compile_modes: Sequence[str] = ("off",)) -> list[BenchRow]:
+    """Rows per precision x compile mode x batch size. A compiled mode compiles each batch size (and K) once
+    before timing, as the service's warm-up does: `compile_s` reports that one-off cost."""
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     rows = []
     for name in dtypes:
-        rows += _bench_dtype(arch, dev, name, batch_sizes, shots, iters, warmup, window_size, peak)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        for mode in compile_modes:
+            rows += _bench_dtype(arch, dev, name, batch_sizes, shots, iters, warmup, window_size, peak, mode)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
 def _bench_dtype(arch: str, dev: torch.device, dtype: str, batch_sizes: Sequence[int], shots: int, iters: int,
-                 warmup: int, window_size: int | None, peak: bool) -> list[BenchRow]:
+                 warmup: int, window_size: int | None, peak: bool, mode: str = "off") -> list[BenchRow]:
     dt = resolve_dtype(dtype)
     torch.manual_seed(0)
     model = SowaModel(build_config(arch, "none", window_size=window_size))
@@ -108,6 +115,14 @@ def _bench_dtype(arch: str, dev: torch.device, dtype: str, batch_sizes: Sequence
     model.to_inference(dev, dt)
     size, gflops = model.image_size, vision_gflops(model.cfg.backbone)
     peak_tf = matmul_peak_tflops(dev, dt) if peak else None
+    compile_s = None
+    if mode != "off":
+        compiled = CompiledVision(model, mode, [*batch_sizes, max(shots, 1)])  # every size exact: no padding
+        model.set_inference_encoder(compiled)
+        t0 = time.perf_counter()
+        compiled.warm_up()
+        _sync(dev)
+        compile_s = time.perf_counter() - t0
     shot_images = torch.randn(max(shots, 1), 3, size, size, device=dev)
     register_s = _median_s(lambda: fit_class(model, shot_images), dev, iters, warmup)
     memory = fit_class(model, shot_images) if shots else None
@@ -116,8 +131,8 @@ def _bench_dtype(arch: str, dev: torch.device, dtype: str, batch_sizes: Sequence
         x = torch.randn(bs, 3, size, size, device=dev)
         med = _median_s(lambda: predict_scored(model, x, [memory] * bs), dev, iters, warmup)  # noqa: B023
         tflops = gflops * bs / med / 1e3
-        rows.append(BenchRow(arch, str(dev), dtype, bs, shots, med, bs / med, gflops, tflops, peak_tf,
-                             tflops / peak_tf if peak_tf else None, register_s * 1e3))
+        rows.append(BenchRow(arch, str(dev), dtype, mode, bs, shots, med, bs / med, gflops, tflops, peak_tf,
+                             tflops / peak_tf if peak_tf else None, register_s * 1e3, compile_s))
     return rows
 
 
@@ -136,12 +151,13 @@ def machine_description(device: str) -> str:
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    lines = ["| arch | device | dtype | batch | K | median s/batch | images/s | TFLOP/s | of peak | register ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arch | device | dtype | compile | batch | K | median s/batch | images/s | TFLOP/s | of peak | "
+             "register ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         of_peak = f"{r.fraction_of_peak:.1%} of {r.peak_tflops:.3g}" if r.fraction_of_peak is not None else "-"
-        lines.append(f"| {r.arch} | {r.device} | {r.dtype} | {r.batch_size} | {r.shots} | {r.median_s:.4f} | "
-                     f"{r.images_per_s:.2f} | {r.tflops:.3g} | {of_peak} | {r.register_ms:.1f} |")
+        mode = r.compile if r.compile_s is None else f"{r.compile} ({r.compile_s:.0f} s)"
+        lines.append(f"| {r.arch} | {r.device} | {r.dtype} | {mode} | {r.batch_size} | {r.shots} | "
+                     f"{r.median_s:.4f} | {r.images_per_s:.2f} | {r.tflops:.3g} | {of_peak} | {r.register_ms:.1f} |")
     return "\n".join(lines)
 
 
@@ -152,16 +168,17 @@ def write_json(rows: list[BenchRow], path: Path) -> None:
 
 
 def plot_model(rows: list[BenchRow], out: Path, title: str) -> None:
-    """images/s against batch size, one line per precision (PNG)."""
+    """images/s against batch size, one line per precision and compile mode (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for dtype in dict.fromkeys(r.dtype for r in rows):
-        mine = [r for r in rows if r.dtype == dtype]
-        ax.plot([r.batch_size for r in mine], [r.images_per_s for r in mine], marker="o", label=dtype)
+    for dtype, mode in dict.fromkeys((r.dtype, r.compile) for r in rows):
+        mine = [r for r in rows if (r.dtype, r.compile) == (dtype, mode)]
+        label = dtype if mode == "off" else f"{dtype}, compile {mode}"
+        ax.plot([r.batch_size for r in mine], [r.images_per_s for r in mine], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r.batch_size for r in rows}), labels=[str(b) for b in sorted({r.batch_size for r in rows})])
     ax.set_xlabel("batch size")

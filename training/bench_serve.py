@@ -6,7 +6,8 @@ as soon as their last answer arrives, for `duration` seconds. Reported: images/s
 device batch size read from /metrics. The offline engine's images/s (same bundle, device and precision,
 batch = max batch size, preprocessed tensors) is measured in the same run, in a child process while no server
 runs, before and after the load. Registering a new class of K JPEG shots over HTTP (decode, forward pass, bank,
-calibration, fsynced files) is timed on the batching server before the load.
+calibration, fsynced files) is timed on the batching server before the load. With `compile`, the servers and the
+offline engine run the vision pass through torch.compile in that mode; `image_decoder` is the servers' decoder.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from model.bundle import load_bundle, read_manifest
+from model.compiled_vision import CompiledVision
 from model.device import resolve_device, resolve_dtype
 from model.inference import fit_class, predict_scored
 
@@ -68,9 +70,14 @@ def _jpeg(rng: np.random.Generator, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _offline(bundle: Path, batch: int, shots: int, duration: float, device: str, dtype: str) -> ServeRow:
+def _offline(bundle: Path, batch: int, shots: int, duration: float, device: str, dtype: str,
+             compile_mode: str) -> ServeRow:
     dev = resolve_device(device)
     model, _ = load_bundle(bundle, dev, resolve_dtype(dtype))
+    if compile_mode != "off":
+        compiled = CompiledVision(model, compile_mode, [batch])
+        model.set_inference_encoder(compiled)
+        compiled.warm_up()
     size = model.image_size
     memory = fit_class(model, torch.randn(shots, 3, size, size, device=dev))
     x = torch.randn(batch, 3, size, size, device=dev)
@@ -121,13 +128,15 @@ def _register(client: SowaClient, rng: np.random.Generator, size: int, shots: in
     return RegisterTiming(shots, count, statistics.median(times), max(times))
 
 
-def _serve_rows(bundle: Path, mode: str, flags: list[str], concurrencies: list[int], shots: int, duration: float,
-                work: Path, heatmap: str, registrations: int) -> tuple[list[ServeRow], RegisterTiming | None]:
+def _serve_rows(bundle: Path, mode: str, flags: list[str], device: str, concurrencies: list[int], shots: int,
+                duration: float, work: Path, heatmap: str,
+                registrations: int) -> tuple[list[ServeRow], RegisterTiming | None]:
     from service.client import SowaClient
 
     rng = np.random.default_rng(0)
     rows = []
-    with ServerProcess(bundle, work / f"data-{mode}", work / f"{mode}.log", flags) as srv, \
+    with ServerProcess(bundle, work / f"data-{mode}", work / f"{mode}.log", flags, device=device,
+                       ready_timeout=3600) as srv, \
             SowaClient(srv.url, timeout=300) as client:
         size = read_manifest(bundle).config.backbone.image_size
         registering = _register(client, rng, size, shots, registrations) if registrations else None
@@ -152,11 +161,14 @@ class ServeBench:
     device: str
     dtype: str
     heatmap: str
+    compile: str = "off"
+    image_decoder: str = "pil"
 
 
 def bench_serve(arch: str, concurrencies: list[int], duration: float = 20.0, max_batch_size: int = 16,
                 max_wait_ms: float = 10.0, shots: int = 4, bundle: Path | None = None, device: str = "auto",
-                dtype: str = "fp32", heatmap: str = "none", registrations: int = 10) -> ServeBench:
+                dtype: str = "fp32", heatmap: str = "none", registrations: int = 10, compile_mode: str = "off",
+                image_decoder: str = "pil") -> ServeBench:
     with tempfile.TemporaryDirectory(prefix="sowa-bench-") as tmp:
         work = Path(tmp)
         if bundle is None:
@@ -167,25 +179,27 @@ def bench_serve(arch: str, concurrencies: list[int], duration: float = 20.0, max
             "batching": ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)],
             "no batching": ["--max-batch-size", "1", "--max-wait-ms", "0"],
         }
-        common = ["--max-queue", "1024", "--device", device, "--dtype", dtype]
-        rows = [_offline_in_child(bundle, max_batch_size, shots, duration, device, dtype)]
+        common = ["--max-queue", "1024", "--dtype", dtype, "--compile", compile_mode, "--image-decoder",
+                  image_decoder]
+        rows = [_offline_in_child(bundle, max_batch_size, shots, duration, device, dtype, compile_mode)]
         register = None
         for mode, flags in modes.items():
-            got, timing = _serve_rows(bundle, mode, [*flags, *common], concurrencies, shots, duration, work,
-                                      heatmap, registrations if mode == "batching" else 0)
+            got, timing = _serve_rows(bundle, mode, [*flags, *common], device, concurrencies, shots, duration,
+                                      work, heatmap, registrations if mode == "batching" else 0)
             rows += got
             register = register or timing
         # measured again at the end: on a shared machine the spread of the two says how much to trust a ratio
-        rows.append(_offline_in_child(bundle, max_batch_size, shots, duration, device, dtype))
-    return ServeBench(rows, register, device, dtype, heatmap)
+        rows.append(_offline_in_child(bundle, max_batch_size, shots, duration, device, dtype, compile_mode))
+    return ServeBench(rows, register, device, dtype, heatmap, compile_mode, image_decoder)
 
 
-def _offline_in_child(bundle: Path, batch: int, shots: int, duration: float, device: str, dtype: str) -> ServeRow:
+def _offline_in_child(bundle: Path, batch: int, shots: int, duration: float, device: str, dtype: str,
+                      compile_mode: str) -> ServeRow:
     # in a child process: torch's worker threads would otherwise linger here and steal the 2 cores from the
     # server (measured: p50 280 ms instead of 54 ms for the tiny config at 1 client); on a GPU, the server
     # process must not share the device with a live engine either
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_offline, (bundle, batch, shots, duration, device, dtype))
+        return pool.apply(_offline, (bundle, batch, shots, duration, device, dtype, compile_mode))
 
 
 def format_serve_table(bench: ServeBench) -> str:
@@ -193,7 +207,8 @@ def format_serve_table(bench: ServeBench) -> str:
     rows = bench.rows
     runs = [r.images_per_s for r in rows if r.mode == "offline engine"]
     offline = statistics.mean(runs)
-    lines = [f"{bench.device}, {bench.dtype}, heatmap={bench.heatmap}", "",
+    lines = [f"{bench.device}, {bench.dtype}, heatmap={bench.heatmap}, compile={bench.compile}, "
+             f"image decoder={bench.image_decoder}", "",
              f"offline engine: {' / '.join(f'{v:.2f}' for v in runs)} images/s (start / end), mean {offline:.2f}"]
     if bench.register:
         r = bench.register
@@ -212,7 +227,8 @@ def format_serve_table(bench: ServeBench) -> str:
 
 def write_serve_json(bench: ServeBench, path: Path, arch: str) -> None:
     payload = {"machine": machine_description(bench.device), "arch": arch, "torch": torch.__version__,
-               "device": bench.device, "dtype": bench.dtype, "heatmap": bench.heatmap,
+               "device": bench.device, "dtype": bench.dtype, "heatmap": bench.heatmap, "compile": bench.compile,
+               "image_decoder": bench.image_decoder,
                "register": asdict(bench.register) if bench.register else None,
                "rows": [asdict(r) for r in bench.rows]}
     path.write_text(json.dumps(payload, indent=2) + "\n")

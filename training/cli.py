@@ -179,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--window-size", type=int, help="adapter window (default: 12, or a divisor of the grid)")
     b.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul peak")
+    b.add_argument("--compile", type=_name_list, default=["off"], dest="compile_modes",
+                   help="torch.compile modes to compare, e.g. off,default or off,reduce-overhead (CUDA graphs)")
     _bench_outputs(b)
     b = bsub.add_parser("serve", help="service images/s and latency vs concurrency, batching on and off")
     b.add_argument("--arch", default="ViT-B-16", help="architecture of a random-weight bundle made for the run")
@@ -192,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shots", type=int, default=4)
     b.add_argument("--heatmap", choices=["none", "png", "raw"], default="none")
     b.add_argument("--registrations", type=int, default=10, help="new classes registered and timed (0: none)")
+    b.add_argument("--compile", default="off", dest="compile_mode",
+                   help="torch.compile mode of the servers and the offline engine (off)")
+    b.add_argument("--image-decoder", choices=["pil", "torchvision"], default="pil", help="the servers' decoder")
     _bench_outputs(b)
     return p
 
@@ -290,7 +295,8 @@ def _run(args: argparse.Namespace) -> int:
         from .bench_serve import bench_serve, format_serve_table, plot_serve, write_serve_json
 
         bench = bench_serve(args.arch, args.concurrency, args.duration, args.max_batch_size, args.max_wait_ms,
-                            args.shots, args.bundle, args.device, args.dtype, args.heatmap, args.registrations)
+                            args.shots, args.bundle, args.device, args.dtype, args.heatmap, args.registrations,
+                            args.compile_mode, args.image_decoder)
         title = f"sowa bench serve: {args.bundle or args.arch}, {machine_description(bench.device)}"
         _bench_write(args, f"# {title}\n\n{format_serve_table(bench)}\n",
                      lambda path: write_serve_json(bench, path, str(args.bundle or args.arch)),
@@ -299,7 +305,8 @@ def _run(args: argparse.Namespace) -> int:
         from .bench_model import bench_model, format_table, machine_description, plot_model, write_json
 
         rows = bench_model(args.arch, args.device, args.dtype, tuple(args.batch_sizes), args.shots, args.iters,
-                           args.warmup, args.threads, args.window_size, peak=not args.no_peak)
+                           args.warmup, args.threads, args.window_size, peak=not args.no_peak,
+                           compile_modes=args.compile_modes)
         title = f"sowa bench model: {args.arch}, {machine_description(rows[0].device)}"
         _bench_write(args, f"# {title}\n\n{format_table(rows)}\n", lambda path: write_json(rows, path),
                      lambda path: plot_model(rows, path, title.replace(", ", "\n", 1)))

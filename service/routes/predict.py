@@ -77,16 +77,15 @@ def _stage_batch(payloads: list[tuple[str, bytes]], settings: Settings,
     """
     budget = _PixelBudget(settings)
     sizes: list[tuple[str, int, int]] = []
-    parts: list[torch.Tensor | None] = []
+    resized: dict[int, torch.Tensor] = {}  # image index -> (3, S, S) uint8, on the host (PIL) or the device
     jpegs: list[int] = []  # indexes left for the device decoder
     for i, (name, data) in enumerate(payloads):
         wh = jpeg_size(data) if stager.decodes_jpeg else None
         if wh is None:
             img = decode_upload(data, name, settings.max_image_pixels)
             wh = img.size
-            parts.append(resize_uint8(img, stager.size))
+            resized[i] = resize_uint8(img, stager.size)
         else:
-            parts.append(None)
             jpegs.append(i)
         budget.charge(name, *wh)
         sizes.append((name, *wh))
@@ -94,16 +93,15 @@ def _stage_batch(payloads: list[tuple[str, bytes]], settings: Settings,
         decoded = stager.decode_jpegs([(payloads[i][1], sizes[i][1] * sizes[i][2]) for i in jpegs])
         for i, x in zip(jpegs, decoded, strict=True):
             name, data = payloads[i]
-            parts[i] = x if x is not None else resize_uint8(decode_upload(data, name, settings.max_image_pixels),
-                                                            stager.size)
-    on_host = [i for i, x in enumerate(parts) if x is not None and x.device.type == "cpu"]
-    if len(on_host) == len(parts):
-        return sizes, stager.stage(torch.stack(parts))  # type: ignore[arg-type]
+            resized[i] = x if x is not None else resize_uint8(decode_upload(data, name, settings.max_image_pixels),
+                                                              stager.size)
+    on_host = [i for i in range(len(payloads)) if resized[i].device.type == "cpu"]
+    if len(on_host) == len(payloads):  # the PIL path: one stack, one copy
+        return sizes, stager.stage(torch.stack([resized[i] for i in on_host]))
     if on_host:
-        staged = stager.stage(torch.stack([parts[i] for i in on_host]))  # type: ignore[misc]
-        for j, i in enumerate(on_host):
-            parts[i] = staged[j]
-    return sizes, torch.stack(parts)  # type: ignore[arg-type]
+        staged = stager.stage(torch.stack([resized[i] for i in on_host]))
+        resized.update(zip(on_host, staged, strict=True))
+    return sizes, torch.stack([resized[i] for i in range(len(payloads))])
 
 
 async def read_batch(files: list[UploadFile], settings: Settings,
