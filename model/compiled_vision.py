@@ -57,6 +57,7 @@ class CompiledVision:
         limit = len(self.buckets) + 2
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         self._fn = torch.compile(model.encode, mode=mode, dynamic=False)
+        self._primed = False
 
     @property
     def cuda_graphs(self) -> bool:
@@ -81,8 +82,17 @@ class CompiledVision:
         bucket = self.bucket(b)
         if bucket is None:
             return self.model.encode(images, adapt=adapt)
+        if not self._primed:
+            # one eager pass first fills the inference caches (the position bias): traced empty, they would
+            # make the first graph recompile on its second call
+            self.model.encode(images[:1], adapt=adapt)
+            self._primed = True
         if bucket > b:
             images = torch.cat([images, images.new_zeros(bucket - b, *images.shape[1:])])
+        elif torch.is_inference_mode_enabled() and not images.is_inference():
+            # dynamo guards on inference-ness: a tensor made outside inference mode (the engine's input) would
+            # compile a second graph per bucket beside the warm-up's; a copy of the input costs far less
+            images = images.clone()
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         f = self._fn(images, adapt=adapt)

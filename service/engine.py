@@ -124,6 +124,7 @@ class Engine:
         torch.cat(list(images), out=pinned)
         return normalize(pinned.to(self.device, non_blocking=True))
 
+    @torch.inference_mode()  # the joined batch is then an inference tensor, as compiled graphs were traced with
     def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None]) -> list[ImageResult]:
         """Score the requests of one batch: `images` are their (n_i, 3, S, S) uint8 tensors, joined here."""
         banks = self.banks.resolve([m.bank if m else None for m in memories])
@@ -140,6 +141,7 @@ class Engine:
             for i, m in enumerate(memories)
         ]
 
+    @torch.inference_mode()
     def warmup(self) -> None:
         """Compile every bucket, or run the smallest and largest batch: first-call allocations, kernel choices
         and compilation happen before traffic."""
