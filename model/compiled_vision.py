@@ -52,10 +52,9 @@ class CompiledVision:
             raise ValueError(f"need at least one bucket size >= 1, got {list(buckets)}")
         self.model, self.mode = model, mode
         self.buckets = sorted(set(buckets))
-        # every bucket is one specialisation of the same code; dynamo's default limit (8) would silently fall
-        # back to eager past it
-        limit = len(self.buckets) + 2
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        # every bucket is one more specialisation of the same code (`encode`, shared by every model instance in
+        # the process); past dynamo's limit it would silently run eagerly, so each instance raises it by its own
+        torch._dynamo.config.recompile_limit += len(self.buckets) + 1
         self._fn = torch.compile(model.encode, mode=mode, dynamic=False)
         self._primed = False
 
@@ -74,7 +73,7 @@ class CompiledVision:
         s = self.model.image_size
         with torch.inference_mode():
             for b in self.buckets:
-                for _ in range(3 if self.cuda_graphs else 1):  # CUDA graph trees record on the third call
+                for _ in range(3 if self.cuda_graphs else 1):  # CUDA graph trees: warm up, record, replay
                     self(torch.zeros(b, 3, s, s, device=p.device, dtype=p.dtype), adapt=self.model.trained)
 
     def __call__(self, images: torch.Tensor, adapt: bool = True) -> SowaFeatures:
