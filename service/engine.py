@@ -113,12 +113,14 @@ class Engine:
         batch on the device."""
         if self.device.type != "cuda":
             return normalize(torch.cat(list(images)))
-        if all(x.device == self.device for x in images):
+        on_device = [x.is_cuda for x in images]
+        if all(on_device):  # staged by the request threads, on this device (the stager is built with it)
             stream = torch.cuda.current_stream(self.device)
             for x in images:  # made on a staging stream: keep the allocator from reusing it before this use
                 x.record_stream(stream)
             return normalize(torch.cat(list(images)))
-        images = [x.cpu() for x in images]  # a mix (never made by the service): one host path
+        if any(on_device):
+            raise ValueError("a batch mixes host and device images; stage all of them or none")
         n = sum(int(x.shape[0]) for x in images)
         pinned = torch.empty((n, *images[0].shape[1:]), dtype=images[0].dtype, pin_memory=True)
         torch.cat(list(images), out=pinned)

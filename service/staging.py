@@ -71,6 +71,25 @@ class ImageStager:
             torch.cuda.current_stream(self.device).synchronize()
         return out
 
+    def join(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(3, S, S) uint8 images, each on the host (PIL path) or already on the device (decoded there) -> one
+        (n, 3, S, S) batch on the engine's device. Device work runs on this thread's stream, which it waits for:
+        memory made on that stream is only ever read there, so the allocator cannot hand it out too early."""
+        if self.device.type != "cuda":
+            return torch.stack(list(images))
+        host = [i for i, x in enumerate(images) if not x.is_cuda]
+        if len(host) == len(images):  # the PIL path: one stack, one copy
+            return self.stage(torch.stack(list(images)))
+        parts = list(images)
+        with torch.cuda.stream(self._stream()):
+            if host:
+                moved = torch.stack([parts[i] for i in host]).pin_memory().to(self.device, non_blocking=True)
+                for j, i in enumerate(host):
+                    parts[i] = moved[j]
+            out = torch.stack(parts)
+            torch.cuda.current_stream(self.device).synchronize()
+        return out
+
     def decode_jpegs(self, payloads: Sequence[tuple[bytes, int]]) -> list[torch.Tensor | None]:
         """(JPEG bytes that passed `jpeg_size`, its pixel count) -> (3, S, S) uint8 on the engine's device,
         resized; None where torchvision refuses one (the caller falls back to PIL)."""

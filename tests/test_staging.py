@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,10 @@ import torch
 from PIL import Image
 
 from model.preprocess import decode_image, resize_uint8
+from service.engine import Engine
 from service.staging import ImageStager, jpeg_size
+from tests.helpers import REFERENCE
+from training.offline import run_import
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: nvJPEG decode and streams")
 
@@ -88,6 +92,7 @@ def test_groups_bound_device_pixels_without_changing_results(monkeypatch: pytest
 def test_stage_is_the_identity_on_the_cpu_and_decoders_are_checked() -> None:
     x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     assert ImageStager(torch.device("cpu"), 8).stage(x) is x
+    assert torch.equal(ImageStager(torch.device("cpu"), 8).join([x[1], x[0]]), x)
     assert not ImageStager(torch.device("cpu"), 8).decodes_jpeg
     with pytest.raises(ValueError, match="unknown image decoder 'nvjpeg': use one of pil, torchvision"):
         ImageStager(torch.device("cpu"), 8, "nvjpeg")  # type: ignore[arg-type]
@@ -100,9 +105,29 @@ def test_cuda_staging_copies_on_a_side_stream_and_nvjpeg_is_close_to_the_referen
     x = torch.randint(0, 256, (3, 3, 336, 336), dtype=torch.uint8)
     staged = stager.stage(x)
     assert staged.device.type == "cuda" and torch.equal(staged.cpu(), x)
+    mixed = stager.join([x[0], staged[1], x[2]])  # host and device images in one request
+    assert mixed.device.type == "cuda" and torch.equal(mixed.cpu(), x)
     data = [(_jpeg(_photo(640, 480, seed=i)), 640 * 480) for i in range(4)]
     got = stager.decode_jpegs(data)
     for (d, _), g in zip(data, got, strict=True):
         ref = resize_uint8(decode_image(d), 336)
         diff = (g.cpu().int() - ref.int()).abs()
         assert g.device.type == "cuda" and diff.max() <= 4 and diff.float().mean() < 0.5  # nvJPEG's own IDCT
+
+
+@CUDA
+def test_cuda_engine_takes_staged_batches_and_scores_them_as_host_ones(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    run_import(next((REFERENCE / "parity_tiny").glob("*.ckpt")), bundle, taps=None, text_heads=None,
+               temperature=0.07)
+    engine = Engine(bundle, "cuda")
+    stager = ImageStager(engine.device, engine.image_size)
+    parts = [torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8) for n in (2, 1)]
+    try:
+        staged = engine.call_blocking(engine.run, [stager.stage(p) for p in parts], [None] * 3)
+        host = engine.call_blocking(engine.run, parts, [None] * 3)
+        with pytest.raises(ValueError, match="mixes host and device images"):
+            engine.call_blocking(engine.run, [stager.stage(parts[0]), parts[1]], [None] * 3)
+    finally:
+        engine.close()
+    assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(staged, host, strict=True))

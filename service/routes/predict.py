@@ -95,13 +95,7 @@ def _stage_batch(payloads: list[tuple[str, bytes]], settings: Settings,
             name, data = payloads[i]
             resized[i] = x if x is not None else resize_uint8(decode_upload(data, name, settings.max_image_pixels),
                                                               stager.size)
-    on_host = [i for i in range(len(payloads)) if resized[i].device.type == "cpu"]
-    if len(on_host) == len(payloads):  # the PIL path: one stack, one copy
-        return sizes, stager.stage(torch.stack([resized[i] for i in on_host]))
-    if on_host:
-        staged = stager.stage(torch.stack([resized[i] for i in on_host]))
-        resized.update(zip(on_host, staged, strict=True))
-    return sizes, torch.stack([resized[i] for i in range(len(payloads))])
+    return sizes, stager.join([resized[i] for i in range(len(payloads))])
 
 
 async def read_batch(files: list[UploadFile], settings: Settings,
