@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from .batcher import DynamicBatcher
+from .deps import Serving
 from .engine import Engine
 from .errors import install_error_handlers
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
@@ -66,6 +67,7 @@ async def _start(app: FastAPI) -> None:
         batcher = DynamicBatcher(lambda images, memories: engine.call(engine.run, images, memories),
                                  s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry)
         app.state.batcher = batcher
+        app.state.serving = Serving(engine, app.state.stager, registry, batcher, s, telemetry)
         batcher.start()
         if s.sync_interval_s > 0:
             app.state.sync = asyncio.create_task(_sync_loop(registry, s.sync_interval_s))

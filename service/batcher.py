@@ -144,9 +144,11 @@ class DynamicBatcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._collect()
+            now = time.monotonic()
+            # once more at the door: a client may have left, or a deadline passed, while the batch filled up
+            batch = [it for it in batch if self._usable(it, now)]
             if not batch:
                 continue
-            now = time.monotonic()
             size = sum(it.size for it in batch)
             memories = [m for it in batch for m in it.memories]
             if self.telemetry:

@@ -97,6 +97,22 @@ def test_cancelled_and_expired_requests_never_reach_the_device() -> None:
     assert asyncio.run(go()).batches == [[0], [3]]
 
 
+def test_a_request_cancelled_while_its_batch_fills_is_dropped_at_the_door() -> None:
+    async def go() -> Recorder:
+        rec = Recorder()
+        b = DynamicBatcher(rec, max_batch_size=4, max_wait_ms=200, max_queue=64)
+        b.start()
+        stays, leaves = b.submit(_item(0)), b.submit(_item(1))
+        await asyncio.sleep(0.05)  # both are in the forming batch now, which waits for more
+        leaves.future.cancel()
+        assert await stays.future == [0.0]
+        assert b.queued_images == 0  # the dropped one is accounted for too
+        await b.close()
+        return rec
+
+    assert asyncio.run(go()).batches == [[0]]
+
+
 def test_full_queue_refuses_with_retry_after_and_close_drains() -> None:
     async def go() -> None:
         rec = Recorder(delay=0.05)

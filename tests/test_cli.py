@@ -113,6 +113,7 @@ def test_bench_serve_measures_both_modes_registration_and_writes_its_outputs(tmp
     assert all(r["images_per_s"] > 0 for r in report["rows"])
     served = [r for r in report["rows"] if r["mode"] != "offline engine"]
     assert all(r["p50_ms"] <= r["p99_ms"] and r["requests"] > 0 for r in served)
+    assert all(0 < r["loop_cpu_ms"] < 1000 for r in served)  # the server's event loop, per request (Linux)
     assert "registering a new class of 4 JPEG shots" in out["md"].read_text()
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
 

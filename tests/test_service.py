@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -325,3 +326,24 @@ def _big_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (500, 500), (90, 90, 90)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def test_a_client_that_leaves_while_queued_never_reaches_the_device(bundle: Path, tmp_path: Path) -> None:
+    # a batch waits 3 s to fill: the client gives up after 0.5 s, long before its image could reach the device
+    flags = ["--max-batch-size", "8", "--max-wait-ms", "3000"]
+    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags) as srv, SowaClient(srv.url) as c:
+        def count(metric: str) -> float:
+            m = re.search(rf"^{metric} (\S+)$", c.metrics(), re.M)
+            return float(m.group(1)) if m else 0.0
+
+        batches = count("sowa_batch_size_count")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/predict", files=[("images", ("a.png", _png(), "image/png"))], timeout=0.5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not re.search(
+                r'^sowa_requests_total\{endpoint="/predict",status="499"\} 1\.0$', c.metrics(), re.M):
+            time.sleep(0.1)
+        assert re.search(r'^sowa_requests_total\{endpoint="/predict",status="499"\} 1\.0$', c.metrics(), re.M)
+        time.sleep(3.5)  # past the batch window: the dropped request must not have run
+        assert count("sowa_batch_size_count") == batches and count("sowa_images_total") == 0
+        assert c.predict([_png()], heatmap="none").results[0].threshold == 0.5  # and the server carries on

@@ -55,6 +55,11 @@ class ServerProcess:
         self.stop()  # never leave a half-started server behind
         raise RuntimeError(f"server not ready after {timeout} s: {self.log.read_text()[-2000:]}")
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks, no flushing; what the registry promised must already be on disk."""
         assert self.proc is not None

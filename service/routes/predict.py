@@ -15,7 +15,7 @@ from model.preprocess import resize_uint8
 
 from ..batcher import WorkItem
 from ..codecs import decode_upload, find_regions, png_heatmap, raw_heatmap
-from ..deps import BatcherDep, EngineDep, RegistryDep, SettingsDep, StagerDep, TelemetryDep, require_api_key
+from ..deps import ServingDep, require_api_key
 from ..engine import ImageResult
 from ..errors import ClientClosedError, DeadlineExceededError, PayloadTooLargeError, UnprocessableError
 from ..schemas import PredictResponse
@@ -106,13 +106,16 @@ async def read_batch(files: list[UploadFile], settings: Settings,
 
 
 async def _cancel_on_disconnect(request: Request, item: WorkItem) -> bool:
-    """Cancel the item when the client goes away (the batcher then drops it before the device)."""
-    while not item.future.done():
-        if await request.is_disconnected():
-            item.future.cancel()
-            return True
-        await asyncio.sleep(0.05)
-    return False
+    """Cancel the item when the client goes away (the batcher then drops it before the device).
+
+    The body has been read, so the server's next message on the receive channel is the disconnect: waiting for
+    it costs nothing per request, where polling `request.is_disconnected()` took a sixth of the event loop's time
+    under load.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    item.future.cancel()
+    return True
 
 
 async def _result(request: Request, item: WorkItem, timeout: float) -> list[ImageResult]:
@@ -146,23 +149,19 @@ def _encode(name: str, width: int, height: int, r: ImageResult, heatmap: Heatmap
                         422: {"description": "invalid fields"}, 429: {"description": "queue full"}})
 async def predict(
     request: Request,
-    engine: EngineDep,
-    stager: StagerDep,
-    registry: RegistryDep,
-    batcher: BatcherDep,
-    settings: SettingsDep,
-    telemetry: TelemetryDep,
+    svc: ServingDep,
     images: Annotated[list[UploadFile], File(description="1..N image files (any format PIL reads)")],
     class_name: Annotated[str | None, Form(description="registered class; omit for zero-shot")] = None,
     heatmap: Annotated[HeatmapKind, Form(description="none, png (8-bit, original size) or raw (float32)")] = "png",
 ) -> dict:
     """Anomaly score, decision, regions and heatmap for every image."""
-    memory = registry.get(class_name).serving_memory if class_name else None
-    sizes, tensor = await read_batch(images, settings, stager)
-    item = batcher.submit(WorkItem(tensor, [memory] * len(sizes),
-                                   deadline=time.monotonic() + settings.request_timeout_s))
+    settings = svc.settings
+    memory = svc.registry.get(class_name).serving_memory if class_name else None
+    sizes, tensor = await read_batch(images, settings, svc.stager)
+    item = svc.batcher.submit(WorkItem(tensor, [memory] * len(sizes),
+                                       deadline=time.monotonic() + settings.request_timeout_s))
     results = await _result(request, item, settings.request_timeout_s)
     body = await asyncio.to_thread(lambda: [_encode(n, w, h, r, heatmap) for (n, w, h), r in zip(sizes, results,
                                                                                                   strict=True)])
-    telemetry.images.inc(len(body))
-    return {"class_name": class_name, "results": body, "model": engine.describe()}
+    svc.telemetry.images.inc(len(body))
+    return {"class_name": class_name, "results": body, "model": svc.engine.describe()}
