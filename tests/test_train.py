@@ -190,6 +190,26 @@ def test_resume_continues_exactly(toy: tuple[Path, Path], tmp_path: Path) -> Non
     assert resumed.provenance["epoch_losses"] == pytest.approx(straight.provenance["epoch_losses"], abs=1e-5)
 
 
+def test_losses_read_back_in_windows_give_the_same_run(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    # loss terms stay on the device between log lines: the run, its epoch means and its checkpoints do not change
+    every = train(_opts(toy, tmp_path / "every", epochs=2, log_every=1))
+    windows = train(_opts(toy, tmp_path / "windows", epochs=2, log_every=4, checkpoint_every=5))
+    assert every is not None and windows is not None
+    assert windows.provenance["epoch_losses"] == every.provenance["epoch_losses"]  # the same sums, bit for bit
+    assert windows.provenance["final_loss"] == every.provenance["final_loss"]
+    a, b = load_file(every.path / "sowa.safetensors"), load_file(windows.path / "sowa.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "windows.checkpoints" / "train_log.jsonl").read_text()
+           .splitlines()]
+    every_log = {r["step"]: r for r in (json.loads(line) for line in (tmp_path / "every.checkpoints" /
+                                                                      "train_log.jsonl").read_text().splitlines())}
+    assert [r["step"] for r in log] == [4]
+    assert log[0]["total"] == every_log[4]["total"] and log[0]["dice"] == every_log[4]["dice"]
+    # the time limit is read at those same points: past it at once, the run stops at the first one
+    late = train(_opts(toy, tmp_path / "late", epochs=2, log_every=2, max_minutes=1e-9))
+    assert late is not None and late.provenance["stopped_by"] == "time limit" and late.provenance["steps"] == 2
+
+
 def test_a_fresh_run_clears_the_previous_runs_checkpoints(toy: tuple[Path, Path], tmp_path: Path) -> None:
     train(_opts(toy, tmp_path / "b", epochs=2))  # 6 steps, checkpoints at 4 and 6
     ckpts = tmp_path / "b.checkpoints"

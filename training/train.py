@@ -190,7 +190,27 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
             clear_checkpoints(opts.checkpoints, also=(log.name,))
     barrier(world)  # no rank may checkpoint before the clearing is done
 
+    # Per-step loss terms stay on the device until a log line, checkpoint or epoch end needs them: reading them
+    # every step would make the host wait for the device each step and stop it from queueing the next one.
+    pending: list[tuple[torch.Tensor, int]] = []  # (reduced loss terms, images) per step since the last sync
+    synced = {"terms": {}, "at": time.monotonic()}
+
+    def sync_losses() -> None:
+        if not pending:
+            return
+        rows = torch.stack([t for t, _ in pending]).tolist()  # the one wait for the device
+        now = time.monotonic()
+        for row in rows:  # added in step order: the same epoch sums as reading them one by one
+            acc["sum"] += row[0]
+            acc["count"] += 1
+        synced["terms"] = dict(zip(("total", "ce", "focal", "dice"), rows[-1], strict=True))
+        meter.update(rows[-1][0], sum(n for _, n in pending), now - synced["at"])
+        synced["at"] = now
+        pending.clear()
+        bar.set_postfix(loss=f"{meter.loss:.4f}", img_s=f"{meter.rate:.1f}", epoch=epoch)
+
     def checkpoint() -> None:
+        sync_losses()
         if world.is_main:
             save_checkpoint(opts.checkpoints, step, {
                 "run": identity, "step": step, "epoch": epoch, "epoch_losses": epoch_losses,
@@ -200,7 +220,7 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
 
     bar = tqdm(total=total, initial=min(step, total), disable=not (world.is_main and opts.progress), unit="step",
                desc="train", dynamic_ncols=True)
-    meter, stopped, last_terms = _Throughput(), "steps", {}
+    meter, stopped = _Throughput(), "steps"
     deadline = started + opts.max_minutes * 60 if opts.max_minutes else None
     while step < total and epoch < opts.epochs:
         order = epoch_order(len(data), opts.seed, epoch, world.rank, world.size)
@@ -208,7 +228,6 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
         done_in_epoch = step - epoch * steps_per_epoch
         loader = DataLoader(Subset(data, order[done_in_epoch * opts.batch_size:]), batch_size=opts.batch_size,
                             num_workers=opts.workers, pin_memory=world.device.type == "cuda")
-        tick = time.monotonic()
         for images, masks, labels in loader:
             torch.manual_seed(_step_seed(opts.seed, step, world.rank))
             images = images.to(world.device, non_blocking=True)
@@ -222,28 +241,26 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            floats = all_reduce_mean(world, torch.stack([terms.total, terms.ce, terms.focal, terms.dice]).detach())
-            last_terms = dict(zip(("total", "ce", "focal", "dice"), floats.tolist(), strict=True))
-            acc["sum"] += last_terms["total"]
-            acc["count"] += 1
-            now = time.monotonic()
-            meter.update(last_terms["total"], images.shape[0] * world.size, now - tick)
-            tick = now
+            terms_now = torch.stack([terms.total, terms.ce, terms.focal, terms.dice]).detach()
+            pending.append((all_reduce_mean(world, terms_now), images.shape[0] * world.size))
             bar.update(1)
-            bar.set_postfix(loss=f"{meter.loss:.4f}", img_s=f"{meter.rate:.1f}", epoch=epoch)
-            if world.is_main and step % opts.log_every == 0:
-                with log.open("a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, **last_terms, "lr": optimizer.param_groups[0]
-                                        ["lr"], "images_per_s": meter.rate, "elapsed_s": now - started}) + "\n")
+            if step % opts.log_every == 0:
+                sync_losses()
+                if world.is_main:
+                    with log.open("a") as f:
+                        f.write(json.dumps({"step": step, "epoch": epoch, **synced["terms"], "lr": optimizer
+                                            .param_groups[0]["lr"], "images_per_s": meter.rate,
+                                            "elapsed_s": time.monotonic() - started}) + "\n")
+                # the time limit is checked where the host waits anyway (on every rank at the same steps)
+                if deadline is not None and step < total and _agree(world, time.monotonic() > deadline):
+                    stopped = "time limit"
             if step % opts.checkpoint_every == 0:
                 checkpoint()
-            if step >= total:
-                break
-            if deadline is not None and _agree(world, time.monotonic() > deadline):
-                stopped = "time limit"
+            if step >= total or stopped == "time limit":
                 break
         if stopped == "time limit":
             break
+        sync_losses()
         if step - epoch * steps_per_epoch >= steps_per_epoch:  # a whole epoch is behind us
             epoch_mean = acc["sum"] / max(acc["count"], 1)  # already a mean over ranks, step by step
             epoch_losses.append(epoch_mean)
@@ -263,7 +280,7 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
         "resumed_from_step": resumed_from, "seed": opts.seed, "batch_size": opts.batch_size,
         "world_size": world.size, "global_batch_size": opts.batch_size * world.size, "lr": opts.lr,
         "weight_decay": opts.weight_decay, "precision": precision, "device": str(world.device),
-        "final_loss": last_terms or None, "epoch_losses": epoch_losses,
+        "final_loss": synced["terms"] or None, "epoch_losses": epoch_losses,
         "elapsed_s": round(time.monotonic() - started, 1),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}}
     return save_bundle(model, opts.out, prov)
