@@ -115,7 +115,7 @@ def test_cuda_staging_copies_on_a_side_stream_and_nvjpeg_is_close_to_the_referen
         assert g.device.type == "cuda" and diff.max() <= 4 and diff.float().mean() < 0.5  # nvJPEG's own IDCT
 
 
-@CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: batches staged on the device")
 def test_cuda_engine_takes_staged_batches_and_scores_them_as_host_ones(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     run_import(next((REFERENCE / "parity_tiny").glob("*.ckpt")), bundle, taps=None, text_heads=None,
