@@ -20,6 +20,7 @@ __all__ = [
     "CLIP_STD",
     "ImageDecodeError",
     "ImageTooLargeError",
+    "check_pixels",
     "decode_image",
     "load_image",
     "normalize",
@@ -53,15 +54,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def check_pixels(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an image of more than `max_pixels` pixels, from its header size, before decoding it."""
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"image has {width}x{height} = {width * height} pixels, more than the limit of "
+                                 f"{max_pixels}")
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Bytes -> RGB PIL image, EXIF orientation applied. Refuses empty, truncated and oversized images."""
     if not data:
         raise ImageDecodeError("empty file")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageTooLargeError(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+            check_pixels(*img.size, max_pixels)
             img.load()  # force full decoding now: truncated files fail here, not later
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)

@@ -12,11 +12,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from model.preprocess import ImageDecodeError, ImageTooLargeError, decode_image
+from model.preprocess import ImageDecodeError, ImageTooLargeError, check_pixels, decode_image
 
 from .errors import InvalidImageError, PayloadTooLargeError
 
-__all__ = ["decode_upload", "find_regions", "png_heatmap", "raw_heatmap"]
+__all__ = ["check_upload_pixels", "decode_upload", "find_regions", "png_heatmap", "raw_heatmap"]
 
 MAX_REGIONS = 32  # bounds the response size whatever the map looks like
 
@@ -30,6 +30,14 @@ def decode_upload(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     except ImageDecodeError as e:
         raise InvalidImageError(f"{filename}: {e}") from None
     return img
+
+
+def check_upload_pixels(filename: str, width: int, height: int, max_pixels: int) -> None:
+    """`decode_upload`'s pixel limit, for an upload decoded elsewhere (the device JPEG decoder)."""
+    try:
+        check_pixels(width, height, max_pixels)
+    except ImageTooLargeError as e:
+        raise PayloadTooLargeError(f"{filename}: {e}") from None
 
 
 def raw_heatmap(anomaly_map: np.ndarray) -> dict:

@@ -81,11 +81,11 @@ class ImageStager:
         if len(host) == len(images):  # the PIL path: one stack, one copy
             return self.stage(torch.stack(list(images)))
         parts = list(images)
+        if host:
+            moved = self.stage(torch.stack([parts[i] for i in host]))
+            for j, i in enumerate(host):
+                parts[i] = moved[j]
         with torch.cuda.stream(self._stream()):
-            if host:
-                moved = torch.stack([parts[i] for i in host]).pin_memory().to(self.device, non_blocking=True)
-                for j, i in enumerate(host):
-                    parts[i] = moved[j]
             out = torch.stack(parts)
             torch.cuda.current_stream(self.device).synchronize()
         return out

@@ -14,7 +14,7 @@ from PIL import Image
 from model.preprocess import resize_uint8
 
 from ..batcher import WorkItem
-from ..codecs import decode_upload, find_regions, png_heatmap, raw_heatmap
+from ..codecs import check_upload_pixels, decode_upload, find_regions, png_heatmap, raw_heatmap
 from ..deps import ServingDep, require_api_key
 from ..engine import ImageResult
 from ..errors import ClientClosedError, DeadlineExceededError, PayloadTooLargeError, UnprocessableError
@@ -36,28 +36,24 @@ async def _payloads(files: list[UploadFile], limit: int) -> list[tuple[str, byte
 
 
 class _PixelBudget:
-    """The per-image and per-request pixel limits, charged one image at a time; errors name the file."""
+    """The per-request pixel limit, charged one image at a time (each image's own limit is checked before)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings, self.used = settings, 0
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
 
-    def charge(self, name: str, width: int, height: int) -> None:
-        s = self.settings
-        if width * height > s.max_image_pixels:  # the message decode_image gives for the PIL path
-            raise PayloadTooLargeError(f"{name}: image has {width}x{height} = {width * height} pixels, more than "
-                                       f"the limit of {s.max_image_pixels}")
+    def charge(self, width: int, height: int) -> None:
         self.used += width * height
-        if self.used > s.max_request_pixels:
-            raise PayloadTooLargeError(f"the images of this request hold more than {s.max_request_pixels} "
-                                       "pixels in all; send fewer per request")
+        if self.used > self.limit:
+            raise PayloadTooLargeError(f"the images of this request hold more than {self.limit} pixels in all; "
+                                       "send fewer per request")
 
 
 def _decode_each(payloads: list[tuple[str, bytes]], settings: Settings) -> Iterator[tuple[str, Image.Image]]:
     """Decode one upload at a time, within the per-image and per-request pixel limits; errors name the file."""
-    budget = _PixelBudget(settings)
+    budget = _PixelBudget(settings.max_request_pixels)
     for name, data in payloads:
         img = decode_upload(data, name, settings.max_image_pixels)
-        budget.charge(name, img.width, img.height)
+        budget.charge(img.width, img.height)
         yield name, img
 
 
@@ -75,7 +71,10 @@ def _stage_batch(payloads: list[tuple[str, bytes]], settings: Settings,
     is PIL and numpy only (no torch thread pool starts outside the device thread). JPEGs go to the device decoder
     when the stager has one, their limits checked from their headers; any it refuses come back through PIL.
     """
-    budget = _PixelBudget(settings)
+    def through_pil(name: str, data: bytes) -> torch.Tensor:
+        return resize_uint8(decode_upload(data, name, settings.max_image_pixels), stager.size)
+
+    budget = _PixelBudget(settings.max_request_pixels)
     sizes: list[tuple[str, int, int]] = []
     resized: dict[int, torch.Tensor] = {}  # image index -> (3, S, S) uint8, on the host (PIL) or the device
     jpegs: list[int] = []  # indexes left for the device decoder
@@ -86,15 +85,14 @@ def _stage_batch(payloads: list[tuple[str, bytes]], settings: Settings,
             wh = img.size
             resized[i] = resize_uint8(img, stager.size)
         else:
+            check_upload_pixels(name, *wh, settings.max_image_pixels)
             jpegs.append(i)
-        budget.charge(name, *wh)
+        budget.charge(*wh)
         sizes.append((name, *wh))
     if jpegs:
         decoded = stager.decode_jpegs([(payloads[i][1], sizes[i][1] * sizes[i][2]) for i in jpegs])
         for i, x in zip(jpegs, decoded, strict=True):
-            name, data = payloads[i]
-            resized[i] = x if x is not None else resize_uint8(decode_upload(data, name, settings.max_image_pixels),
-                                                              stager.size)
+            resized[i] = x if x is not None else through_pil(*payloads[i])
     return sizes, stager.join([resized[i] for i in range(len(payloads))])
 
 
