@@ -25,6 +25,7 @@ __all__ = [
     "BackboneError",
     "VisionTaps",
     "build_clip",
+    "list_configs",
     "load_weights_file",
     "resolve_backbone",
     "take_taps",
@@ -43,7 +44,19 @@ class VisionTaps:
     tokens: list[torch.Tensor]
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # our own small configs, resolvable by name
+
+
+def list_configs() -> list[str]:
+    """Names of the model configs this package ships (e.g. `sowa-tiny`), beside open_clip's."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
 def _read_model_config(arch: str) -> tuple[str | None, dict[str, Any]]:
+    """(open_clip name or None, model config). Our shipped configs resolve by name the way open_clip's do; they
+    are recorded as custom (no open_clip name), so a bundle carries its config and never needs this package's."""
+    if arch in list_configs():
+        return None, json.loads((CONFIG_DIR / f"{arch}.json").read_text())
     path = Path(arch)
     if arch.endswith(".json") or path.is_file():
         try:
@@ -55,7 +68,8 @@ def _read_model_config(arch: str) -> tuple[str | None, dict[str, Any]]:
         return None, cfg
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
-        raise ConfigError(f"unknown open_clip architecture '{arch}' (see open_clip.list_models()) and no such file")
+        raise ConfigError(f"unknown open_clip architecture '{arch}' (see open_clip.list_models()), not one of ours "
+                          f"({', '.join(list_configs())}) and no such file")
     return arch, copy.deepcopy(cfg)
 
 

@@ -25,7 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import BackboneError, load_pretrained_tag
 from .config import ConfigError, ModelConfig
+from .factory import build_config, build_model
 from .files import atomic_write, sha256_file
+from .provenance import provenance_base
 from .sowa import SowaModel
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "SOWA_FILE",
     "BundleError",
     "BundleInfo",
+    "check_output_dir",
+    "init_bundle",
     "load_bundle",
     "read_manifest",
     "save_bundle",
@@ -168,7 +172,7 @@ def load_bundle(
     """
     info = read_manifest(path)
     try:
-        model = SowaModel(info.config, trained=info.trained)
+        model = build_model(info.config, "bundle", trained=info.trained)
     except (ConfigError, BackboneError, ValueError) as e:
         raise BundleError(f"{info.path}: cannot build the model of this manifest: {e}") from None
     own = model.sowa_state_dict()
@@ -185,3 +189,25 @@ def load_bundle(
     if not keep_text_tower:
         model.drop_text_tower()
     return model.to_inference(device, dtype), info
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse to write over a non-bundle directory, or over a bundle without `force`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise ValueError(f"{out} is a non-empty directory that is not a bundle; choose another --out")
+        if not force:
+            raise ValueError(f"{out} already holds a bundle; pass --force to overwrite it")
+
+
+def init_bundle(arch: str, pretrained: str, out: Path, taps: list[int] | None = None,
+                window_size: int | None = None, seed: int = 0, force: bool = False) -> BundleInfo:
+    """An untrained bundle: adapters and prompts at their init, marked untrained (few-shot-only serving)."""
+    check_output_dir(out, force)
+    cfg = build_config(arch, pretrained, taps, window_size)
+    model = build_model(cfg, pretrained, seed, trained=False)
+    model.refresh_text()
+    prov = {**provenance_base("init"), "arch": arch, "pretrained": pretrained, "seed": seed}
+    return save_bundle(model, out, prov)

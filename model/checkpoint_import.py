@@ -19,13 +19,17 @@ import open_clip
 import torch
 
 from .adapter import shifted_window_mask
+from .bundle import BundleInfo, check_output_dir, save_bundle
 from .config import AdapterConfig, BackboneConfig, ConfigError, ModelConfig, PromptConfig, default_taps
+from .factory import build_model
 from .files import sha256_file
 from .prompts import tokenize_prompts
+from .provenance import provenance_base
 from .sowa import SowaModel
 from .window_attention import relative_coords_table, relative_position_index
 
-__all__ = ["CheckpointError", "ImportedCheckpoint", "SafeUnpickler", "import_checkpoint", "read_checkpoint"]
+__all__ = ["CheckpointError", "ImportedCheckpoint", "SafeUnpickler", "import_checkpoint", "import_to_bundle",
+           "read_checkpoint"]
 
 # Exactly what rebuilding tensors and plain containers needs; cf. torch's own weights_only allow-list.
 _ALLOWED: dict[str, set[str]] = {
@@ -255,7 +259,7 @@ def import_checkpoint(
         )
     except ConfigError as e:
         raise CheckpointError(f"{path}: inferred configuration is invalid: {e}") from None
-    model = SowaModel(cfg)
+    model = build_model(cfg)
     try:
         model.clip.load_state_dict(clip, strict=True)
     except RuntimeError as e:
@@ -296,3 +300,11 @@ def import_checkpoint(
     }
     return ImportedCheckpoint(model, provenance)
 
+
+
+def import_to_bundle(ckpt: Path, out: Path, taps: list[int] | None = None, text_heads: int | None = None,
+                     temperature: float = 0.07, force: bool = False) -> BundleInfo:
+    """`sowa import-checkpoint`: an official checkpoint written as a bundle at `out`."""
+    check_output_dir(out, force)
+    imported = import_checkpoint(ckpt, taps=taps, text_heads=text_heads, temperature=temperature)
+    return save_bundle(imported.model, out, {**provenance_base("import-checkpoint"), **imported.provenance})

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
-__all__ = ["DTYPES", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "machine_description", "resolve_device", "resolve_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -44,3 +47,18 @@ def resolve_dtype(name: str | torch.dtype = "fp32") -> torch.dtype:
         return DTYPES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype '{name}': use fp32, fp16 or bf16") from None
+
+
+def machine_description(device: str) -> str:
+    """The device in words, for reports and benchmark tables: the GPU's name, or the CPU's and its threads."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads"

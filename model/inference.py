@@ -9,15 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from .bundle import load_bundle
 from .calibration import DEFAULT_Z, Calibration, ImageScores, calibrate, image_scores
+from .device import resolve_device, resolve_dtype
 from .maps import kshot_map
 from .memory_bank import MemoryBank, build_bank, leave_one_out_distances
+from .preprocess import load_image, preprocess_batch
 from .sowa import SowaModel
 
-__all__ = ["ClassMemory", "Prediction", "fit_class", "memory_from_outputs", "predict_scored"]
+__all__ = ["ClassMemory", "Prediction", "fit_class", "memory_from_outputs", "predict_files", "predict_scored"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +71,29 @@ def predict_scored(
     scores = image_scores(out.text_scores, out.anomaly_maps.flatten(1).amax(dim=1),
                           [m.calibration if m else None for m in memories])
     return Prediction(out.anomaly_maps, out.text_scores, scores)
+
+
+def predict_files(
+    bundle: Path, images: Sequence[Path], shots: Sequence[Path] = (), device: str = "auto", dtype: str = "fp32",
+    batch_size: int = 8,
+) -> dict[str, np.ndarray]:
+    """Offline inference on image files; returns the arrays `sowa predict` writes to its npz."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    model, _ = load_bundle(bundle, resolve_device(device), resolve_dtype(dtype))
+    size = model.image_size
+    memory = None
+    if shots:
+        memory = fit_class(model, preprocess_batch([load_image(p) for p in shots], size))
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("anomaly_maps", "text_scores", "scores",
+                                                            "normalized_scores", "thresholds", "is_anomalous")}
+    for start in range(0, len(images), batch_size):
+        batch = preprocess_batch([load_image(p) for p in images[start:start + batch_size]], size)
+        pred = predict_scored(model, batch, [memory] * batch.shape[0])
+        chunks["anomaly_maps"].append(pred.anomaly_maps.float().cpu().numpy())
+        chunks["text_scores"].append(pred.text_scores.float().cpu().numpy())
+        chunks["scores"].append(pred.scores.raw.numpy())
+        chunks["normalized_scores"].append(pred.scores.score.numpy())
+        chunks["thresholds"].append(pred.scores.threshold.numpy())
+        chunks["is_anomalous"].append(pred.scores.is_anomalous.numpy())
+    return {k: np.concatenate(v).astype(np.float32 if k != "is_anomalous" else bool) for k, v in chunks.items()}

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces docs/accuracy.md: the synthetic benchmark, the tiny random-weight CLIP of
-# ../shared/configs/sowa-tiny.json, CPU only. Train on family a, evaluate on the held-out family b.
+# sowa-tiny, CPU only. Train on family a, evaluate on the held-out family b.
 #   scripts/accuracy_tiny.sh [WORK_DIR] [TINY_CONFIG]
 set -euo pipefail
 WORK=${1:-accuracy-run}
-CONFIG=${2:-../shared/configs/sowa-tiny.json}
+CONFIG=${2:-sowa-tiny}
 DOCS=docs/accuracy
 mkdir -p "$WORK" "$DOCS"
 

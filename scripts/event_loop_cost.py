@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO.parent / "shared" / "configs" / "sowa-tiny.json"
+TINY = "sowa-tiny"
 
 
 def _main_thread_cpu_s(pid: int) -> float:
@@ -47,6 +47,11 @@ async def _load(url: str, images: list[bytes], n: int, clients: int) -> None:
         await asyncio.gather(*(one(i) for i in range(n)))
 
 
+def cli_module(checkout: Path) -> str:
+    """The command line's module in `checkout`: `sowa` now, `training.cli` in checkouts before the layout change."""
+    return "sowa" if (checkout / "sowa" / "cli.py").is_file() else "training.cli"
+
+
 def measure(checkout: Path, bundle: Path, requests: int, work: Path, port: int) -> float:
     rng = np.random.default_rng(0)
     images = []
@@ -54,7 +59,7 @@ def measure(checkout: Path, bundle: Path, requests: int, work: Path, port: int) 
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
         images.append(buf.getvalue())
-    args = [sys.executable, "-m", "training.cli", "serve", "--bundle", str(bundle), "--data-dir", str(work / "data"),
+    args = [sys.executable, "-m", cli_module(checkout), "serve", "--bundle", str(bundle), "--data-dir", str(work / "data"),
             "--port", str(port), "--device", "cpu", "--max-batch-size", "16", "--max-wait-ms", "5",
             "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(checkout)}
@@ -91,7 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sowa-loop-") as tmp:
         work = Path(tmp)
         bundle = work / "bundle"
-        subprocess.run([sys.executable, "-m", "training.cli", "init", "--arch", str(TINY), "--pretrained", "none",
+        subprocess.run([sys.executable, "-m", "sowa", "init", "--arch", TINY, "--pretrained", "none",
                         "--out", str(bundle)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
         runs = []
         for i in range(a.runs):

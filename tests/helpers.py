@@ -11,8 +11,9 @@ import torch
 from model.config import AdapterConfig, BackboneConfig, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REFERENCE = SHARED / "reference"
+DATA = REPO / "tests" / "data"
+GOLDEN = DATA / "golden"  # golden cases computed by the research code
+PARITY = GOLDEN / "parity_tiny"
 
 TINY_CLIP: dict[str, Any] = {
     "embed_dim": 32,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.backbone import BackboneError, build_clip, load_weights_file, resolve_backbone, take_taps
+from model.backbone import CONFIG_DIR, BackboneError, build_clip, load_weights_file, resolve_backbone, take_taps
 from model.config import ConfigError, ModelConfig, default_taps, default_window
-from tests.helpers import SHARED, tiny_config
+from tests.helpers import tiny_config
 
 
 def test_default_window_tiles_the_grid() -> None:
@@ -33,8 +33,9 @@ def test_openai_tag_forces_quick_gelu_without_downloading() -> None:
 
 
 def test_config_file_and_errors(tmp_path: Path) -> None:
-    tiny = resolve_backbone(str(SHARED / "configs" / "sowa-tiny.json"))
+    tiny = resolve_backbone("sowa-tiny")
     assert tiny.arch is None and tiny.image_size == 112 and tiny.model_config["quick_gelu"] is True
+    assert resolve_backbone(str(CONFIG_DIR / "sowa-tiny.json")) == tiny  # the same config, by file path
     with pytest.raises(ConfigError, match="unknown open_clip architecture"):
         resolve_backbone("ViT-Nope")
     with pytest.raises(ConfigError, match="not found"):

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from model.bundle import load_bundle
-from model.checkpoint_import import CheckpointError, import_checkpoint, read_checkpoint
+from model.checkpoint_import import CheckpointError, import_checkpoint, import_to_bundle, read_checkpoint
 from model.inference import fit_class, predict_scored
 from model.sowa import SowaModel
+from sowa.cli import main
 from tests.helpers import perturb_trainables, tiny_config, write_reference_checkpoint
-from training.cli import main
-from training.offline import run_import
 
 
 class _Exploit:
@@ -101,7 +100,7 @@ def test_missing_and_misshapen_tensors(tmp_path: Path) -> None:
 def test_taps_override_and_bundle_round_trip(tmp_path: Path) -> None:
     model = SowaModel(tiny_config())
     ckpt = write_reference_checkpoint(model, tmp_path / "m.ckpt")
-    info = run_import(ckpt, tmp_path / "bundle", taps=[3, 2, 1, 0], text_heads=None, temperature=0.05)
+    info = import_to_bundle(ckpt, tmp_path / "bundle", taps=[3, 2, 1, 0], text_heads=None, temperature=0.05)
     assert info.config.taps == (3, 2, 1, 0) and info.config.temperature == 0.05
     assert info.provenance["source"] == "import-checkpoint" and len(info.provenance["checkpoint_sha256"]) == 64
     loaded, _ = load_bundle(tmp_path / "bundle")

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import SHARED
-from training.cli import main
+from sowa.cli import main
 
-TINY = str(SHARED / "configs" / "sowa-tiny.json")
+TINY = "sowa-tiny"
 
 
 def _images(folder: Path, n: int, seed: int, size: int = 90) -> list[str]:
@@ -119,8 +118,8 @@ def test_bench_serve_measures_both_modes_registration_and_writes_its_outputs(tmp
 
 
 def test_vision_flops_match_the_published_vit_figures() -> None:
-    from training.bench_model import vision_gflops
-    from training.offline import build_config
+    from model.factory import build_config
+    from sowa.bench_model import vision_gflops
 
     # ViT-L/14 at 336 px: the ~382 GFLOPs behind the H100 bound of the performance issue; ViT-B/16 at 224 px is
     # the well-known 17.6 GMACs

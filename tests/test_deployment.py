@@ -16,12 +16,11 @@ import httpx
 import pytest
 import yaml
 
+from model.checkpoint_import import import_to_bundle
 from service.client import ApiError, SowaClient
-from tests.helpers import REFERENCE, REPO
-from training.offline import run_import
-from training.server_process import ServerProcess, free_port
+from sowa.server_process import ServerProcess, free_port
+from tests.helpers import PARITY, REPO
 
-PARITY = REFERENCE / "parity_tiny"
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))
 
@@ -81,7 +80,7 @@ def test_grafana_dashboard_covers_the_service() -> None:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("deploy") / "bundle"
-    run_import(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
+    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
     return out
 
 

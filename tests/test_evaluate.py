@@ -16,7 +16,7 @@ from PIL import Image
 from model.bundle import load_bundle, save_bundle
 from model.inference import fit_class
 from model.sowa import SowaModel
-from training.cli import main
+from sowa.cli import main
 from training.datasets import DatasetError, Item, list_items, load_sample
 from training.evaluate import evaluate, run_class, sample_shots, write_report
 from training.plots import plot_vs_k

@@ -1,25 +1,46 @@
 """Golden cases computed by the research code: import its checkpoint, predict, compare (≤ 1e-4 max abs error).
 
-Every `../shared/reference/parity_*` directory is a case (checkpoint, shots/, test/, expected.npz), so further
-golden cases (production geometry, shifted windows) are picked up as they are added.
+Every directory under `tests/data/golden/` holding an `expected.npz` is a case (checkpoint, shots/, test/,
+expected.npz, case.json), and so is every one under the directories named in `SOWA_GOLDEN_DIRS` (separated by
+the path separator), so further cases (production geometry, shifted windows) are added without code. A case's
+`case.json` may name `text_heads`: head counts cannot be read from weights, so the import is told, as
+`--text-heads` does.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import REFERENCE
-from training.cli import main
+from sowa.cli import main
+from tests.helpers import GOLDEN
 
-CASES = sorted(p for p in REFERENCE.glob("parity_*") if (p / "expected.npz").is_file())
 TOLERANCE = 1e-4
 
 
+def golden_cases(env: str | None = None) -> list[Path]:
+    """The case directories under tests/data/golden/ and under each of `env`'s directories."""
+    roots = [GOLDEN, *(Path(p) for p in (env or "").split(os.pathsep) if p)]
+    return sorted(case.parent for root in roots for case in root.glob("*/expected.npz"))
+
+
+CASES = golden_cases(os.environ.get("SOWA_GOLDEN_DIRS"))
+
+
 def test_golden_cases_are_present() -> None:
-    assert CASES, f"no golden cases under {REFERENCE}: the parity suite would test nothing"
+    assert any(c.parent == GOLDEN for c in CASES), f"no golden case under {GOLDEN}: the parity suite would test nothing"
+
+
+def test_golden_dirs_from_the_environment(tmp_path: Path) -> None:
+    extra = tmp_path / "more" / "parity_other"
+    extra.mkdir(parents=True)
+    (extra / "expected.npz").write_bytes(b"")
+    found = golden_cases(os.pathsep.join([str(tmp_path / "more"), str(tmp_path / "absent")]))
+    assert extra in found and (GOLDEN / "parity_tiny") in found
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[p.name for p in CASES])
@@ -27,7 +48,9 @@ def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     case: Path = request.param
     ckpt = next(case.glob("*.ckpt"))
     bundle = tmp_path_factory.mktemp(case.name) / "bundle"
-    assert main(["import-checkpoint", str(ckpt), "--out", str(bundle)]) == 0
+    spec = json.loads((case / "case.json").read_text()) if (case / "case.json").is_file() else {}
+    heads = ["--text-heads", str(spec["text_heads"])] if spec.get("text_heads") else []
+    assert main(["import-checkpoint", str(ckpt), "--out", str(bundle), *heads]) == 0
     return case, bundle
 
 

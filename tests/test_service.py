@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.checkpoint_import import import_to_bundle
+from model.inference import predict_files
 from service.client import ApiError, AsyncSowaClient, SowaClient, decode_raw_heatmap
-from tests.helpers import REFERENCE
-from training.offline import predict_files, run_import
-from training.server_process import ServerProcess
+from sowa.server_process import ServerProcess
+from tests.helpers import PARITY
 
-PARITY = REFERENCE / "parity_tiny"
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))
 
@@ -35,7 +35,7 @@ def _png(size: tuple[int, int] = (64, 64), seed: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("svc") / "parity-bundle"
-    run_import(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
+    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
     return out
 
 
@@ -233,14 +233,14 @@ def test_classes_survive_kill_9_and_restart(bundle: Path, tmp_path: Path) -> Non
 
 
 def test_bank_of_another_bundle_is_rebuilt_and_damage_is_refused(bundle: Path, tmp_path: Path) -> None:
-    from training.offline import init_bundle
+    from model.bundle import init_bundle
 
     data = tmp_path / "data"
     with ServerProcess(bundle, data, tmp_path / "log") as srv, SowaClient(srv.url) as c:
         c.register_shots("widget", SHOTS)
         c.register_shots("broken", SHOTS[:2])
     other = tmp_path / "other"
-    init_bundle(str(REFERENCE.parent / "configs" / "sowa-tiny.json"), "none", other, seed=9)
+    init_bundle("sowa-tiny", "none", other, seed=9)
     shot = next((data / "classes" / "broken" / "shots").glob("*.png"))
     shot.write_bytes(shot.read_bytes()[:-10])  # damage one stored shot: that class cannot be rebuilt
     with ServerProcess(other, data, tmp_path / "log") as srv, SowaClient(srv.url) as c:

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from model.checkpoint_import import import_to_bundle
 from model.preprocess import decode_image, resize_uint8
 from service.engine import Engine
 from service.staging import ImageStager, jpeg_size
-from tests.helpers import REFERENCE
-from training.offline import run_import
+from tests.helpers import PARITY
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: nvJPEG decode and streams")
 
@@ -118,7 +118,7 @@ def test_cuda_staging_copies_on_a_side_stream_and_nvjpeg_is_close_to_the_referen
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: batches staged on the device")
 def test_cuda_engine_takes_staged_batches_and_scores_them_as_host_ones(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
-    run_import(next((REFERENCE / "parity_tiny").glob("*.ckpt")), bundle, taps=None, text_heads=None,
+    import_to_bundle(next(PARITY.glob("*.ckpt")), bundle, taps=None, text_heads=None,
                temperature=0.07)
     engine = Engine(bundle, "cuda")
     stager = ImageStager(engine.device, engine.image_size)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.cli import main
+from sowa.cli import main
 from training.datasets import list_items
 from training.synth import (
     CATEGORIES,

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from model.bundle import load_bundle, read_manifest
 from model.sowa import SowaModel, TrainOutput
+from sowa.cli import main
 from training.checkpoints import CheckpointMismatchError, latest_checkpoint
-from training.cli import main
 from training.evaluate import evaluate
 from training.losses import dice_loss, focal_loss, sowa_loss
 from training.train import TrainOptions, train
@@ -248,7 +248,7 @@ def test_ddp_two_gloo_processes_match_one_process(toy: tuple[Path, Path], tmp_pa
     assert single is not None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "training.cli", "train", "--data", str(data), "--out", str(tmp_path / "ddp"), "--arch", str(arch),
+           "-m", "sowa", "train", "--data", str(data), "--out", str(tmp_path / "ddp"), "--arch", str(arch),
            "--pretrained", "none", "--epochs", "2", "--batch-size", "4", "--attn-drop", "0", "--device", "cpu",
            "--no-progress"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

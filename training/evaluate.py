@@ -28,14 +28,13 @@ from tqdm import tqdm
 
 from model.bundle import load_bundle
 from model.calibration import image_scores
-from model.device import resolve_device, resolve_dtype
+from model.device import machine_description, resolve_device, resolve_dtype
 from model.files import atomic_write
 from model.inference import ClassMemory, memory_from_outputs
 from model.maps import kshot_map
 from model.memory_bank import min_distances
 from model.sowa import SowaModel
 
-from .bench_model import machine_description
 from .datasets import DatasetError, Item, Sample, list_items, load_sample
 from .report import METRICS, STD_KIND, aggregate, aggregate_kinds, class_metrics
 from .visuals import save_strip

@@ -21,12 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from model.bundle import BundleInfo, save_bundle
+from model.bundle import BundleInfo, check_output_dir, save_bundle
+from model.factory import build_config, build_model
+from model.provenance import provenance_base
 
 from .checkpoints import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import World, all_reduce_mean, barrier, setup_world, teardown_world
 from .losses import sowa_loss
-from .offline import build_config, build_model, check_output_dir, provenance_base
 from .train_data import TrainSet, dataset_digest, epoch_order, rank_share
 
 __all__ = ["TrainOptions", "train"]

@@ -29,7 +29,7 @@ class ServerProcess:
         """`ready_timeout`: how long `with` waits for /readyz (start-up compiles with --compile take longer)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "training.cli", "serve", "--bundle", str(bundle), "--data-dir",
+        self.args = [sys.executable, "-m", "sowa", "serve", "--bundle", str(bundle), "--data-dir",
                      str(data_dir), "--port", str(self.port), "--device", device, *flags]
         self.ready_timeout = ready_timeout
         self.env = {**os.environ, **(env or {})}
@@ -40,7 +40,7 @@ class ServerProcess:
         timeout = self.ready_timeout if timeout is None else timeout
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen(self.args, stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=Path(__file__).resolve().parents[1])  # the checkout, for `-m training.cli`
+                                     cwd=Path(__file__).resolve().parents[1])  # the checkout, for `-m sowa`
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -16,19 +16,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .offline import init_bundle
+from model.bundle import init_bundle
+from training.synth import DEFECT_KINDS, make_part, with_defect
+from training.visuals import colormap
+
 from .server_process import ServerProcess
-from .synth import DEFECT_KINDS, make_part, with_defect
-from .visuals import colormap
 
-__all__ = ["TINY_CONFIG", "overlay", "run_demo"]
+__all__ = ["ARCH", "overlay", "run_demo"]
 
-TINY_CONFIG: dict = {  # the embedded default: small enough for a CPU, same shape of network as ViT-L-14-336
-    "embed_dim": 128,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 112, "layers": 8, "width": 192, "patch_size": 14, "head_width": 64},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
-}
+ARCH = "sowa-tiny"  # the embedded default (model/configs/): small enough for a CPU, shaped like ViT-L-14-336
+
 
 def overlay(image: Image.Image, heatmap_png_b64: str, regions: list[dict]) -> Image.Image:
     """Image | heatmap blended over it, with the anomalous regions boxed."""
@@ -47,11 +44,9 @@ def run_demo(out: Path, seed: int = 0, shots: int = 8, jitter: float = 0.1) -> d
     from service.client import SowaClient
 
     out.mkdir(parents=True, exist_ok=True)
-    config = out / "sowa-tiny.json"
-    config.write_text(json.dumps(TINY_CONFIG))
     bundle = out / "bundle"
-    print(f"[1/4] bundle: {config.name}, random seeded weights, untrained -> {bundle}")
-    init_bundle(str(config), "none", bundle, seed=seed, force=True)
+    print(f"[1/4] bundle: {ARCH}, random seeded weights, untrained -> {bundle}")
+    init_bundle(ARCH, "none", bundle, seed=seed, force=True)
 
     rng = np.random.default_rng(seed)
     shot_images = [make_part(rng, jitter=jitter) for _ in range(shots)]  # a fixtured camera: small pose jitter

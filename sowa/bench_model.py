@@ -10,7 +10,6 @@ shots' forward pass, bank and calibration) is timed too.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -21,11 +20,9 @@ import torch
 
 from model.compiled_vision import CompiledVision
 from model.config import BackboneConfig
-from model.device import resolve_device, resolve_dtype
+from model.device import machine_description, resolve_device, resolve_dtype
+from model.factory import build_config, build_model
 from model.inference import fit_class, predict_scored
-from model.sowa import SowaModel
-
-from .offline import build_config
 
 __all__ = ["BenchRow", "bench_model", "format_table", "matmul_peak_tflops", "plot_model", "vision_gflops"]
 
@@ -109,7 +106,7 @@ def _bench_dtype(arch: str, dev: torch.device, dtype: str, batch_sizes: Sequence
                  warmup: int, window_size: int | None, peak: bool, mode: str = "off") -> list[BenchRow]:
     dt = resolve_dtype(dtype)
     torch.manual_seed(0)
-    model = SowaModel(build_config(arch, "none", window_size=window_size))
+    model = build_model(build_config(arch, "none", window_size=window_size))
     model.refresh_text()
     model.drop_text_tower()
     model.to_inference(dev, dt)
@@ -134,20 +131,6 @@ def _bench_dtype(arch: str, dev: torch.device, dtype: str, batch_sizes: Sequence
         rows.append(BenchRow(arch, str(dev), dtype, mode, bs, shots, med, bs / med, gflops, tflops, peak_tf,
                              tflops / peak_tf if peak_tf else None, register_s * 1e3, compile_s))
     return rows
-
-
-def machine_description(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads"
 
 
 def format_table(rows: list[BenchRow]) -> str:

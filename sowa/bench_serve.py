@@ -28,15 +28,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from model.bundle import load_bundle, read_manifest
+from model.bundle import init_bundle, load_bundle, read_manifest
 from model.compiled_vision import CompiledVision
-from model.device import resolve_device, resolve_dtype
+from model.device import machine_description, resolve_device, resolve_dtype
 from model.inference import fit_class, predict_scored
+from training.synth import make_part
 
-from .bench_model import machine_description
-from .offline import init_bundle
 from .server_process import ServerProcess
-from .synth import make_part
 
 if TYPE_CHECKING:
     from service.client import SowaClient

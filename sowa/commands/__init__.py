@@ -1,0 +1,1 @@
+"""One module per `sowa` command: `add_arguments(parser)` and `run(args) -> exit status`."""

@@ -1,0 +1,62 @@
+"""`sowa serve`: settings from flags and SOWA_* variables, then service.server.serve."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+__all__ = ["add_arguments", "run", "settings_from_args"]
+
+_FLAGS = ("bundle", "host", "port", "data_dir", "device", "dtype", "max_batch_size", "max_wait_ms", "max_queue",
+          "bank_device_budget_mb", "compile_mode", "image_decoder", "api_key")
+
+
+def add_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--bundle", type=Path, help="bundle directory (SOWA_BUNDLE)")
+    c.add_argument("--host", help="bind address (SOWA_HOST, default 127.0.0.1)")
+    c.add_argument("--port", type=int, help="port (SOWA_PORT, default 8000)")
+    c.add_argument("--data-dir", type=Path, help="class storage (SOWA_DATA_DIR, default ./sowa-data)")
+    c.add_argument("--device", help="auto | cpu | cuda | cuda:N (SOWA_DEVICE)")
+    c.add_argument("--dtype", help="fp32 | fp16 | bf16 (SOWA_DTYPE)")
+    c.add_argument("--max-batch-size", type=int, help="images per device batch (SOWA_MAX_BATCH_SIZE, 16)")
+    c.add_argument("--max-wait-ms", type=float, help="batch fill wait (SOWA_MAX_WAIT_MS, 5)")
+    c.add_argument("--max-queue", type=int, help="queued images before 429 (SOWA_MAX_QUEUE, 256)")
+    c.add_argument("--bank-device-budget-mb", type=float, help="device memory for class banks, least recently "
+                   "used offloaded to host (SOWA_BANK_DEVICE_BUDGET_MB; default 40%% of a GPU, no limit on CPU)")
+    c.add_argument("--compile", dest="compile_mode", metavar="MODE",
+                   help="torch.compile the vision pass: default, reduce-overhead (CUDA graphs), max-autotune, "
+                   "max-autotune-no-cudagraphs or off (SOWA_COMPILE_MODE, off); every batch-size bucket compiles "
+                   "at start-up")
+    c.add_argument("--image-decoder", choices=["pil", "torchvision"],
+                   help="pil: reference preprocessing, bit for bit; torchvision: JPEGs decoded and resized on the "
+                   "device (SOWA_IMAGE_DECODER, pil)")
+    c.add_argument("--api-key", help="require X-API-Key (prefer SOWA_API_KEY: arguments are visible in ps)")
+    c.add_argument("--log-level", default="info")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    from pydantic import ValidationError
+
+    from model.bundle import read_manifest
+    from service.settings import Settings
+
+    given = {k: getattr(args, k) for k in _FLAGS if getattr(args, k, None) is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+                             for err in e.errors())
+        raise ValueError(f"invalid settings: {problems}") from None
+    read_manifest(settings.bundle)  # fail now, in one line, rather than in the background start-up
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    serve(settings_from_args(args), args.log_level)
+    return 0
