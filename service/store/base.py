@@ -48,8 +48,8 @@ class ClassStore(Protocol):
         ...
 
     def changes(self) -> StoreChanges:
-        """What changed since the last call (the first call reports every class as changed). The store's own
-        writes and deletes are not reported back. Each change is reported once."""
+        """What changed since the last call; the first call reports every class, as changed. The store's own
+        writes and deletes are not reported back, and each change is reported once."""
         ...
 
     def read(self, name: str, fingerprint: str | None) -> ClassRecord | None:
