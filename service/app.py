@@ -17,12 +17,13 @@ from fastapi import FastAPI
 from .batcher import DynamicBatcher
 from .deps import Serving
 from .engine import Engine
-from .errors import install_error_handlers
+from .handlers import install_error_handlers
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from .registry import ClassRegistry
 from .routes import classes, health, predict
 from .settings import Settings
 from .staging import ImageStager
+from .store import DirectoryStore
 from .telemetry import Telemetry
 
 __all__ = ["ServiceStatus", "create_app"]
@@ -53,7 +54,7 @@ async def _start(app: FastAPI) -> None:
         app.state.engine = engine
         app.state.stager = ImageStager(engine.device, engine.image_size, s.image_decoder)
         status.model_loaded = True
-        registry = ClassRegistry(s.data_dir, engine, s.max_shots_per_class)
+        registry = ClassRegistry(DirectoryStore(s.data_dir), engine, s.max_shots_per_class)
         app.state.registry = registry
         await asyncio.to_thread(registry.restore)
         status.classes_restored = True
@@ -70,22 +71,12 @@ async def _start(app: FastAPI) -> None:
         app.state.serving = Serving(engine, app.state.stager, registry, batcher, s, telemetry)
         batcher.start()
         if s.sync_interval_s > 0:
-            app.state.sync = asyncio.create_task(_sync_loop(registry, s.sync_interval_s))
+            app.state.sync = asyncio.create_task(registry.follow(s.sync_interval_s))
         status.accepting = True
         log.info("ready: %s, %d classes", engine.describe(), len(registry))
     except Exception as e:
         status.error = f"{type(e).__name__}: {e}"
         log.exception("start-up failed")
-
-
-async def _sync_loop(registry: ClassRegistry, interval: float) -> None:
-    """Replicas share one data directory: follow what the others register or delete."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await registry.sync()
-        except Exception:  # a failed scan must not stop the next one
-            log.exception("class sync failed")
 
 
 @asynccontextmanager

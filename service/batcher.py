@@ -61,7 +61,13 @@ class DynamicBatcher:
 
     @property
     def queued_images(self) -> int:
+        """Images submitted and not yet answered (queued, in a forming batch, or on the device)."""
         return self._queued_images
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet taken into a batch."""
+        return self._queue.qsize() + (self._carry is not None)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sowa-batcher")

@@ -111,13 +111,23 @@ class SowaClient:
 
 
 class AsyncSowaClient:
-    """The prediction call of `SowaClient`, for concurrent load (benchmarks, tests)."""
+    """`SowaClient`'s calls, awaited: for concurrent load (benchmarks, tests) and for an app served in-process
+    (pass `http`, e.g. an `httpx.AsyncClient` on `httpx.ASGITransport(app)`; it is closed with this client)."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0,
-                 max_connections: int = 64) -> None:
+    def __init__(self, base_url: str = "", api_key: str | None = None, timeout: float = 60.0,
+                 max_connections: int = 64, http: httpx.AsyncClient | None = None) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
+        if http is None:
+            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+            http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
+        else:
+            http.headers.update(headers)
+        self._http = http
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The underlying client, for requests the typed calls do not cover."""
+        return self._http
 
     async def __aenter__(self) -> AsyncSowaClient:
         return self
@@ -130,3 +140,30 @@ class AsyncSowaClient:
         data = {"heatmap": heatmap, **({"class_name": class_name} if class_name else {})}
         r = await self._http.post("/predict", files=_files(images), data=data)
         return PredictResponse.model_validate(_check(r).json())
+
+    async def register_shots(self, name: str, images: Sequence[ImageInput],
+                             mode: Literal["append", "replace"] = "append") -> ClassInfo:
+        r = await self._http.post(f"/classes/{name}/shots", files=_files(images), data={"mode": mode})
+        return ClassInfo.model_validate(_check(r).json())
+
+    async def list_classes(self) -> list[ClassInfo]:
+        return ClassList.model_validate(_check(await self._http.get("/classes")).json()).classes
+
+    async def get_class(self, name: str) -> ClassInfo:
+        return ClassInfo.model_validate(_check(await self._http.get(f"/classes/{name}")).json())
+
+    async def set_threshold(self, name: str, threshold: float | None) -> ClassInfo:
+        r = await self._http.patch(f"/classes/{name}", json={"threshold": threshold})
+        return ClassInfo.model_validate(_check(r).json())
+
+    async def delete_class(self, name: str) -> None:
+        _check(await self._http.delete(f"/classes/{name}"))
+
+    async def ready(self) -> ReadyInfo:
+        r = await self._http.get("/readyz")
+        if r.status_code not in (200, 503):
+            _check(r)
+        return ReadyInfo.model_validate(r.json())
+
+    async def metrics(self) -> str:
+        return _check(await self._http.get("/metrics")).text

@@ -1,4 +1,4 @@
-"""Bytes in, JSON-ready values out: upload decoding with limits, heatmap encodings, anomalous regions.
+"""Maps in, JSON-ready values out: heatmap encodings and anomalous regions (uploads are decoded in uploads.py).
 
 Pure CPU functions, called from worker threads so the event loop never decodes or encodes.
 """
@@ -12,32 +12,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from model.preprocess import ImageDecodeError, ImageTooLargeError, check_pixels, decode_image
-
-from .errors import InvalidImageError, PayloadTooLargeError
-
-__all__ = ["check_upload_pixels", "decode_upload", "find_regions", "png_heatmap", "raw_heatmap"]
+__all__ = ["find_regions", "png_heatmap", "raw_heatmap"]
 
 MAX_REGIONS = 32  # bounds the response size whatever the map looks like
-
-
-def decode_upload(data: bytes, filename: str, max_pixels: int) -> Image.Image:
-    """Decode one uploaded file to RGB (EXIF orientation applied), or raise the right 4xx error naming it."""
-    try:
-        img = decode_image(data, max_pixels)
-    except ImageTooLargeError as e:
-        raise PayloadTooLargeError(f"{filename}: {e}") from None
-    except ImageDecodeError as e:
-        raise InvalidImageError(f"{filename}: {e}") from None
-    return img
-
-
-def check_upload_pixels(filename: str, width: int, height: int, max_pixels: int) -> None:
-    """`decode_upload`'s pixel limit, for an upload decoded elsewhere (the device JPEG decoder)."""
-    try:
-        check_pixels(width, height, max_pixels)
-    except ImageTooLargeError as e:
-        raise PayloadTooLargeError(f"{filename}: {e}") from None
 
 
 def raw_heatmap(anomaly_map: np.ndarray) -> dict:

@@ -20,3 +20,9 @@ def tiny_model() -> SowaModel:
     perturb_trainables(model)
     model.refresh_text()
     return model
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """`@pytest.mark.anyio` tests run on asyncio only: the service runs on it (uvicorn), never on trio."""
+    return "asyncio"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import inspect
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +96,33 @@ def write_reference_checkpoint(model: Any, path: Path, **extra: Any) -> Path:
             "hyper_parameters": {"loss": ForeignLoss(), "k_shot": False, "filter": True}, **extra}
     torch.save(ckpt, path)
     return path
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str = "condition",
+             interval: float = 0.05) -> float:
+    """Poll `condition` until it is truthy: the seconds that took. Fails, naming `what`, at the deadline.
+
+    Tests wait on something observable (a metric, a file, an answer), never for a fixed time: a loaded machine
+    only makes them slower, and an idle one does not wait for nothing."""
+    start = time.monotonic()
+    while True:
+        if condition():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not met within {timeout} s")
+        time.sleep(interval)
+
+
+async def wait_for_async(condition: Callable[[], object | Awaitable[object]], timeout: float,
+                         what: str = "condition", interval: float = 0.01) -> float:
+    """`wait_for` inside an event loop (the condition may be a coroutine function): the loop runs meanwhile."""
+    start = time.monotonic()
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not met within {timeout} s")
+        await asyncio.sleep(interval)

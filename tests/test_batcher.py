@@ -11,6 +11,7 @@ import torch
 from service.batcher import DynamicBatcher, WorkItem
 from service.errors import DeadlineExceededError, NotReadyError, QueueFullError
 from service.telemetry import Telemetry
+from tests.helpers import wait_for_async
 
 
 class Recorder:
@@ -103,7 +104,8 @@ def test_a_request_cancelled_while_its_batch_fills_is_dropped_at_the_door() -> N
         b = DynamicBatcher(rec, max_batch_size=4, max_wait_ms=200, max_queue=64)
         b.start()
         stays, leaves = b.submit(_item(0)), b.submit(_item(1))
-        await asyncio.sleep(0.05)  # both are in the forming batch now, which waits for more
+        # both in the forming batch, which waits for more until its window closes
+        await wait_for_async(lambda: b.waiting == 0, 5, "both requests taken into the batch", interval=0.001)
         leaves.future.cancel()
         assert await stays.future == [0.0]
         assert b.queued_images == 0  # the dropped one is accounted for too

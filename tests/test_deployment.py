@@ -8,8 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,7 +17,7 @@ import yaml
 from model.checkpoint_import import import_to_bundle
 from service.client import ApiError, SowaClient
 from sowa.server_process import ServerProcess, free_port
-from tests.helpers import PARITY, REPO
+from tests.helpers import PARITY, REPO, wait_for
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))
@@ -98,30 +96,23 @@ def test_real_prometheus_scrapes_the_service(bundle: Path, tmp_path: Path) -> No
         prom = subprocess.Popen([_tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result: list = []
+
+        def scraped() -> bool:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
+                              params={"query": 'sowa_requests_total{endpoint="/predict",status="200"}'})
+            except httpx.HTTPError:  # Prometheus still starting
+                return False
+            result[:] = r.json()["data"]["result"] if r.status_code == 200 else []
+            return bool(result)
+
         try:
-            deadline, result = time.monotonic() + 60, []
-            while time.monotonic() < deadline and not result:
-                time.sleep(1)
-                try:
-                    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
-                                  params={"query": 'sowa_requests_total{endpoint="/predict",status="200"}'})
-                    result = r.json()["data"]["result"] if r.status_code == 200 else []
-                except httpx.HTTPError:
-                    pass
-            assert result, "Prometheus never returned a sowa_ series"
+            wait_for(scraped, 60, "Prometheus returns a sowa_ series", interval=0.5)
             assert float(result[0]["value"][1]) >= 1 and result[0]["metric"]["job"] == "sowa"
         finally:
             prom.terminate()
             prom.wait(timeout=30)
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def test_replicas_share_classes_within_two_seconds(bundle: Path, tmp_path: Path) -> None:
@@ -137,18 +128,18 @@ def test_replicas_share_classes_within_two_seconds(bundle: Path, tmp_path: Path)
             return shots is None or info.shots == shots
 
         ca.register_shots("widget", SHOTS)
-        assert _wait_for(lambda: known(cb, "widget", 3), 2.0) < 2.0
+        assert wait_for(lambda: known(cb, "widget", 3), 2.0, "B sees the class A registered") < 2.0
         pa = ca.predict(TESTS, class_name="widget", heatmap="raw")
         pb = cb.predict(TESTS, class_name="widget", heatmap="raw")
         assert [r.score for r in pa.results] == [r.score for r in pb.results]
 
         cb.register_shots("widget", SHOTS[:1], mode="replace")  # a change made on B reaches A
-        _wait_for(lambda: known(ca, "widget", 1), 2.0)
+        wait_for(lambda: known(ca, "widget", 1), 2.0, "A sees the shots B replaced")
         cb.set_threshold("widget", 0.77)
-        _wait_for(lambda: ca.get_class("widget").threshold == 0.77, 2.0)
+        wait_for(lambda: ca.get_class("widget").threshold == 0.77, 2.0, "A sees B's threshold")
 
         ca.delete_class("widget")
-        _wait_for(lambda: not known(cb, "widget"), 2.0)
+        wait_for(lambda: not known(cb, "widget"), 2.0, "B sees A's delete")
 
 
 def test_concurrent_appends_on_two_replicas_lose_nothing(bundle: Path, tmp_path: Path) -> None:
@@ -158,8 +149,9 @@ def test_concurrent_appends_on_two_replicas_lose_nothing(bundle: Path, tmp_path:
     with ServerProcess(bundle, data, tmp_path / "a.log") as a, ServerProcess(bundle, data, tmp_path / "b.log") as b, \
             SowaClient(a.url) as ca, SowaClient(b.url) as cb:
         ca.register_shots("gear", SHOTS[:1])
-        _wait_for(lambda: cb.list_classes() != [], 2.0)
+        wait_for(lambda: cb.list_classes() != [], 2.0, "B sees the class")
         with ThreadPoolExecutor(2) as pool:  # the file lock makes the two appends take turns
             list(pool.map(lambda cs: cs[0].register_shots("gear", cs[1], mode="append"),
                           [(ca, SHOTS[1:2]), (cb, SHOTS[2:3])]))
-        _wait_for(lambda: ca.get_class("gear").shots == 3 and cb.get_class("gear").shots == 3, 2.0)
+        wait_for(lambda: ca.get_class("gear").shots == 3 and cb.get_class("gear").shots == 3, 2.0,
+                 "both replicas see all three shots")

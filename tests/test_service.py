@@ -1,4 +1,6 @@
-"""Integration tests: the real server (uvicorn on a loopback port) driven over HTTP with httpx."""
+"""The service through its HTTP API: in-process (the app behind httpx's ASGI transport, tests/in_process.py) for
+routes, codecs and the registry; a real server process (uvicorn on a loopback port) where the process is the
+point: kill -9 and restart, and a client whose socket goes away."""
 
 from __future__ import annotations
 
@@ -6,8 +8,8 @@ import asyncio
 import base64
 import io
 import re
-import time
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -17,12 +19,16 @@ from PIL import Image
 
 from model.checkpoint_import import import_to_bundle
 from model.inference import predict_files
-from service.client import ApiError, AsyncSowaClient, SowaClient, decode_raw_heatmap
+from service.client import ApiError, SowaClient, decode_raw_heatmap
 from sowa.server_process import ServerProcess
-from tests.helpers import PARITY
+from tests.helpers import PARITY, wait_for, wait_for_async
+from tests.in_process import InProcess, serve_in_process
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))
+# the limits the request tests probe, small enough to reach with small images
+LIMITS = {"max_wait_ms": 100, "max_batch_size": 8, "max_image_pixels": 200_000, "max_request_pixels": 300_000,
+          "max_request_bytes": 2 * 1024 * 1024, "max_images_per_request": 6, "max_shots_per_class": 5}
 
 
 def _png(size: tuple[int, int] = (64, 64), seed: int = 0) -> bytes:
@@ -39,27 +45,23 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("server")
-    flags = ["--max-wait-ms", "100", "--max-batch-size", "8"]
-    env = {"SOWA_MAX_IMAGE_PIXELS": "200000", "SOWA_MAX_REQUEST_PIXELS": "300000",
-           "SOWA_MAX_REQUEST_BYTES": str(2 * 1024 * 1024),
-           "SOWA_MAX_IMAGES_PER_REQUEST": "6", "SOWA_MAX_SHOTS_PER_CLASS": "5"}
-    with ServerProcess(bundle, tmp / "data", tmp / "server.log", flags, env) as srv:
-        yield srv
-
-
 @pytest.fixture()
-def client(server: ServerProcess) -> Iterator[SowaClient]:
-    with SowaClient(server.url) as c:
-        yield c
+async def svc(bundle: Path, tmp_path: Path) -> AsyncIterator[InProcess]:
+    async with serve_in_process(bundle, tmp_path / "data", **LIMITS) as s:
+        yield s
 
 
-def test_rest_equals_offline_predict(client: SowaClient, bundle: Path) -> None:
-    client.register_shots("widget", SHOTS, mode="replace")
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.anyio
+async def test_rest_equals_offline_predict(svc: InProcess, bundle: Path) -> None:
+    client = svc.client
+    await client.register_shots("widget", SHOTS, mode="replace")
     offline = predict_files(bundle, TESTS, SHOTS, device="cpu", batch_size=len(TESTS))
-    got = client.predict(TESTS, class_name="widget", heatmap="raw")
+    got = await client.predict(TESTS, class_name="widget", heatmap="raw")
     maps = np.stack([decode_raw_heatmap(r.heatmap) for r in got.results])
     assert maps.dtype == np.float32 and maps.shape == (4, 64, 64)
     assert np.array_equal(maps, offline["anomaly_maps"])
@@ -68,42 +70,41 @@ def test_rest_equals_offline_predict(client: SowaClient, bundle: Path) -> None:
     assert [r.is_anomalous for r in got.results] == offline["is_anomalous"].tolist()
     expected = np.load(PARITY / "expected.npz")
     assert np.abs(maps - expected["kshot_maps"]).max() <= 1e-4
-    zero = client.predict(TESTS, heatmap="raw")
+    zero = await client.predict(TESTS, heatmap="raw")
     assert np.abs(np.stack([decode_raw_heatmap(r.heatmap) for r in zero.results]) -
                   expected["zeroshot_maps"]).max() <= 1e-4
     assert all(r.threshold == 0.5 for r in zero.results)
 
 
-def test_png_heatmap_and_regions(client: SowaClient) -> None:
-    client.register_shots("widget", SHOTS, mode="replace")
-    big = _png((200, 120), seed=3)  # not the model size: the heatmap comes back at 200x120
-    r = client.predict([("part.png", big)], class_name="widget").results[0]
+@pytest.mark.anyio
+async def test_png_heatmap_and_regions(svc: InProcess) -> None:
+    await svc.client.register_shots("widget", SHOTS, mode="replace")
+    big = _png((200, 120), seed=3)  # noise, nothing like the shots; not the model size: the heatmap is 200x120
+    r = (await svc.client.predict([("part.png", big)], class_name="widget", heatmap="png")).results[0]
     assert r.filename == "part.png" and r.heatmap.format == "png"
     png = Image.open(io.BytesIO(base64.b64decode(r.heatmap.data)))
     assert png.size == (200, 120) and png.mode == "L"
+    assert r.is_anomalous and r.regions, "a defective image must come with its regions"
     for region in r.regions:
         x0, y0, x1, y1 = region.box
         assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 120 and 0 < region.area <= 1
+    peaks = [region.peak for region in r.regions]
+    assert peaks == sorted(peaks, reverse=True)  # strongest first
 
 
-def test_batches_form_under_concurrent_load(server: ServerProcess, client: SowaClient) -> None:
-    def batch_stats() -> tuple[float, float]:
-        text = client.metrics()
-        count = float(re.search(r"^sowa_batch_size_count (\S+)", text, re.M).group(1))
-        total = float(re.search(r"^sowa_batch_size_sum (\S+)", text, re.M).group(1))
-        return count, total
+@pytest.mark.anyio
+async def test_batches_form_under_concurrent_load(svc: InProcess) -> None:
+    async def batch_stats() -> tuple[float, float]:
+        text = await svc.client.metrics()
+        return _metric(text, "sowa_batch_size_count"), _metric(text, "sowa_batch_size_sum")
 
-    before = batch_stats()
-
-    async def load() -> None:
-        async with AsyncSowaClient(server.url) as ac:
-            await asyncio.gather(*(ac.predict([_png(seed=i)]) for i in range(24)))
-
-    asyncio.run(load())
-    count, total = (a - b for a, b in zip(batch_stats(), before, strict=True))
+    before = await batch_stats()
+    await asyncio.gather(*(svc.client.predict([_png(seed=i)]) for i in range(24)))
+    count, total = (a - b for a, b in zip(await batch_stats(), before, strict=True))
     assert total == 24
     assert count < 24, "no batch held more than one image"
-    assert re.search(r'^sowa_requests_total\{endpoint="/predict",status="200"\} \d+', client.metrics(), re.M)
+    assert re.search(r'^sowa_requests_total\{endpoint="/predict",status="200"\} \d+', await svc.client.metrics(),
+                     re.M)
 
 
 @pytest.mark.parametrize(("files", "data", "status", "code"), [
@@ -117,98 +118,117 @@ def test_batches_form_under_concurrent_load(server: ServerProcess, client: SowaC
     ([("images", ("a.png", _png(), "image/png"))] * 7, {}, 422, "invalid_request"),
     ([], {"class_name": "widget"}, 422, "invalid_request"),
 ])
-def test_bad_predict_inputs(server: ServerProcess, files: list, data: dict, status: int, code: str) -> None:
-    r = httpx.post(server.url + "/predict", files=files or None, data=data)
+@pytest.mark.anyio
+async def test_bad_predict_inputs(svc: InProcess, files: list, data: dict, status: int, code: str) -> None:
+    r = await svc.http.post("/predict", files=files or None, data=data)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
     assert "Traceback" not in r.text
-    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert (await svc.http.get("/healthz")).status_code == 200
 
 
-def test_too_large_request_and_decompression_bomb(server: ServerProcess) -> None:
-    r = httpx.post(server.url + "/predict", files=[("images", ("big.bin", b"\0" * (3 * 1024 * 1024), "x/y"))])
+@pytest.mark.anyio
+async def test_too_large_request_and_decompression_bomb(svc: InProcess) -> None:
+    http = svc.http
+    r = await http.post("/predict", files=[("images", ("big.bin", b"\0" * (3 * 1024 * 1024), "x/y"))])
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
-    def chunks() -> Iterator[bytes]:  # a valid multipart body without Content-Length, counted as it streams
+    async def chunks() -> AsyncIterator[bytes]:  # a valid multipart body without Content-Length, counted as it streams
         yield (b'--xyz\r\nContent-Disposition: form-data; name="images"; filename="a.bin"\r\n'
                b"Content-Type: application/octet-stream\r\n\r\n")
         for _ in range(48):
             yield b"\0" * 65536
         yield b"\r\n--xyz--\r\n"
 
-    r = httpx.post(server.url + "/predict", content=chunks(),
-                   headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    r = await http.post("/predict", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert "content-length" not in r.request.headers
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     two = [("images", (f"{i}.png", _png((400, 400), seed=i), "image/png")) for i in range(2)]  # 320 kpx > 300
-    r = httpx.post(server.url + "/predict", files=two)
+    r = await http.post("/predict", files=two)
     assert r.status_code == 413 and "in all" in r.json()["error"]["message"]
     bomb = io.BytesIO()
     Image.new("L", (5000, 5000)).save(bomb, format="PNG")  # tiny file, 25 Mpx once decoded
-    r = httpx.post(server.url + "/predict", files=[("images", ("bomb.png", bomb.getvalue(), "image/png"))])
+    r = await http.post("/predict", files=[("images", ("bomb.png", bomb.getvalue(), "image/png"))])
     assert r.status_code == 413 and "pixels" in r.json()["error"]["message"]
 
 
-def test_bad_class_requests(server: ServerProcess, client: SowaClient) -> None:
-    url = server.url
+@pytest.mark.anyio
+async def test_bad_class_requests(svc: InProcess) -> None:
+    http, client = svc.http, svc.client
     for name in ("Bad", "-x", "a" * 65, "x y", "..."):
-        r = httpx.post(f"{url}/classes/{name}/shots", files=[("images", ("a.png", _png(), "image/png"))])
+        r = await http.post(f"/classes/{name}/shots", files=[("images", ("a.png", _png(), "image/png"))])
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", name
-    r = httpx.post(f"{url}/classes/ok/shots", files=[("images", ("a.png", _png(), "image/png"))],
-                   data={"mode": "merge"})
+    r = await http.post("/classes/ok/shots", files=[("images", ("a.png", _png(), "image/png"))],
+                        data={"mode": "merge"})
     assert r.status_code == 422
-    r = httpx.post(f"{url}/classes/ok/shots", files=[("images", ("a.png", _png(), "image/png"))] * 6)
+    r = await http.post("/classes/ok/shots", files=[("images", ("a.png", _png(), "image/png"))] * 6)
     assert r.status_code == 422 and "limit of 5" in r.json()["error"]["message"]
-    assert httpx.get(f"{url}/classes/ghost").status_code == 404
-    assert httpx.delete(f"{url}/classes/ghost").status_code == 404
-    client.register_shots("widget", SHOTS, mode="replace")
-    assert httpx.patch(f"{url}/classes/widget", json={"threshold": 1.5}).status_code == 422
-    assert httpx.patch(f"{url}/classes/widget", json={"threshold": "high"}).status_code == 422
-    r = httpx.post(f"{url}/classes/widget/shots", files=[("images", ("t.txt", b"text", "text/plain"))])
-    assert r.status_code == 400 and client.get_class("widget").shots == 3  # a bad upload changes nothing
+    assert (await http.get("/classes/ghost")).status_code == 404
+    assert (await http.delete("/classes/ghost")).status_code == 404
+    await client.register_shots("widget", SHOTS, mode="replace")
+    assert (await http.patch("/classes/widget", json={"threshold": 1.5})).status_code == 422
+    assert (await http.patch("/classes/widget", json={"threshold": "high"})).status_code == 422
+    r = await http.post("/classes/widget/shots", files=[("images", ("t.txt", b"text", "text/plain"))])
+    assert r.status_code == 400 and (await client.get_class("widget")).shots == 3  # a bad upload changes nothing
     # a retried append (same files) adds nothing: a duplicate shot would be its own nearest neighbour
-    assert client.register_shots("widget", SHOTS, mode="append").shots == 3
+    assert (await client.register_shots("widget", SHOTS, mode="append")).shots == 3
 
 
-def test_class_lifecycle(client: SowaClient) -> None:
-    info = client.register_shots("gear", SHOTS[:2], mode="replace")
+@pytest.mark.anyio
+async def test_class_lifecycle(svc: InProcess) -> None:
+    client = svc.client
+    info = await client.register_shots("gear", SHOTS[:2], mode="replace")
     assert info.shots == 2 and info.bank_vectors == 2 * 64 and not info.threshold_overridden
-    assert client.register_shots("gear", SHOTS[2:], mode="append").shots == 3
-    assert client.register_shots("gear", SHOTS[:1], mode="replace").shots == 1
-    calibrated = client.get_class("gear").calibrated_threshold
-    assert client.set_threshold("gear", 0.8).threshold == 0.8
-    r = client.predict(TESTS[:1], class_name="gear", heatmap="none").results[0]
+    assert (await client.register_shots("gear", SHOTS[2:], mode="append")).shots == 3
+    assert (await client.register_shots("gear", SHOTS[:1], mode="replace")).shots == 1
+    calibrated = (await client.get_class("gear")).calibrated_threshold
+    assert (await client.set_threshold("gear", 0.8)).threshold == 0.8
+    r = (await client.predict(TESTS[:1], class_name="gear", heatmap="none")).results[0]
     assert r.threshold == pytest.approx(0.8) and r.is_anomalous == (r.score > 0.8)
-    restored = client.set_threshold("gear", None)
+    restored = await client.set_threshold("gear", None)
     assert restored.threshold == calibrated and not restored.threshold_overridden
-    assert "gear" in [c.name for c in client.list_classes()]
-    client.delete_class("gear")
+    assert "gear" in [c.name for c in await client.list_classes()]
+    await client.delete_class("gear")
     with pytest.raises(ApiError) as e:
-        client.get_class("gear")
+        await client.get_class("gear")
     assert e.value.status == 404
 
 
-def test_openapi_and_docs(server: ServerProcess) -> None:
-    spec = httpx.get(server.url + "/openapi.json").json()
+@pytest.mark.anyio
+async def test_openapi_and_docs(svc: InProcess) -> None:
+    spec = (await svc.http.get("/openapi.json")).json()
     assert {"/predict", "/classes/{name}/shots", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
-    assert httpx.get(server.url + "/docs").status_code == 200
+    assert (await svc.http.get("/docs")).status_code == 200
 
 
-def test_queue_full_answers_429(bundle: Path, tmp_path: Path) -> None:
-    flags = ["--max-batch-size", "1", "--max-queue", "2", "--max-wait-ms", "0"]
-    env = {"SOWA_MAX_IMAGES_PER_REQUEST": "2"}
-    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags, env) as srv:
-        async def burst() -> list[int]:
-            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
-                files = [("images", (f"{i}.png", _png(seed=i), "image/png")) for i in range(2)]
-                rs = await asyncio.gather(*(ac.post("/predict", files=files, data={"heatmap": "none"})
-                                            for _ in range(40)))
-                assert all(int(r.headers["Retry-After"]) >= 1 for r in rs if r.status_code == 429)
-                return [r.status_code for r in rs]
+@pytest.mark.anyio
+async def test_queue_full_answers_429(bundle: Path, tmp_path: Path) -> None:
+    async with serve_in_process(bundle, tmp_path / "data", max_batch_size=1, max_queue=2, max_wait_ms=0,
+                                max_images_per_request=2) as s:
+        # the device is held: the first request queued stays counted in the queue, so every later one finds it
+        # full, whatever the machine's speed
+        engine = s.app.state.engine
+        held, release = threading.Event(), threading.Event()
 
-        statuses = asyncio.run(burst())
+        def hold() -> None:
+            held.set()
+            release.wait(60)
+
+        holding = asyncio.ensure_future(engine.call(hold))
+        await wait_for_async(held.is_set, 10, "the engine thread is held")
+        files = [("images", (f"{i}.png", _png(seed=i), "image/png")) for i in range(2)]
+        posts = [asyncio.ensure_future(s.http.post("/predict", files=files, data={"heatmap": "none"}))
+                 for _ in range(40)]
+        await wait_for_async(lambda: sum(p.done() for p in posts) >= len(posts) - 1, 30,
+                             "every request but the queued one answered")
+        release.set()
+        rs = await asyncio.gather(*posts)
+        await holding
+        assert all(int(r.headers["Retry-After"]) >= 1 for r in rs if r.status_code == 429)
+        statuses = [r.status_code for r in rs]
         assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
         assert set(statuses) <= {200, 429}
-        assert httpx.get(srv.url + "/readyz").status_code == 200
+        assert (await s.http.get("/readyz")).status_code == 200
 
 
 def test_classes_survive_kill_9_and_restart(bundle: Path, tmp_path: Path) -> None:
@@ -232,54 +252,58 @@ def test_classes_survive_kill_9_and_restart(bundle: Path, tmp_path: Path) -> Non
         srv.stop()
 
 
-def test_bank_of_another_bundle_is_rebuilt_and_damage_is_refused(bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_bank_of_another_bundle_is_rebuilt_and_damage_is_refused(bundle: Path, tmp_path: Path) -> None:
     from model.bundle import init_bundle
 
     data = tmp_path / "data"
-    with ServerProcess(bundle, data, tmp_path / "log") as srv, SowaClient(srv.url) as c:
-        c.register_shots("widget", SHOTS)
-        c.register_shots("broken", SHOTS[:2])
+    async with serve_in_process(bundle, data) as s:
+        await s.client.register_shots("widget", SHOTS)
+        await s.client.register_shots("broken", SHOTS[:2])
     other = tmp_path / "other"
     init_bundle("sowa-tiny", "none", other, seed=9)
     shot = next((data / "classes" / "broken" / "shots").glob("*.png"))
     shot.write_bytes(shot.read_bytes()[:-10])  # damage one stored shot: that class cannot be rebuilt
-    with ServerProcess(other, data, tmp_path / "log") as srv, SowaClient(srv.url) as c:
-        ready = c.ready()
+    async with serve_in_process(other, data) as s:
+        ready = await s.client.ready()
         assert ready.ready and "broken" in ready.refused_classes and "hash" in ready.refused_classes["broken"]
-        info = c.get_class("widget")  # rebuilt for the new bundle (112 px, 8x8 grid -> 64 patches per shot)
+        info = await s.client.get_class("widget")  # rebuilt for the new bundle (112 px, 8x8 grid -> 64 patches)
         assert info.shots == 3 and info.bank_vectors == 3 * 64
-        assert c.predict(TESTS[:1], class_name="widget").model.image_size == 112
+        assert (await s.client.predict(TESTS[:1], class_name="widget")).model.image_size == 112
 
 
-def test_api_key(bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_api_key(bundle: Path, tmp_path: Path) -> None:
     key = "s3cret-key-123"
-    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", env={"SOWA_API_KEY": key}) as srv:
+    async with serve_in_process(bundle, tmp_path / "data", api_key=key) as s:
+        http = s.http  # sends no key
         files = [("images", ("a.png", _png(), "image/png"))]
-        assert httpx.post(srv.url + "/predict", files=files).status_code == 401
-        assert httpx.post(srv.url + "/predict", files=files, headers={"X-API-Key": "wrong-key-000"}).status_code \
+        assert (await http.post("/predict", files=files)).status_code == 401
+        assert (await http.post("/predict", files=files, headers={"X-API-Key": "wrong-key-000"})).status_code \
             == 401
-        assert httpx.get(srv.url + "/classes").json()["error"]["code"] == "unauthorized"
-        assert httpx.get(srv.url + "/openapi.json").status_code == 401  # every endpoint but health and metrics
+        assert (await http.get("/classes")).json()["error"]["code"] == "unauthorized"
+        assert (await http.get("/openapi.json")).status_code == 401  # every endpoint but health and metrics
         for open_path in ("/healthz", "/readyz", "/metrics"):
-            assert httpx.get(srv.url + open_path).status_code == 200
-        with SowaClient(srv.url, api_key=key) as c:
-            assert c.predict([_png()]).results[0].threshold == 0.5
-            assert c.list_classes() == []
+            assert (await http.get(open_path)).status_code == 200
+        async with s.connect(api_key=key) as c:
+            assert (await c.predict([_png()])).results[0].threshold == 0.5
+            assert await c.list_classes() == []
 
 
-def test_banks_beyond_the_device_budget_are_offloaded_and_served_the_same(bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_banks_beyond_the_device_budget_are_offloaded_and_served_the_same(bundle: Path, tmp_path: Path) -> None:
     # a budget below one bank: every class switch copies a bank in and evicts the previous one
-    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", ["--bank-device-budget-mb", "0.001"]) as srv, \
-            SowaClient(srv.url) as c:
-        c.register_shots("one", SHOTS)
-        c.register_shots("two", SHOTS[:2])
+    async with serve_in_process(bundle, tmp_path / "data", bank_device_budget_mb=0.001) as s:
+        c = s.client
+        await c.register_shots("one", SHOTS)
+        await c.register_shots("two", SHOTS[:2])
         offline_one = predict_files(bundle, TESTS, SHOTS, device="cpu", batch_size=len(TESTS))
         offline_two = predict_files(bundle, TESTS, SHOTS[:2], device="cpu", batch_size=len(TESTS))
         for name, offline in [("one", offline_one), ("two", offline_two), ("one", offline_one)]:
-            got = c.predict(TESTS, class_name=name, heatmap="raw")
+            got = await c.predict(TESTS, class_name=name, heatmap="raw")
             assert np.array_equal(np.stack([decode_raw_heatmap(r.heatmap) for r in got.results]),
                                   offline["anomaly_maps"])
-        metrics = c.metrics()
+        metrics = await c.metrics()
         value = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(sowa_bank_\w+) (\S+)$", metrics, re.M)}
         assert value["sowa_bank_device_budget_bytes"] == 1048
         assert value["sowa_bank_device_resident"] == 1  # the last class used; the other waits on the host
@@ -293,57 +317,54 @@ def _as_jpeg(path: Path, size: tuple[int, int] = (100, 90)) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.slow
-def test_compiled_server_with_the_device_jpeg_decoder(bundle: Path, tmp_path: Path) -> None:
-    # bucket 1 compiles at start-up; a 4-image request is larger than every bucket and runs eagerly
-    flags = ["--compile", "default", "--max-batch-size", "1", "--max-wait-ms", "0", "--image-decoder", "torchvision"]
-    env = {"SOWA_MAX_IMAGE_PIXELS": "200000"}
-    jpegs = [(f"{p.stem}.jpg", _as_jpeg(p)) for p in TESTS]
-    for name, data in jpegs:
-        (tmp_path / name).write_bytes(data)
-    with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags, env, ready_timeout=600) as srv, \
-            SowaClient(srv.url) as c:
-        c.register_shots("widget", SHOTS)  # PNG shots: the PIL path, as always for banks
-        reference = predict_files(bundle, [tmp_path / n for n, _ in jpegs], SHOTS, device="cpu", batch_size=4)
-        png_ref = predict_files(bundle, TESTS, SHOTS, device="cpu", batch_size=4)
-        one = [c.predict([TESTS[i]], class_name="widget", heatmap="raw") for i in range(len(TESTS))]
-        assert one[0].model.compile == "default"
-        compiled_maps = np.stack([decode_raw_heatmap(r.results[0].heatmap) for r in one])
-        assert np.abs(compiled_maps - png_ref["anomaly_maps"]).max() <= 1e-4  # compiled, PIL-decoded PNGs
-        together = c.predict(jpegs, class_name="widget", heatmap="raw")  # eager, device-decoded JPEGs
-        maps = np.stack([decode_raw_heatmap(r.heatmap) for r in together.results])
-        # measured 0.006 on maps reaching 4.6, and 4e-5 on scores (docs/service.md)
-        assert np.abs(maps - reference["anomaly_maps"]).max() <= 0.02
-        assert np.abs(np.array([r.score for r in together.results]) - reference["scores"]).max() <= 1e-3
-        cut = httpx.post(srv.url + "/predict", files=[("images", ("cut.jpg", jpegs[0][1][:300], "image/jpeg"))])
-        assert cut.status_code == 400 and cut.json()["error"]["code"] == "invalid_image"
-        big = httpx.post(srv.url + "/predict",
-                         files=[("images", ("big.jpg", _big_jpeg(), "image/jpeg"))])
-        assert big.status_code == 413 and "big.jpg: image has 500x500 = 250000 pixels" in big.json()["error"]["message"]
-
-
 def _big_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (500, 500), (90, 90, 90)).save(buf, format="JPEG")
     return buf.getvalue()
 
 
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_compiled_server_with_the_device_jpeg_decoder(bundle: Path, tmp_path: Path) -> None:
+    # bucket 1 compiles at start-up; a 4-image request is larger than every bucket and runs eagerly
+    jpegs = [(f"{p.stem}.jpg", _as_jpeg(p)) for p in TESTS]
+    for name, data in jpegs:
+        (tmp_path / name).write_bytes(data)
+    async with serve_in_process(bundle, tmp_path / "data", ready_timeout=600, compile_mode="default",
+                                max_batch_size=1, max_wait_ms=0, image_decoder="torchvision",
+                                max_image_pixels=200_000) as s:
+        c = s.client
+        await c.register_shots("widget", SHOTS)  # PNG shots: the PIL path, as always for banks
+        reference = predict_files(bundle, [tmp_path / n for n, _ in jpegs], SHOTS, device="cpu", batch_size=4)
+        png_ref = predict_files(bundle, TESTS, SHOTS, device="cpu", batch_size=4)
+        one = [await c.predict([TESTS[i]], class_name="widget", heatmap="raw") for i in range(len(TESTS))]
+        assert one[0].model.compile == "default"
+        compiled_maps = np.stack([decode_raw_heatmap(r.results[0].heatmap) for r in one])
+        assert np.abs(compiled_maps - png_ref["anomaly_maps"]).max() <= 1e-4  # compiled, PIL-decoded PNGs
+        together = await c.predict(jpegs, class_name="widget", heatmap="raw")  # eager, device-decoded JPEGs
+        maps = np.stack([decode_raw_heatmap(r.heatmap) for r in together.results])
+        # measured 0.006 on maps reaching 4.6, and 4e-5 on scores (docs/service.md)
+        assert np.abs(maps - reference["anomaly_maps"]).max() <= 0.02
+        assert np.abs(np.array([r.score for r in together.results]) - reference["scores"]).max() <= 1e-3
+        cut = await s.http.post("/predict", files=[("images", ("cut.jpg", jpegs[0][1][:300], "image/jpeg"))])
+        assert cut.status_code == 400 and cut.json()["error"]["code"] == "invalid_image"
+        big = await s.http.post("/predict", files=[("images", ("big.jpg", _big_jpeg(), "image/jpeg"))])
+        assert big.status_code == 413 and "big.jpg: image has 500x500 = 250000 pixels" in big.json()["error"]["message"]
+
+
 def test_a_client_that_leaves_while_queued_never_reaches_the_device(bundle: Path, tmp_path: Path) -> None:
-    # a batch waits 3 s to fill: the client gives up after 0.5 s, long before its image could reach the device
+    # a real socket that closes: a batch waits 3 s to fill, the client gives up after 0.5 s, long before its
+    # image could reach the device
     flags = ["--max-batch-size", "8", "--max-wait-ms", "3000"]
     with ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags) as srv, SowaClient(srv.url) as c:
-        def count(metric: str) -> float:
-            m = re.search(rf"^{metric} (\S+)$", c.metrics(), re.M)
-            return float(m.group(1)) if m else 0.0
-
-        batches = count("sowa_batch_size_count")
+        batches = _metric(c.metrics(), "sowa_batch_size_count")
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/predict", files=[("images", ("a.png", _png(), "image/png"))], timeout=0.5)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not re.search(
-                r'^sowa_requests_total\{endpoint="/predict",status="499"\} 1\.0$', c.metrics(), re.M):
-            time.sleep(0.1)
-        assert re.search(r'^sowa_requests_total\{endpoint="/predict",status="499"\} 1\.0$', c.metrics(), re.M)
-        time.sleep(3.5)  # past the batch window: the dropped request must not have run
-        assert count("sowa_batch_size_count") == batches and count("sowa_images_total") == 0
+        closed = r'^sowa_requests_total\{endpoint="/predict",status="499"\} 1\.0$'
+        wait_for(lambda: re.search(closed, c.metrics(), re.M), 10, "the request counted as client-closed (499)")
+        # the batcher lets go of the request (the queue empties) once its batch window closes: had it run, the
+        # batch would be counted by then
+        wait_for(lambda: _metric(c.metrics(), "sowa_queue_depth") == 0, 10, "the dropped request left the queue")
+        assert _metric(c.metrics(), "sowa_batch_size_count") == batches
+        assert _metric(c.metrics(), "sowa_images_total") == 0
         assert c.predict([_png()], heatmap="none").results[0].threshold == 0.5  # and the server carries on

@@ -6,10 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
+from ..class_names import check_class_name
 from ..deps import RegistryDep, SettingsDep, require_api_key
-from ..registry import check_class_name
 from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
-from .predict import read_images
+from ..uploads import PixelLimits, decode_uploads
+from .multipart import read_files
 
 __all__ = ["router"]
 
@@ -26,8 +27,9 @@ async def add_shots(
 ) -> dict:
     """Builds the class's bank and calibration; answers once both are on disk."""
     check_class_name(name)
-    decoded = await read_images(images, settings.max_shots_per_class, settings)
-    entry = await registry.add_shots(name, [img for _, img in decoded], mode)
+    uploads = await read_files(images, settings.max_shots_per_class)
+    decoded = await decode_uploads(uploads, PixelLimits.of(settings))
+    entry = await registry.add_shots(name, list(decoded.images), mode)
     return entry.info()
 
 

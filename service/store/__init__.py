@@ -1,0 +1,6 @@
+"""Where classes persist: the `ClassStore` interface the registry talks to, and its backends."""
+
+from .base import ClassRecord, ClassStore, StoreChanges
+from .directory import DirectoryStore
+
+__all__ = ["ClassRecord", "ClassStore", "DirectoryStore", "StoreChanges"]

@@ -1,0 +1,75 @@
+"""ClassStore: what the registry needs from persistence, and nothing about how a backend keeps it.
+
+The registry holds classes in memory and decides what to fit; a store keeps their records durable and shared
+between replicas. Today's backend is a directory (`directory.py`); a database backend (rows, advisory locks,
+LISTEN/NOTIFY for changes) implements the same methods. All methods are blocking: the registry calls them on
+worker threads. Names are checked by the registry first, and again by every store: a name never reaches a path
+or a query unchecked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from model.inference import ClassMemory
+
+__all__ = ["ClassRecord", "ClassStore", "StoreChanges"]
+
+
+@dataclass(frozen=True)
+class ClassRecord:
+    """One class as stored: its manifest, and its memory (bank and calibration) when that is usable."""
+
+    name: str
+    shots: tuple[str, ...]  # sha256 of each shot's PNG bytes, in registration order
+    memory: ClassMemory | None  # None when read without a fingerprint, or stored for another bundle, or damaged
+    threshold_override: float | None
+    created: float
+    updated: float
+    bundle_fingerprint: str  # the bundle `memory` was computed with
+
+
+@dataclass(frozen=True)
+class StoreChanges:
+    """Classes written or removed (by any replica) since the store last reported."""
+
+    changed: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class ClassStore(Protocol):
+    def recover(self) -> dict[str, str]:
+        """At start: finish what a crash interrupted (an interrupted delete); return stored entries that cannot be
+        classes, with the reason (they are refused, never served)."""
+        ...
+
+    def changes(self) -> StoreChanges:
+        """What changed since the last call; the first call reports every class, as changed. The store's own
+        writes and deletes are not reported back, and each change is reported once."""
+        ...
+
+    def read(self, name: str, fingerprint: str | None) -> ClassRecord | None:
+        """The class's record, or None when there is none. Its memory is loaded only when it was computed with
+        bundle `fingerprint` and is intact. ValueError when the record itself is damaged."""
+        ...
+
+    def read_shot(self, name: str, digest: str) -> bytes:
+        """A stored shot's PNG bytes, checked against its hash (ValueError when they do not match)."""
+        ...
+
+    def write(self, record: ClassRecord, shots: Mapping[str, bytes]) -> None:
+        """Store a class atomically: the new shots (digest -> PNG bytes), then the memory, then the manifest.
+        A crash at any point leaves the old record or the new one. Shots the record no longer names go."""
+        ...
+
+    def delete(self, name: str) -> bool:
+        """Remove a class at once (False when there was none)."""
+        ...
+
+    def lock(self, name: str) -> AbstractContextManager[None]:
+        """Mutual exclusion per class across every replica sharing this store: held for read-modify-write."""
+        ...

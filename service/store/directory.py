@@ -1,0 +1,207 @@
+"""DirectoryStore: classes as files under `data_dir`, shared by replicas through the file system.
+
+Layout (FORMAT_VERSION 1):
+
+    classes/<name>/class.json          name, shot hashes, bundle fingerprint, calibration, threshold override,
+                                       bank hash
+    classes/<name>/shots/<sha256>.png  each shot as decoded RGB (lossless), so banks can be rebuilt for another
+                                       bundle
+    classes/<name>/bank.safetensors    the bank features (S, K*L, D) for the bundle named in class.json
+    locks/<name>.lock                  the per-class flock replicas take turns on
+
+Every file is written to a temporary name, fsynced and renamed; class.json goes last, so a crash at any point
+leaves either the old class or the new one. Deletes rename the folder away first (atomic), then remove it.
+Changes are found by a stat of every class.json: written last, so a changed one means a complete class.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.calibration import Calibration
+from model.files import atomic_write, fsync_dir, sha256_file
+from model.inference import ClassMemory
+from model.memory_bank import MemoryBank
+
+from ..class_names import is_class_name
+from .base import ClassRecord, StoreChanges
+
+__all__ = ["FORMAT_VERSION", "DirectoryStore"]
+
+log = logging.getLogger("sowa.registry")
+
+FORMAT_VERSION = 1
+Signature = tuple[int, int, int] | None
+
+
+def _signature(path: Path) -> Signature:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class DirectoryStore:
+    """The `ClassStore` of one data directory (see the module docstring for its layout)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir) / "classes"
+        self.locks = Path(data_dir) / "locks"
+        self._seen: dict[str, Signature] = {}  # class.json signatures as last reported or written
+        self._seen_lock = threading.Lock()
+
+    def _folder(self, name: str) -> Path:
+        if not is_class_name(name):  # checked again here: a name never becomes a path unchecked
+            raise ValueError(f"invalid class name {name[:80]!r}")
+        return self.root / name
+
+    # -- start-up and change detection ------------------------------------------------------------------------
+    def recover(self) -> dict[str, str]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        refused = {}
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".trash-"):
+                shutil.rmtree(folder, ignore_errors=True)  # a delete interrupted by a crash
+            elif not folder.is_dir():
+                continue
+            elif not is_class_name(folder.name):
+                refused[folder.name] = "directory name is not a valid class name"
+            elif not (folder / "class.json").is_file() and (folder / "shots").exists():
+                refused[folder.name] = "class.json is missing"
+        return refused
+
+    def changes(self) -> StoreChanges:
+        present = self._scan()
+        with self._seen_lock:
+            deleted = tuple(sorted(set(self._seen) - set(present)))
+            changed = tuple(sorted(n for n, sig in present.items() if self._seen.get(n, ()) != sig))
+            self._seen = present
+        return StoreChanges(changed, deleted)
+
+    def _scan(self) -> dict[str, Signature]:
+        if not self.root.is_dir():
+            return {}
+        return {d.name: _signature(d / "class.json") for d in self.root.iterdir()
+                if is_class_name(d.name) and (d / "class.json").is_file()}
+
+    def _saw(self, name: str, sig: Signature | tuple[()]) -> None:
+        with self._seen_lock:
+            if sig == ():
+                self._seen.pop(name, None)
+            else:
+                self._seen[name] = sig
+
+    # -- reads ------------------------------------------------------------------------------------------------
+    def read(self, name: str, fingerprint: str | None) -> ClassRecord | None:
+        folder = self._folder(name)
+        m = _read_manifest(folder)
+        if m is None:
+            return None
+        memory = None
+        if fingerprint is not None and m.get("bundle_fingerprint") == fingerprint:
+            memory = self._read_memory(folder, m)
+        try:
+            times = float(m["created"]), float(m["updated"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"class.json has no valid times: {e}") from None
+        return ClassRecord(name, tuple(m["shots"]), memory, m.get("threshold_override"), *times,
+                           str(m.get("bundle_fingerprint") or ""))
+
+    def _read_memory(self, folder: Path, m: dict[str, Any]) -> ClassMemory | None:
+        bank_path = folder / "bank.safetensors"
+        if not bank_path.is_file() or sha256_file(bank_path) != m.get("bank_sha256"):
+            return None
+        try:
+            bank = MemoryBank(load_file(str(bank_path))["features"], int(m["bank_shots"]))
+            return ClassMemory(bank, Calibration(**m["calibration"]))
+        except (SafetensorError, KeyError, TypeError, ValueError) as e:
+            log.warning("class %s: bank unreadable (%s)", folder.name, e)
+            return None
+
+    def read_shot(self, name: str, digest: str) -> bytes:
+        path = self._folder(name) / "shots" / f"{digest}.png"
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"shot {path.name} does not match its hash")
+        return data
+
+    # -- writes (the caller holds `lock(name)`) ----------------------------------------------------------------
+    def write(self, record: ClassRecord, shots: Mapping[str, bytes]) -> None:
+        if record.memory is None:
+            raise ValueError("a class is written with its memory")
+        folder = self._folder(record.name)
+        shots_dir = folder / "shots"
+        new_folder = not folder.exists()
+        shots_dir.mkdir(parents=True, exist_ok=True)
+        if new_folder:
+            fsync_dir(self.root)
+        for digest, data in shots.items():
+            atomic_write(shots_dir / f"{digest}.png", lambda tmp, d=data: Path(tmp).write_bytes(d))
+        bank = folder / "bank.safetensors"
+        features = record.memory.bank.features.detach().to("cpu").contiguous()
+        atomic_write(bank, lambda tmp: save_file({"features": features}, tmp))
+        manifest = {
+            "format_version": FORMAT_VERSION, "name": record.name, "shots": list(record.shots),
+            "bundle_fingerprint": record.bundle_fingerprint, "bank_sha256": sha256_file(bank),
+            "bank_shots": record.memory.bank.shots, "calibration": asdict(record.memory.calibration),
+            "threshold_override": record.threshold_override, "created": record.created, "updated": record.updated,
+        }
+        atomic_write(folder / "class.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+        self._saw(record.name, _signature(folder / "class.json"))  # our own write: not a change to report
+        referenced = set(record.shots)
+        for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode, failed attempts)
+            if stale.stem not in referenced:
+                stale.unlink(missing_ok=True)
+
+    def delete(self, name: str) -> bool:
+        folder = self._folder(name)
+        if not folder.is_dir():
+            return False
+        trash = self.root / f".trash-{name}-{uuid.uuid4().hex}"
+        folder.rename(trash)  # atomic: the class is gone from disk at once
+        fsync_dir(self.root)
+        self._saw(name, ())
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        self._folder(name)
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with open(self.locks / f"{name}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """A class's class.json, checked; None when there is none. ValueError when it is damaged."""
+    path = folder / "class.json"
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+        ok = (m.get("format_version") == FORMAT_VERSION and m.get("name") == folder.name
+              and isinstance(m.get("shots"), list) and all(isinstance(h, str) for h in m["shots"]))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"class.json unreadable: {e}") from None
+    if not ok:
+        raise ValueError("class.json has another format or names another class")
+    return m
