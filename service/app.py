@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
+from .backend import LocalBackend
 from .batcher import DynamicBatcher
 from .deps import Serving
 from .engine import Engine
@@ -68,7 +69,8 @@ async def _start(app: FastAPI) -> None:
         batcher = DynamicBatcher(lambda images, memories: engine.call(engine.run, images, memories),
                                  s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry)
         app.state.batcher = batcher
-        app.state.serving = Serving(engine, app.state.stager, registry, batcher, s, telemetry)
+        app.state.backend = LocalBackend(engine, app.state.stager, registry, batcher)
+        app.state.serving = Serving(app.state.backend, s, telemetry)
         batcher.start()
         if s.sync_interval_s > 0:
             app.state.sync = asyncio.create_task(registry.follow(s.sync_interval_s))

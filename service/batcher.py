@@ -38,6 +38,9 @@ class WorkItem:
     deadline: float  # time.monotonic() after which the result is useless
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = field(default_factory=time.monotonic)
+    # set once the batcher is through with the item (run, dropped or failed): its images are no longer read, so
+    # memory they live in (a worker's shared-memory slots) may be reused
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def size(self) -> int:
@@ -46,13 +49,15 @@ class WorkItem:
 
 class DynamicBatcher:
     def __init__(self, run_batch: RunBatch, max_batch_size: int, max_wait_ms: float, max_queue: int,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, on_depth: Callable[[int], None] | None = None) -> None:
+        """`on_depth(queued_images)` is told every change of the queue (worker processes read it to refuse
+        requests before decoding them)."""
         if max_batch_size < 1 or max_queue < max_batch_size or max_wait_ms < 0:
             raise ValueError(f"need max_batch_size >= 1, max_queue >= max_batch_size and max_wait_ms >= 0, got "
                              f"{max_batch_size}, {max_queue}, {max_wait_ms}")
         self.run_batch, self.max_batch_size, self.max_queue = run_batch, max_batch_size, max_queue
         self.max_wait = max_wait_ms / 1000.0
-        self.telemetry = telemetry
+        self.telemetry, self.on_depth = telemetry, on_depth
         self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         self._queued_images = 0
         self._carry: WorkItem | None = None  # an item that did not fit the last batch
@@ -72,14 +77,19 @@ class DynamicBatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sowa-batcher")
 
-    def submit(self, item: WorkItem) -> WorkItem:
-        """Queue an item or refuse it at once: 503 while shutting down, 429 when the queue is full."""
+    def check_room(self, images: int) -> None:
+        """Refuse `images` more at once: 503 while shutting down, 429 when the queue has no room for them. Routes
+        ask before decoding a request, so overload costs no decoding; `submit` asks again."""
         if self._closing:
             raise NotReadyError("the server is shutting down")
-        if self._queued_images + item.size > self.max_queue:
+        if self._queued_images + images > self.max_queue:
             retry = max(1, round(self.max_wait + 0.05 * self._queued_images / self.max_batch_size))
             raise QueueFullError(f"{self._queued_images} images are waiting (limit {self.max_queue}); retry later",
                                  headers={"Retry-After": str(retry)})
+
+    def submit(self, item: WorkItem) -> WorkItem:
+        """Queue an item or refuse it at once (`check_room`)."""
+        self.check_room(item.size)
         self._queued_images += item.size
         self._gauge()
         self._queue.put_nowait(item)
@@ -111,11 +121,14 @@ class DynamicBatcher:
     def _done(self, item: WorkItem) -> None:
         self._queued_images -= item.size
         self._queue.task_done()
+        item.released.set()
         self._gauge()
 
     def _gauge(self) -> None:
         if self.telemetry:
             self.telemetry.queue_depth.set(self._queued_images)
+        if self.on_depth is not None:
+            self.on_depth(self._queued_images)
 
     def _usable(self, item: WorkItem, now: float) -> bool:
         if item.future.done():  # cancelled: the client went away

@@ -13,12 +13,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
-from .batcher import DynamicBatcher
-from .engine import Engine
+from .backend import Backend
 from .errors import NotReadyError, UnauthorizedError
 from .registry import ClassRegistry
 from .settings import Settings
-from .staging import ImageStager
 from .telemetry import Telemetry
 
 __all__ = ["RegistryDep", "Serving", "ServingDep", "SettingsDep", "TelemetryDep", "require_api_key"]
@@ -45,10 +43,7 @@ class Serving:
     """Everything /predict touches, resolved as one dependency: FastAPI's per-dependency work (solving, cache
     keys) was a quarter of the event loop's time per request with six separate ones."""
 
-    engine: Engine
-    stager: ImageStager
-    registry: ClassRegistry
-    batcher: DynamicBatcher
+    backend: Backend  # LocalBackend in this process, or RemoteBackend to the engine process (HTTP workers)
     settings: Settings
     telemetry: Telemetry
 

@@ -45,13 +45,18 @@ T = TypeVar("T")
 class ImageResult:
     """One image's outputs, on the host."""
 
-    anomaly_map: np.ndarray  # (S, S) float32, reference scale
+    anomaly_map: np.ndarray | None  # (S, S) float32, reference scale; None where it was not sent (workers)
     text_score: float
     score: float  # online raw score (docs/scoring.md)
     threshold: float
     normalized_score: float
     is_anomalous: bool
     pixel_threshold: float  # map level where regions start
+    map_max: float | None = None  # the map's highest value: at or below pixel_threshold, it holds no region
+
+    @property
+    def may_hold_regions(self) -> bool:
+        return self.map_max is None or self.map_max > self.pixel_threshold
 
 
 class Engine:
@@ -139,7 +144,8 @@ class Engine:
         zero_shot_px = zero_shot_pixel_threshold(len(self.model.taps))
         return [
             ImageResult(maps[i], text[i], float(s.raw[i]), float(s.threshold[i]), float(s.score[i]),
-                        bool(s.is_anomalous[i]), m.calibration.pixel_threshold if m else zero_shot_px)
+                        bool(s.is_anomalous[i]), m.calibration.pixel_threshold if m else zero_shot_px,
+                        float(maps[i].max()))
             for i, m in enumerate(memories)
         ]
 

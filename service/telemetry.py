@@ -19,14 +19,29 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Telemetry:
-    def __init__(self) -> None:
+    """`http`: the request metrics, counted where HTTP is served; `engine`: batching, queue, classes, banks.
+
+    One process serves both by default. With HTTP worker processes (service/frontend/), each worker counts its
+    requests in prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`, set before the worker
+    imports prometheus_client) and the engine process, which has the rest, adds those files up at scrape time
+    (`worker_metrics_dir`): one /metrics, whichever worker a scrape reaches.
+    """
+
+    def __init__(self, http: bool = True, engine: bool = True, worker_metrics_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sowa_requests_total", "HTTP requests by route template and status",
-                                ["endpoint", "status"], registry=r)
-        self.request_duration = Histogram("sowa_request_duration_seconds", "HTTP request latency by route",
-                                          ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.images = Counter("sowa_images_total", "images scored by /predict", registry=r)
+        if worker_metrics_dir is not None:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            MultiProcessCollector(r, path=worker_metrics_dir)
+        if http:
+            self.requests = Counter("sowa_requests_total", "HTTP requests by route template and status",
+                                    ["endpoint", "status"], registry=r)
+            self.request_duration = Histogram("sowa_request_duration_seconds", "HTTP request latency by route",
+                                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+            self.images = Counter("sowa_images_total", "images scored by /predict", registry=r)
+        if not engine:
+            return
         self.batch_size = Histogram("sowa_batch_size", "images per device batch", buckets=_BATCH_BUCKETS,
                                     registry=r)
         self.queue_depth = Gauge("sowa_queue_depth", "images waiting for the device", registry=r)

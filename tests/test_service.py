@@ -231,6 +231,34 @@ async def test_queue_full_answers_429(bundle: Path, tmp_path: Path) -> None:
         assert (await s.http.get("/readyz")).status_code == 200
 
 
+@pytest.mark.anyio
+async def test_admission_is_decided_before_decoding(bundle: Path, tmp_path: Path) -> None:
+    """With the queue full, a request is refused (429) before its images are decoded: overload spends no CPU on
+    decoding, so an undecodable file is not even looked at."""
+    async with serve_in_process(bundle, tmp_path / "data", max_batch_size=1, max_queue=1, max_wait_ms=0,
+                                max_images_per_request=1) as s:
+        engine = s.app.state.engine
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(60)
+
+        holding = asyncio.ensure_future(engine.call(hold))
+        await wait_for_async(held.is_set, 10, "the engine thread is held")
+        queued = asyncio.ensure_future(s.http.post("/predict", files=[("images", ("0.png", _png(), "image/png"))],
+                                                   data={"heatmap": "none"}))
+        await wait_for_async(lambda: s.app.state.batcher.queued_images == 1, 10, "one image queued")
+        refused = await s.http.post("/predict", files=[("images", ("bad.png", b"not an image", "image/png"))])
+        release.set()
+        assert (await queued).status_code == 200
+        await holding
+        assert refused.status_code == 429, refused.text  # 400 invalid_image if it had been decoded first
+        assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["Retry-After"]) >= 1
+        bad = await s.http.post("/predict", files=[("images", ("bad.png", b"not an image", "image/png"))])
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"  # with room: decoded
+
+
 def test_classes_survive_kill_9_and_restart(bundle: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = ServerProcess(bundle, data, tmp_path / "log").start()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
-from ..batcher import WorkItem
 from ..codecs import find_regions, png_heatmap, raw_heatmap
 from ..deps import ServingDep, require_api_key
 from ..engine import ImageResult
@@ -24,32 +24,32 @@ router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 HeatmapKind = Literal["none", "png", "raw"]
 
 
-async def _cancel_on_disconnect(request: Request, item: WorkItem) -> bool:
-    """Cancel the item when the client goes away (the batcher then drops it before the device).
-
-    The body has been read, so the server's next message on the receive channel is the disconnect: waiting for
-    it costs nothing per request, where polling `request.is_disconnected()` took a sixth of the event loop's time
-    under load.
-    """
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away. The body has been read, so the server's next message on the receive
+    channel is the disconnect: waiting for it costs nothing per request, where polling
+    `request.is_disconnected()` took a sixth of the event loop's time under load."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    item.future.cancel()
-    return True
 
 
-async def _result(request: Request, item: WorkItem, timeout: float) -> list[ImageResult]:
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, item))
+async def _result(request: Request, work: Awaitable[list[ImageResult]], timeout: float) -> list[ImageResult]:
+    """The backend's results, or the error that says why not: the deadline passed (504), the client left (499;
+    the backend then drops the request before the device)."""
+    task = asyncio.ensure_future(asyncio.wait_for(work, timeout))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        return await asyncio.wait_for(asyncio.shield(item.future), timeout)
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()  # the client left first
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientClosedError("the client closed the connection")
     except asyncio.TimeoutError:  # not the builtin before Python 3.11
-        item.future.cancel()
         raise DeadlineExceededError(f"no result within {timeout:g} s") from None
-    except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled() and watcher.result():
-            raise ClientClosedError("the client closed the connection") from None
-        raise  # this request's own task is being cancelled (shutdown)
     finally:
         watcher.cancel()
+        if not task.done():  # this request's own task is being cancelled (shutdown)
+            task.cancel()
 
 
 def _encode(src: ImageSource, r: ImageResult, heatmap: HeatmapKind) -> dict:
@@ -60,7 +60,8 @@ def _encode(src: ImageSource, r: ImageResult, heatmap: HeatmapKind) -> dict:
         hm = png_heatmap(r.anomaly_map, src.width, src.height, 2.0 * r.pixel_threshold)
     return {"filename": src.name, "score": r.score, "normalized_score": r.normalized_score, "text_score": r.text_score,
             "threshold": r.threshold, "is_anomalous": r.is_anomalous, "heatmap": hm,
-            "regions": find_regions(r.anomaly_map, r.pixel_threshold, src.width, src.height)}
+            "regions": find_regions(r.anomaly_map, r.pixel_threshold, src.width, src.height)
+            if r.anomaly_map is not None and r.may_hold_regions else []}
 
 
 @router.post("/predict", response_model=PredictResponse, summary="Score images",
@@ -75,13 +76,15 @@ async def predict(
 ) -> dict:
     """Anomaly score, decision, regions and heatmap for every image."""
     settings = svc.settings
-    memory = svc.registry.get(class_name).serving_memory if class_name else None
+    if class_name:
+        svc.backend.check_class(class_name)  # 404 before any work
     uploads = await read_files(images, settings.max_images_per_request)
-    batch = await stage_uploads(uploads, PixelLimits.of(settings), svc.stager)
-    item = svc.batcher.submit(WorkItem(batch.images, [memory] * len(batch),
-                                       deadline=time.monotonic() + settings.request_timeout_s))
-    results = await _result(request, item, settings.request_timeout_s)
+    svc.backend.admit(len(uploads))  # 429 before decoding: overload costs no decoding
+    batch = await stage_uploads(uploads, PixelLimits.of(settings), svc.backend.stager)
+    work = svc.backend.predict(batch.images, class_name, time.monotonic() + settings.request_timeout_s,
+                               need_maps=heatmap != "none")
+    results = await _result(request, work, settings.request_timeout_s)
     body = await asyncio.to_thread(lambda: [_encode(src, r, heatmap) for src, r in zip(batch.sources, results,
                                                                                        strict=True)])
     svc.telemetry.images.inc(len(body))
-    return {"class_name": class_name, "results": body, "model": svc.engine.describe()}
+    return {"class_name": class_name, "results": body, "model": svc.backend.describe()}
