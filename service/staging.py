@@ -34,6 +34,12 @@ _EXIF_ORIENTATION = 0x0112
 _DECODE_GROUP_PIXELS = 16_000_000
 
 
+def _host_stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Host images stacked by numpy: torch's own stack and copies start an OpenMP team in every request thread
+    that calls them (measured: one more native thread per thread), which then compete with the engine's."""
+    return torch.from_numpy(np.stack([x.numpy() for x in images]))
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG the device decoder takes as is (RGB or greyscale, no EXIF rotation, ending in
     its end-of-image marker), read from its header without decoding; None for anything else, which then goes
@@ -66,8 +72,10 @@ class ImageStager:
         """(n, 3, S, S) uint8 on the host -> the same on the engine's device (identity on the CPU)."""
         if self.device.type != "cuda":
             return images
+        pinned = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        np.copyto(pinned.numpy(), images.numpy())  # numpy's copy: see `_host_stack`
         with torch.cuda.stream(self._stream()):
-            out = images.pin_memory().to(self.device, non_blocking=True)
+            out = pinned.to(self.device, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         return out
 
@@ -76,13 +84,13 @@ class ImageStager:
         (n, 3, S, S) batch on the engine's device. Device work runs on this thread's stream, which it waits for:
         memory made on that stream is only ever read there, so the allocator cannot hand it out too early."""
         if self.device.type != "cuda":
-            return torch.stack(list(images))
+            return _host_stack(images)
         host = [i for i, x in enumerate(images) if not x.is_cuda]
         if len(host) == len(images):  # the PIL path: one stack, one copy
-            return self.stage(torch.stack(list(images)))
+            return self.stage(_host_stack(images))
         parts = list(images)
         if host:
-            moved = self.stage(torch.stack([parts[i] for i in host]))
+            moved = self.stage(_host_stack([parts[i] for i in host]))
             for j, i in enumerate(host):
                 parts[i] = moved[j]
         with torch.cuda.stream(self._stream()):

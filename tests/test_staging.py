@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +133,28 @@ def test_cuda_engine_takes_staged_batches_and_scores_them_as_host_ones(tmp_path:
     finally:
         engine.close()
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(staged, host, strict=True))
+
+
+def test_host_staging_starts_no_thread_pool_per_request_thread() -> None:
+    """Request threads stage on the host with numpy: torch's stack would start an OpenMP team in each of them."""
+    code = """
+import os, threading, time
+import numpy as np, torch
+from service.staging import ImageStager
+torch.set_num_threads(2)
+x = [torch.from_numpy(np.full((3, 224, 224), i, np.uint8)) for i in range(8)]  # above torch's parallel grain
+torch.stack(x)  # the main thread's own pool exists before counting
+stager, done, out = ImageStager(torch.device("cpu"), 224), threading.Event(), []
+def work():
+    out.append(stager.join(x))
+    done.wait()
+before = len(os.listdir("/proc/self/task"))
+threads = [threading.Thread(target=work) for _ in range(6)]
+[t.start() for t in threads]
+while len(out) < 6:
+    time.sleep(0.01)
+print(len(os.listdir("/proc/self/task")) - before - 6, all(bool((o[:, 0, 0, 0] == torch.arange(8)).all()) for o in out))
+done.set()
+"""
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert got == ["0", "True"]
