@@ -10,7 +10,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 
@@ -18,31 +17,22 @@ from .backend import LocalBackend
 from .batcher import DynamicBatcher
 from .deps import Serving
 from .engine import Engine
+from .frontend.engine_server import EngineServer
+from .frontend.link import WorkerLink
+from .frontend.slots import SharedCounter
 from .handlers import install_error_handlers
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, RouteHeaderMiddleware
 from .registry import ClassRegistry
 from .routes import classes, health, predict
 from .settings import Settings
 from .staging import ImageStager
+from .status import ServiceStatus
 from .store import DirectoryStore
 from .telemetry import Telemetry
 
-__all__ = ["ServiceStatus", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("sowa.service")
-
-
-@dataclass
-class ServiceStatus:
-    model_loaded: bool = False
-    classes_restored: bool = False
-    warmed_up: bool = False
-    accepting: bool = False
-    error: str | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.model_loaded and self.classes_restored and self.warmed_up and self.accepting
 
 
 async def _start(app: FastAPI) -> None:
@@ -66,14 +56,20 @@ async def _start(app: FastAPI) -> None:
         telemetry.model_info.info({k: str(v) for k, v in engine.describe().items()})
         telemetry.track(lambda: len(registry), registry.bank_bytes, engine.device_memory_bytes)
         telemetry.track_banks(engine.banks.stats)
+        link: WorkerLink | None = app.state.workers
+        counter = SharedCounter() if link else None  # the queue depth, for the workers' admission
         batcher = DynamicBatcher(lambda images, memories: engine.call(engine.run, images, memories),
-                                 s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry)
+                                 s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry,
+                                 on_depth=counter.set if counter else None)
         app.state.batcher = batcher
         app.state.backend = LocalBackend(engine, app.state.stager, registry, batcher)
         app.state.serving = Serving(app.state.backend, s, telemetry)
         batcher.start()
         if s.sync_interval_s > 0:
             app.state.sync = asyncio.create_task(registry.follow(s.sync_interval_s))
+        if link and counter:  # workers connect once it listens: they take traffic only once this one is ready
+            app.state.engine_server = EngineServer(app.state.backend, link.engine_socket, counter)
+            await app.state.engine_server.start()
         status.accepting = True
         log.info("ready: %s, %d classes", engine.describe(), len(registry))
     except Exception as e:
@@ -88,6 +84,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     app.state.status.accepting = False
     startup.cancel()
+    engine_server = getattr(app.state, "engine_server", None)
+    if engine_server is not None:
+        await engine_server.close()
     sync = getattr(app.state, "sync", None)
     if sync is not None:
         sync.cancel()
@@ -99,7 +98,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.close()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, workers: WorkerLink | None = None) -> FastAPI:
+    """The service's app. With `workers`, this is the engine process behind HTTP worker processes
+    (service/frontend/): they send predictions to its EngineServer and forward every other request here, and
+    they count all requests, so this app counts none and adds theirs to /metrics."""
     app = FastAPI(
         title="SOWA inspection service",
         version="0.1.0",
@@ -109,7 +111,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.status = ServiceStatus()
-    app.state.telemetry = Telemetry()
+    app.state.workers = workers
+    app.state.telemetry = Telemetry(http=workers is None,
+                                    worker_metrics_dir=workers.metrics_dir if workers else None)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
@@ -117,5 +121,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     if settings.api_key is not None:  # outside the body limit: a request without the key is never read
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
-    app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry)
+    if workers is None:
+        app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry)
+    else:  # the workers label their counts with the route template the request matched here
+        app.add_middleware(RouteHeaderMiddleware)
     return app

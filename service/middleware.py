@@ -13,7 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import error_body
 from .telemetry import Telemetry
 
-__all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "MetricsMiddleware"]
+__all__ = ["ROUTE_HEADER", "ApiKeyMiddleware", "BodyLimitMiddleware", "MetricsMiddleware", "RouteHeaderMiddleware"]
+
+ROUTE_HEADER = b"x-sowa-route"  # engine -> worker: the route template a forwarded request matched
 
 
 async def send_error(send: Send, status: int, code: str, message: str,
@@ -85,16 +87,22 @@ class MetricsMiddleware:
         status: dict[str, Any] = {"code": 500}
         start = time.perf_counter()
 
+        forwarded: list[str] = []
+
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                headers = message.get("headers") or []
+                if any(k == ROUTE_HEADER for k, _ in headers):  # answered by the engine process, for a worker
+                    forwarded.extend(v.decode("latin-1") for k, v in headers if k == ROUTE_HEADER)
+                    message = {**message, "headers": [(k, v) for k, v in headers if k != ROUTE_HEADER]}
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = (forwarded[0] if forwarded else None) or getattr(route, "path", None) or "unmatched"
             self.telemetry.requests.labels(endpoint, str(status["code"])).inc()
             self.telemetry.request_duration.labels(endpoint).observe(time.perf_counter() - start)
 
@@ -118,3 +126,24 @@ class ApiKeyMiddleware:
                                  [(b"www-authenticate", b"APIKey")])
                 return
         await self.app(scope, receive, send)
+
+
+class RouteHeaderMiddleware:
+    """The engine process behind workers: tell them, in a response header, which route template a request
+    matched, so their request counts are labelled as a single process labels them."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tag(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                message = {**message, "headers": [*(message.get("headers") or []), (ROUTE_HEADER, route.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, tag)

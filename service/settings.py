@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     image_decoder: Literal["pil", "torchvision"] = Field("pil", description="pil: the reference preprocessing, "
                                                          "bit for bit; torchvision: JPEGs decoded and resized on "
                                                          "the device (within 2 grey levels of it)")
+    workers: int | None = Field(None, ge=1, le=64, description="HTTP worker processes in front of the one engine "
+                                "process that owns the device (unset: 1 on a CPU, on a GPU half the cores, 2 to 8)")
     warmup: bool = True
     sync_interval_s: float = Field(1.0, ge=0, description="how often to pick up classes changed by other replicas "
                                    "sharing data_dir (0: never)")
@@ -74,10 +76,25 @@ class Settings(BaseSettings):
             raise ValueError("api_key must be at least 8 characters (or unset)")
         return v
 
+    def resolved_workers(self) -> int:
+        """The HTTP worker processes to run: one event loop parses about 600 requests/s (docs/service.md), so a
+        GPU host needs several to feed the device; a CPU host's device is its cores, which workers would take."""
+        if self.workers is not None:
+            return self.workers
+        import os
+
+        import torch
+
+        if self.device == "cpu" or not torch.cuda.is_available():
+            return 1
+        return max(2, min(8, (os.cpu_count() or 2) // 2))
+
     @model_validator(mode="after")
     def _limits(self) -> Settings:
         if self.max_queue < self.max_batch_size:
             raise ValueError(f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size})")
+        if (self.workers or 1) > 1 and self.port == 0:
+            raise ValueError("workers > 1 need a fixed port: each worker binds it (SO_REUSEPORT)")
         if self.max_queue < self.max_images_per_request:  # such a request could never be queued
             raise ValueError(f"max_queue ({self.max_queue}) must be >= max_images_per_request "
                              f"({self.max_images_per_request})")

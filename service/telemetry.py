@@ -28,18 +28,20 @@ class Telemetry:
     """
 
     def __init__(self, http: bool = True, engine: bool = True, worker_metrics_dir: str | None = None) -> None:
+        """`http` False: the workers count requests, so this process's counts stay off its /metrics (they are
+        kept, unrendered, for code that counts either way); `worker_metrics_dir`: add the workers' counts."""
         self.registry = CollectorRegistry()
         r = self.registry
         if worker_metrics_dir is not None:
             from prometheus_client.multiprocess import MultiProcessCollector
 
             MultiProcessCollector(r, path=worker_metrics_dir)
-        if http:
-            self.requests = Counter("sowa_requests_total", "HTTP requests by route template and status",
-                                    ["endpoint", "status"], registry=r)
-            self.request_duration = Histogram("sowa_request_duration_seconds", "HTTP request latency by route",
-                                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-            self.images = Counter("sowa_images_total", "images scored by /predict", registry=r)
+        h = r if http else CollectorRegistry()
+        self.requests = Counter("sowa_requests_total", "HTTP requests by route template and status",
+                                ["endpoint", "status"], registry=h)
+        self.request_duration = Histogram("sowa_request_duration_seconds", "HTTP request latency by route",
+                                          ["endpoint"], buckets=_LATENCY_BUCKETS, registry=h)
+        self.images = Counter("sowa_images_total", "images scored by /predict", registry=h)
         if not engine:
             return
         self.batch_size = Histogram("sowa_batch_size", "images per device batch", buckets=_BATCH_BUCKETS,

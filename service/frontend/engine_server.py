@@ -1,0 +1,87 @@
+"""EngineServer: the engine process's side of the worker socket. It serves the in-process backend's predictions.
+
+Per connection (one worker): the engine says hello first (image size, the model, its queue counter), the worker
+answers with its slot segment, then requests flow. Each request runs as a task; its one reply is written when
+it ends, whatever the outcome, and only once the batcher is through with its slots. A worker that disconnects
+has its requests cancelled, and its segment is closed once none of them can touch it any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ..backend import LocalBackend
+from ..errors import ClientClosedError, SowaError, UnprocessableError
+from .protocol import Cancel, Hello, Predict, Reply, parse, read_frame, to_frame
+from .slots import SharedCounter, SlotSegment
+from .wire import error_to_wire, results_to_wire
+
+__all__ = ["EngineServer"]
+
+log = logging.getLogger("sowa.frontend")
+
+
+class EngineServer:
+    def __init__(self, backend: LocalBackend, socket_path: str, queue_counter: SharedCounter) -> None:
+        self.backend, self.socket_path, self.counter = backend, socket_path, queue_counter
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._connection, self.socket_path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tasks: dict[int, asyncio.Task] = {}
+        segment: SlotSegment | None = None
+        try:
+            writer.write(to_frame(Reply(0, {"image_size": self.backend.image_size, "model": self.backend.describe(),
+                                            "queue_counter": self.counter.name})))
+            hello = parse(await read_frame(reader))
+            if not isinstance(hello, Hello):
+                raise ValueError(f"expected hello, got {hello.op}")
+            segment = SlotSegment(hello.slots, self.backend.image_size, name=hello.segment)
+            while True:
+                message = parse(await read_frame(reader))
+                if isinstance(message, Predict):
+                    tasks[message.id] = asyncio.create_task(self._predict(message, segment, writer, tasks))
+                elif isinstance(message, Cancel) and message.id in tasks:
+                    tasks[message.id].cancel()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker stopped (or was killed): its requests go with it
+        except Exception:
+            log.exception("worker connection failed")
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            if segment is not None:
+                segment.close()
+            writer.close()
+
+    async def _predict(self, m: Predict, segment: SlotSegment, writer: asyncio.StreamWriter,
+                       tasks: dict[int, asyncio.Task]) -> None:
+        payload = b""
+        try:
+            if not (m.start >= 0 and m.start + m.count <= segment.slots):
+                raise UnprocessableError(f"slots {m.start}..{m.start + m.count} outside the segment")
+            results = await self.backend.predict(segment.view(m.start, m.count), m.class_name, m.deadline,
+                                                 hold_inputs=True)
+            rows, payload = results_to_wire(results, m.need_maps)
+            reply = Reply(m.id, rows)
+        except asyncio.CancelledError:
+            reply = Reply(m.id, error=error_to_wire(ClientClosedError("the client went away")))
+        except SowaError as e:
+            reply = Reply(m.id, error=error_to_wire(e))
+        except Exception as e:  # a bug: this request answers 500, the connection lives on
+            log.exception("request %d failed", m.id)
+            reply = Reply(m.id, error=error_to_wire(SowaError(f"internal error ({type(e).__name__})")))
+        finally:
+            tasks.pop(m.id, None)
+        with contextlib.suppress(ConnectionError, RuntimeError):  # the worker may be gone already
+            writer.write(to_frame(reply, payload))

@@ -1,0 +1,98 @@
+"""Frames between HTTP workers and the engine process: a JSON header and a binary payload, length-prefixed.
+
+Only predictions take this path; everything else a worker forwards to the engine process's own HTTP server
+(frontend/proxy.py). Images never travel in frames: a worker writes them into its shared-memory slots
+(slots.py) and names the slots. The payload carries what does not fit JSON: the anomaly maps (float32) of a
+reply. Every message is one frozen dataclass; `Frame.header["op"]` says which. Both ends are processes of one
+server, started together, so nothing here is untrusted input; sizes are bounded all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["MAX_PAYLOAD", "Cancel", "Frame", "Hello", "Predict", "Reply", "encode", "parse", "read_frame",
+           "to_frame"]
+
+_LENGTHS = struct.Struct("!II")  # header bytes, payload bytes
+MAX_HEADER = 16 * 2**20
+MAX_PAYLOAD = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Frame:
+    header: dict[str, Any]
+    payload: bytes = b""
+
+
+def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _LENGTHS.pack(len(head), len(payload)) + head + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame:
+    """The next frame; `asyncio.IncompleteReadError` when the peer has gone."""
+    n_head, n_payload = _LENGTHS.unpack(await reader.readexactly(_LENGTHS.size))
+    if n_head > MAX_HEADER or n_payload > MAX_PAYLOAD:
+        raise ValueError(f"frame too large: header {n_head} bytes, payload {n_payload} bytes")
+    header = json.loads(await reader.readexactly(n_head))
+    payload = await reader.readexactly(n_payload) if n_payload else b""
+    return Frame(header, payload)
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A worker's first frame: the shared-memory segment holding its image slots."""
+
+    segment: str
+    slots: int
+    op: str = "hello"
+
+
+@dataclass(frozen=True)
+class Predict:
+    """Score `count` images staged in slots `start`..`start + count` of the worker's segment."""
+
+    id: int
+    start: int
+    count: int
+    class_name: str | None
+    deadline: float  # time.monotonic(), the same clock in every process of one host
+    need_maps: bool  # the answer encodes a heatmap: send every map, not only those that can hold a region
+    op: str = "predict"
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The client of request `id` went away: drop it if it has not reached the device."""
+
+    id: int
+    op: str = "cancel"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The one answer to request `id`: `result` (JSON) or `error` ({code, status, message, headers})."""
+
+    id: int
+    result: Any = None
+    error: dict[str, Any] | None = None
+    op: str = "reply"
+
+
+_MESSAGES: dict[str, type] = {"hello": Hello, "predict": Predict, "cancel": Cancel, "reply": Reply}
+
+
+def to_frame(message: Hello | Predict | Cancel | Reply, payload: bytes = b"") -> bytes:
+    return encode(asdict(message), payload)
+
+
+def parse(frame: Frame) -> Hello | Predict | Cancel | Reply:
+    cls = _MESSAGES.get(frame.header.get("op"))
+    if cls is None:
+        raise ValueError(f"unknown message {frame.header.get('op')!r}")
+    return cls(**frame.header)

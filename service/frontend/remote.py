@@ -1,0 +1,142 @@
+"""RemoteBackend: what an HTTP worker process calls instead of the engine: the engine process, over a Unix socket.
+
+It implements the same `Backend` interface as the in-process one (service/backend.py), so the routes do not know
+which they talk to. A request's images are copied into this worker's shared-memory slots (numpy's copy: no torch
+thread pool on the event loop) and the engine reads them there; the run of slots is given back when the engine's
+reply arrives, also for a request whose client left (the engine answers every request exactly once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..class_names import check_class_name
+from ..engine import ImageResult
+from ..errors import NotReadyError, QueueFullError, SowaError
+from ..staging import ImageStager
+from .protocol import Cancel, Hello, Predict, Reply, parse, read_frame, to_frame
+from .slots import SharedCounter, SlotSegment
+from .wire import error_from_wire, results_from_wire
+
+__all__ = ["RemoteBackend"]
+
+log = logging.getLogger("sowa.frontend")
+
+
+class RemoteBackend:
+    def __init__(self, socket_path: str, slots: int, max_queue: int) -> None:
+        self.socket_path, self.slots, self.max_queue = socket_path, slots, max_queue
+        self.segment: SlotSegment | None = None
+        self.description: dict[str, Any] = {}
+        self.image_size = 0
+        self.stager: ImageStager | None = None  # set by the worker app once the image size is known
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, tuple[int, int]]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._queued: Any = None  # the engine's queued-image count, in shared memory (admission before decoding)
+        self.lost = False
+
+    async def connect(self) -> None:
+        """Open the socket, create this worker's slots, and learn the model's geometry from the engine."""
+        reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+        first = parse(await read_frame(reader))  # the engine speaks first: the image size and the model
+        assert isinstance(first, Reply)
+        self.description = first.result["model"]
+        self.image_size = int(first.result["image_size"])
+        self._queued = SharedCounter(first.result["queue_counter"])
+        self.segment = SlotSegment(self.slots, self.image_size)
+        self._writer.write(to_frame(Hello(self.segment.name, self.slots)))
+        await self._writer.drain()
+        self._reader_task = asyncio.create_task(self._read(reader), name="sowa-remote-reader")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                frame = await read_frame(reader)
+                reply = parse(frame)
+                if not isinstance(reply, Reply):
+                    raise ValueError(f"unexpected {reply.op} from the engine")
+                future, run = self._pending.pop(reply.id, (None, None))
+                if run is not None and self.segment is not None:  # the engine is through with these slots
+                    self.segment.release(*run)
+                if future is None or future.done():
+                    continue
+                if reply.error is not None:
+                    future.set_exception(error_from_wire(reply.error))
+                else:
+                    future.set_result((reply.result, frame.payload))
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as e:
+            log.error("lost the engine process: %s", e)
+        finally:
+            self.lost = True
+            for future, _ in self._pending.values():
+                if not future.done():
+                    future.set_exception(NotReadyError("the engine process is gone", headers={"Retry-After": "5"}))
+            self._pending.clear()
+
+    def _send(self, message: Cancel | Predict) -> None:
+        if self.lost or self._writer is None:
+            raise NotReadyError("the engine process is gone", headers={"Retry-After": "5"})
+        self._writer.write(to_frame(message))
+
+    def check_class(self, name: str) -> None:
+        """A malformed name is refused here (422); whether the class exists the engine says (404)."""
+        check_class_name(name)
+
+    def admit(self, count: int) -> None:
+        """Refuse a request before its images are decoded when the engine's queue has no room for them."""
+        if self.lost:
+            raise NotReadyError("the engine process is gone", headers={"Retry-After": "5"})
+        queued = self._queued.value
+        if queued + count > self.max_queue:
+            raise QueueFullError(f"{queued} images are waiting (limit {self.max_queue}); retry later",
+                                 headers={"Retry-After": "1"})
+
+    async def predict(self, images: torch.Tensor, class_name: str | None, deadline: float,
+                      need_maps: bool = True) -> list[ImageResult]:
+        """The engine's results for these images; `need_maps` False sends only the maps that can hold a region
+        (no heatmap was asked for)."""
+        if self.segment is None:
+            raise NotReadyError("not connected to the engine process yet", headers={"Retry-After": "1"})
+        count = int(images.shape[0])
+        start = self.segment.reserve(count)
+        if start is None:
+            raise QueueFullError(f"this worker has {self.segment.free_slots} free image slots, {count} needed; "
+                                 "retry later", headers={"Retry-After": "1"})
+        np.copyto(self.segment.array(start, count), images.numpy())
+        rid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (future, (start, count))
+        try:
+            self._send(Predict(rid, start, count, class_name, deadline, need_maps))
+        except SowaError:
+            self._pending.pop(rid, None)
+            self.segment.release(start, count)
+            raise
+        try:
+            result, payload = await asyncio.shield(future)
+        except asyncio.CancelledError:  # the client went away: the engine drops it unless it is on the device
+            if not self.lost:
+                self._send(Cancel(rid))
+            raise
+        return results_from_wire(result, payload, self.image_size)
+
+    def describe(self) -> dict:
+        return dict(self.description)

@@ -1,0 +1,44 @@
+"""The HTTP worker process: `run_worker` is what the supervisor starts, N times.
+
+This module imports nothing at load time: prometheus_client must see PROMETHEUS_MULTIPROC_DIR before its first
+import in the process, so that the worker's request counts go to files the engine process adds up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+    from .link import WorkerLink
+
+__all__ = ["listening_socket", "run_worker"]
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The service's port, bound by every worker (SO_REUSEPORT): the kernel spreads connections among them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_worker(settings: Settings, link: WorkerLink, log_level: str, index: int) -> None:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = link.metrics_dir
+    import logging
+
+    import uvicorn
+
+    from ..server import uvicorn_options
+    from .worker_app import create_worker_app
+
+    logging.basicConfig(level=log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
+    config = uvicorn.Config(create_worker_app(settings, link), log_level=log_level, **uvicorn_options(settings))
+    uvicorn.Server(config).run(sockets=[listening_socket(settings.host, settings.port)])

@@ -1,0 +1,81 @@
+"""The pieces between HTTP workers and the engine process, alone: frames, shared-memory slots, the wire format."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from service.engine import ImageResult
+from service.errors import ClassNotFoundError, QueueFullError, SowaError
+from service.frontend.protocol import Cancel, Predict, Reply, parse, read_frame, to_frame
+from service.frontend.slots import SharedCounter, SlotSegment
+from service.frontend.wire import error_from_wire, error_to_wire, results_from_wire, results_to_wire
+
+
+def test_frames_round_trip_through_a_stream() -> None:
+    async def go() -> list:
+        reader = asyncio.StreamReader()
+        reader.feed_data(to_frame(Predict(7, 2, 3, "widget", 12.5, False)))
+        reader.feed_data(to_frame(Reply(7, {"x": [1, 2]}), b"\x00\x01payload"))
+        reader.feed_data(to_frame(Cancel(9)))
+        reader.feed_eof()
+        frames = [await read_frame(reader) for _ in range(3)]
+        with pytest.raises(asyncio.IncompleteReadError):
+            await read_frame(reader)
+        return frames
+
+    predict, reply, cancel = asyncio.run(go())
+    assert parse(predict) == Predict(7, 2, 3, "widget", 12.5, False)
+    assert parse(reply) == Reply(7, {"x": [1, 2]}) and reply.payload == b"\x00\x01payload"
+    assert parse(cancel) == Cancel(9)
+
+
+def test_slot_runs_are_contiguous_and_given_back() -> None:
+    seg = SlotSegment(8, 4)
+    try:
+        assert seg.reserve(3) == 0 and seg.reserve(4) == 3
+        assert seg.reserve(2) is None and seg.free_slots == 1  # one free slot left, no run of two
+        seg.release(0, 3)
+        assert seg.reserve(2) == 0 and seg.reserve(2) is None and seg.reserve(1) == 2
+        assert seg.reserve(0) is None and seg.reserve(9) is None
+    finally:
+        seg.close()
+
+
+def test_another_process_sees_the_slots_and_the_counter() -> None:
+    seg, counter = SlotSegment(4, 8), SharedCounter()
+    try:
+        seg.array(1, 2)[:] = np.arange(2 * 3 * 8 * 8, dtype=np.uint8).reshape(2, 3, 8, 8)
+        counter.set(41)
+        code = ("import sys; from service.frontend.slots import SlotSegment, SharedCounter;"
+                f"s = SlotSegment(4, 8, name='{seg.name}'); c = SharedCounter('{counter.name}');"
+                "print(int(s.view(1, 2).sum()), c.value); s.view(0, 1)[:] = 9; s.close(); c.close()")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.split() == [str(int(np.arange(384, dtype=np.uint8).astype(int).sum())), "41"]
+        assert int(seg.view(0, 1).max()) == 9  # and writes come back: one memory
+    finally:
+        seg.close()
+        counter.close()
+
+
+def test_results_carry_only_the_maps_sent() -> None:
+    a = np.arange(16, dtype=np.float32).reshape(4, 4)
+    results = [ImageResult(a, 0.1, 0.7, 0.6, 0.8, True, 2.0, 15.0),
+               ImageResult(None, 0.2, 0.3, 0.6, 0.2, False, 2.0, 0.5)]
+    rows, payload = results_to_wire(results, need_maps=False)
+    assert len(payload) == a.nbytes  # the second map (max 0.5 <= pixel threshold 2.0) holds no region: not sent
+    back = results_from_wire(rows, payload, 4)
+    assert np.array_equal(back[0].anomaly_map, a) and back[1].anomaly_map is None
+    assert [(r.score, r.is_anomalous, r.map_max) for r in back] == [(0.7, True, 15.0), (0.3, False, 0.5)]
+
+
+def test_errors_keep_their_class_status_and_headers() -> None:
+    e = error_from_wire(error_to_wire(QueueFullError("full", headers={"Retry-After": "2"})))
+    assert type(e) is QueueFullError and e.status == 429 and e.headers == {"Retry-After": "2"}
+    assert type(error_from_wire(error_to_wire(ClassNotFoundError("no")))) is ClassNotFoundError
+    odd = error_from_wire({"code": "teapot", "status": 418, "message": "short and stout", "headers": None})
+    assert isinstance(odd, SowaError) and (odd.status, odd.code, odd.message) == (418, "teapot", "short and stout")
