@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     image_decoder: Literal["pil", "torchvision"] = Field("pil", description="pil: the reference preprocessing, "
                                                          "bit for bit; torchvision: JPEGs decoded and resized on "
                                                          "the device (within 2 grey levels of it)")
+    results_per_class: int = Field(500, ge=1, description="kept results (keep=true on /predict) per class, the "
+                                   "oldest dropped")
+    results_max_classes: int = Field(32, ge=1, description="classes with kept results; the one kept least recently "
+                                     "is dropped whole")
+    results_max_mb: float = Field(128.0, ge=0, description="bytes of all kept results (thumbnails, uploads)")
+    results_max_image_mb: float = Field(4.0, ge=0, description="an upload larger than this is kept without its "
+                                        "image (it cannot become a shot by its id)")
     warmup: bool = True
     sync_interval_s: float = Field(1.0, ge=0, description="how often to pick up classes changed by other replicas "
                                    "sharing data_dir (0: never)")

@@ -18,9 +18,11 @@ from ..codecs import check_upload_pixels, decode_upload, find_regions, png_heatm
 from ..deps import ServingDep, require_api_key
 from ..engine import ImageResult
 from ..errors import ClientClosedError, DeadlineExceededError, PayloadTooLargeError, UnprocessableError
+from ..results import override_threshold
 from ..schemas import PredictResponse
 from ..settings import Settings
 from ..staging import ImageStager, jpeg_size
+from .results import keep_results
 
 __all__ = ["read_batch", "read_images", "router"]
 
@@ -151,15 +153,23 @@ async def predict(
     images: Annotated[list[UploadFile], File(description="1..N image files (any format PIL reads)")],
     class_name: Annotated[str | None, Form(description="registered class; omit for zero-shot")] = None,
     heatmap: Annotated[HeatmapKind, Form(description="none, png (8-bit, original size) or raw (float32)")] = "png",
+    threshold: Annotated[float | None, Form(gt=0.0, lt=1.0, description="this request's threshold on `score`, "
+                                            "instead of the class's; never stored")] = None,
+    keep: Annotated[bool, Form(description="keep the results (thumbnail, upload) in memory for the console, "
+                               "each with a `result_id`; needs class_name")] = False,
 ) -> dict:
     """Anomaly score, decision, regions and heatmap for every image."""
     settings = svc.settings
+    if keep and not class_name:  # before any work
+        raise UnprocessableError("keep=true needs a class_name: kept results belong to a class")
     memory = svc.registry.get(class_name).serving_memory if class_name else None
     sizes, tensor = await read_batch(images, settings, svc.stager)
     item = svc.batcher.submit(WorkItem(tensor, [memory] * len(sizes),
                                        deadline=time.monotonic() + settings.request_timeout_s))
-    results = await _result(request, item, settings.request_timeout_s)
+    results = [override_threshold(r, threshold) for r in await _result(request, item, settings.request_timeout_s)]
     body = await asyncio.to_thread(lambda: [_encode(n, w, h, r, heatmap) for (n, w, h), r in zip(sizes, results,
                                                                                                   strict=True)])
+    if keep:
+        await keep_results(request, class_name, images, sizes, results, body)
     svc.telemetry.images.inc(len(body))
     return {"class_name": class_name, "results": body, "model": svc.engine.describe()}
