@@ -25,7 +25,7 @@ function el(tag, attrs = {}, ...children) {
     else if (k === "dataset") Object.assign(node.dataset, v);
     else node.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     node.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -39,7 +39,7 @@ function svg(tag, attrs = {}, ...children) {
     if (k === "text") node.textContent = v;
     else node.setAttribute(k, v);
   }
-  for (const c of children.flat()) if (c) node.append(c);
+  for (const c of children.flat(Infinity)) if (c) node.append(c);
   return node;
 }
 
@@ -143,7 +143,7 @@ async function classSelect(current, onChange, zeroShot = false) {
 // -- page: classes --------------------------------------------------------------------------------------------------
 async function pageClasses(main) {
   main.append(el("h2", { text: "Classes" }));
-  const name = el("input", { id: "new-class", pattern: CLASS_NAME.source, placeholder: "e.g. widget-a", required: true,
+  const name = el("input", { id: "new-class", autocomplete: "off", placeholder: "e.g. widget-a", required: true,
                              "aria-describedby": "new-class-help" });
   main.append(el("form", { class: "inline", onsubmit: (e) => {
     e.preventDefault();
@@ -161,9 +161,9 @@ async function pageClasses(main) {
     el("td", { class: "num" }, fmt(c.threshold), c.threshold_overridden ? el("span", { class: "tag", text: "override" }) : null),
     el("td", { class: "num", text: fmt(c.calibrated_threshold) }),
     el("td", { class: "num", text: `${c.bank_vectors} · ${bytes(c.bank_bytes)}` }),
-    el("td", { class: "thumbs" }, recent[i].length ? recent[i].map((r) => el("figure", {},
+    el("td", {}, el("div", { class: "thumbs" }, recent[i].length ? recent[i].map((r) => el("figure", {},
       el("img", { src: `data:image/jpeg;base64,${r.thumbnail}`, alt: `${r.filename}: ${r.is_anomalous ? "anomalous" : "normal"}`, width: 48, height: 48 }),
-      el("figcaption", {}, verdictBadge(r.is_anomalous)))) : el("span", { class: "muted", text: "none kept" })),
+      el("figcaption", {}, verdictBadge(r.is_anomalous)))) : el("span", { class: "muted", text: "none kept" }))),
     el("td", {}, el("a", { href: `#/inspect/${c.name}`, text: "Inspect" }), " ",
        el("a", { href: `#/threshold/${c.name}`, text: "Threshold" }))));
   main.append(el("table", { class: "classes" },
@@ -188,12 +188,8 @@ async function pageClass(main, name) {
   main.append(el("h2", {}, "Class ", el("code", { text: name })));
   const factsBox = el("div", { id: "facts-box" });
   main.append(factsBox);
-  try {
-    factsBox.append(classFacts(await api(`/classes/${name}`)));
-  } catch (e) {
-    if (e.code !== "class_not_found") throw e;
-    factsBox.append(el("p", { text: "Not registered yet: register its first shots below." }));
-  }
+  const known = (await api("/classes")).classes.find((c) => c.name === name);  // a new one is no error (404)
+  factsBox.append(known ? classFacts(known) : el("p", { text: "Not registered yet: register its first shots below." }));
   let files = [];
   const list = el("ul", { class: "files", id: "shot-list", "aria-live": "polite" });
   const register = el("button", { type: "submit", id: "register", disabled: true, text: "Register shots" });
@@ -320,7 +316,7 @@ async function resultCard(file, r, cls) {
                    el("div", { class: `fill ${r.is_anomalous ? "bad" : "good"}`, style: `width: ${pct(r.score)}` }),
                    el("div", { class: "mark", style: `left: ${pct(r.threshold)}` }));
   const note = el("p", { class: "note", "aria-live": "polite" });
-  const good = r.result_id ? el("button", { type: "button", class: "mark-good", text: "This one is good: add it as a shot",
+  const good = r.result_id ? el("button", { type: "button", class: "mark-good secondary", text: "This one is good: add as a shot",
     onclick: guard(async () => {
       good.disabled = true;
       try {
@@ -351,7 +347,7 @@ async function pageThreshold(main, name) {
   let t = scores.threshold;
   const h = scores.histogram;
   const lo = h.edges[0], hi = h.edges[h.edges.length - 1];
-  const W = 860, H = 260, L = 48, R = 16, T = 28, B = 40;
+  const W = 1100, H = 280, L = 48, R = 16, T = 44, B = 40;
   const x = (v) => L + ((v - lo) / (hi - lo)) * (W - L - R);
   const xInv = (px) => lo + ((px - L) / (W - L - R)) * (hi - lo);
   const maxCount = Math.max(1, ...h.shots, ...h.recent);
@@ -496,7 +492,8 @@ async function pageHealth(main) {
       ["Ready", ready.ready ? "yes" : `no${ready.error ? `: ${ready.error}` : ""}`],
       ["Classes", `${ready.classes}${Object.keys(ready.refused_classes || {}).length ? `, ${Object.keys(ready.refused_classes).length} refused` : ""}`],
       ["Queue depth", `${sum(samples, "sowa_queue_depth")} images`],
-      ["Mean batch size", `${fmt(cur.batches ? cur.batched / cur.batches : null, 2)} overall, ${fmt(recentBatch, 2)} lately`],
+      ["Mean batch size", `${fmt(cur.batches ? cur.batched / cur.batches : null, 2)} overall; ` +
+                          (recentBatch === null ? "no batch in the last 2 s" : `${fmt(recentBatch, 2)} in the last 2 s`)],
       ["Batches", cur.batches],
       ["Requests/s", fmt(rate("requests"), 2)],
       ["Images/s", fmt(rate("images"), 2)],
@@ -524,7 +521,8 @@ const guard = (fn) => (...args) => Promise.resolve().then(() => fn(...args)).cat
 
 async function route() {
   if (pageCleanup) { pageCleanup(); pageCleanup = null; }
-  const [page = "classes", ...rest] = location.hash.replace(/^#\/?/, "").split("/");
+  const [first, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
+  const page = first || "classes";
   const arg = decodeURIComponent(rest.join("/"));
   const pages = { classes: pageClasses, class: pageClass, inspect: pageInspect, threshold: pageThreshold, health: pageHealth };
   const render = pages[page] || pageClasses;
