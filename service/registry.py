@@ -129,6 +129,16 @@ class ClassRegistry:
     def bank_bytes(self) -> int:
         return sum(e.memory.bank.nbytes for e in self._classes.values())
 
+    def shot_png(self, name: str, digest: str) -> bytes:
+        """One shot of a class (a hash in its `shots`), as the PNG it is stored as (any thread). ValueError when the
+        file does not match its hash."""
+        if digest not in self.get(name).shots:
+            raise KeyError(digest)
+        data = (self.root / name / "shots" / f"{digest}.png").read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"shot {digest} of class '{name}' does not match its hash")
+        return data
+
     # -- mutations: serialised by an asyncio lock in this process, and by a file lock across replicas ----------
     # Locking and disk work run on worker threads; only the model's fit runs on the engine thread.
     async def add_shots(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:

@@ -27,7 +27,8 @@ from .codecs import decode_upload
 from .engine import ImageResult
 from .errors import SowaError
 
-__all__ = ["THUMB_SIZE", "KeptResult", "ResultNotFoundError", "ResultStore", "make_kept", "override_threshold"]
+__all__ = ["THUMB_SIZE", "KeptResult", "ResultNotFoundError", "ResultStore", "ShotNotFoundError", "make_kept",
+           "override_threshold", "thumbnail_jpeg"]
 
 THUMB_SIZE = 128
 _HEAT = np.array([[0, 0, 0], [120, 0, 140], [230, 60, 30], [255, 210, 0], [255, 255, 255]], dtype=np.float32)
@@ -35,6 +36,10 @@ _HEAT = np.array([[0, 0, 0], [120, 0, 140], [230, 60, 30], [255, 210, 0], [255, 
 
 class ResultNotFoundError(SowaError):
     status, code = 404, "result_not_found"
+
+
+class ShotNotFoundError(SowaError):
+    status, code = 404, "shot_not_found"
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,16 @@ def _thumbnail(img: Image.Image, anomaly_map: np.ndarray, vmax: float) -> bytes:
         img.size, Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     Image.blend(img.convert("RGB"), rgb, 0.45).save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def thumbnail_jpeg(png: bytes) -> bytes:
+    """A stored shot (PNG bytes) as a JPEG at most `THUMB_SIZE` px a side."""
+    with Image.open(io.BytesIO(png)) as img:
+        small = img.convert("RGB")
+    small.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
 
 

@@ -3,6 +3,7 @@ threshold, kept images made shots by id, the per-request threshold, the API key,
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -177,9 +178,29 @@ def test_shots_from_results(client: TestClient, widget: dict) -> None:
     client.post("/classes/widget/shots", files=_files(SHOTS), data={"mode": "replace"}, headers=HEADERS)
 
 
+def test_shots_by_hash(client: TestClient, widget: dict) -> None:
+    listed = client.get("/classes/widget/shots", headers=HEADERS).json()["shots"]
+    assert len(listed) == widget["shots"]
+    r = client.get(f"/classes/widget/shots/{listed[0]['sha256']}", headers=HEADERS)
+    assert r.headers["content-type"] == "image/png" and hashlib.sha256(r.content).hexdigest() == listed[0]["sha256"]
+    thumb = client.get(f"/classes/widget/shots/{listed[0]['sha256']}?thumbnail=true", headers=HEADERS)
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 128
+    missing = client.get(f"/classes/widget/shots/{'0' * 64}", headers=HEADERS)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "shot_not_found"
+    # the stored PNGs uploaded again are the same shots: what the console does to delete some
+    again = client.post("/classes/widget/shots", files=[("images", (f"{h['sha256']}.png", client.get(
+        f"/classes/widget/shots/{h['sha256']}", headers=HEADERS).content, "image/png")) for h in listed[1:]],
+        data={"mode": "replace"}, headers=HEADERS).json()
+    assert again["shots"] == len(listed) - 1
+    assert client.get("/classes/widget/shots", headers=HEADERS).json()["shots"] == listed[1:]
+    client.post("/classes/widget/shots", files=_files(SHOTS), data={"mode": "replace"}, headers=HEADERS)
+
+
 def test_api_key_guards_the_new_api_but_not_the_console_files(client: TestClient) -> None:
     for method, path in [("GET", "/classes/widget/results"), ("GET", "/classes/widget/scores"),
-                         ("GET", "/results/abc"), ("POST", "/classes/widget/shots/from-results")]:
+                         ("GET", "/results/abc"), ("POST", "/classes/widget/shots/from-results"),
+                         ("GET", "/classes/widget/shots"), ("GET", f"/classes/widget/shots/{'0' * 64}")]:
         r = client.request(method, path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", path
     page = client.get("/ui/")
@@ -196,6 +217,7 @@ def test_openapi_documents_the_new_api(client: TestClient) -> None:
     doc = client.get("/openapi.json", headers=HEADERS).json()
     paths = doc["paths"]
     assert {"/classes/{name}/results", "/classes/{name}/scores", "/classes/{name}/shots/from-results",
+            "/classes/{name}/shots/{sha256}",
             "/results/{result_id}", "/results/{result_id}/thumbnail"} <= set(paths)
     form = doc["components"]["schemas"]["Body_predict_predict_post"]["properties"]
     assert {"keep", "threshold"} <= set(form)

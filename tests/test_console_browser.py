@@ -100,7 +100,15 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
         expect(page.locator("[data-fact='shots']")).to_have_text("8", timeout=60_000)
         info = api.get("/classes/part").json()
         assert info["shots"] == 8
+        # delete a shot: untick it, and the others are registered again as the set
+        expect(page.locator("figure.shot")).to_have_count(8)
+        hashes = api.get("/classes/part/shots").json()["shots"]
+        page.locator("figure.shot").nth(7).locator("input").uncheck()
         page.screenshot(path=str(shots_dir / "class.png"))
+        page.click("#delete-shots")
+        expect(page.locator("[data-fact='shots']")).to_have_text("7", timeout=60_000)
+        expect(page.locator("figure.shot")).to_have_count(7)
+        assert api.get("/classes/part/shots").json()["shots"] == hashes[:7]  # the same shots, the same hashes
 
         # inspect: three good parts and three defective ones, kept
         goto("#/inspect/part")
@@ -117,8 +125,8 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
         # "this one is good": a kept good part becomes a shot, the calibration moves
         good = page.locator(".card[data-filename='good-0.png']")
         good.locator(".mark-good").click()
-        expect(good.locator(".note")).to_contain_text("Shots 8 → 9", timeout=60_000)
-        assert api.get("/classes/part").json()["shots"] == 9
+        expect(good.locator(".note")).to_contain_text("Shots 7 → 8", timeout=60_000)
+        assert api.get("/classes/part").json()["shots"] == 8
 
         # threshold: dragging re-labels the kept results at once, with no model call
         goto("#/threshold/part")
@@ -175,7 +183,8 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
         # the classes page: shots, thresholds, bank, the last kept results
         goto("#/classes")
         row = page.locator("tr[data-class='part']")
-        expect(row.locator(".shots")).to_have_text("9")
+        expect(row.locator(".shots")).to_have_text("8")
+        expect(row.locator(".shot-thumb")).to_have_count(1)
         expect(row.locator(".thumbs img")).to_have_count(4)
         page.screenshot(path=str(shots_dir / "classes.png"))
 

@@ -82,6 +82,7 @@ async function api(path, opts = {}) {
     return api(path, opts);
   }
   const type = response.headers.get("content-type") || "";
+  if (response.ok && opts.as === "blob") return response.blob();
   const body = type.includes("json") ? await response.json() : await response.text();
   if (!response.ok) {
     const err = (body && body.error) || {};
@@ -155,8 +156,11 @@ async function pageClasses(main) {
   if (!classes.length) { main.append(el("p", { text: "No class is registered yet." })); return; }
   const recent = await Promise.all(classes.map((c) =>
     api(`/classes/${c.name}/results?limit=4&thumbnails=true`).then((r) => r.results).catch(() => [])));
+  const firstShots = await Promise.all(classes.map((c) => shotThumbs(c.name, 1).catch(() => [])));
   const rows = classes.map((c, i) => el("tr", { dataset: { class: c.name } },
-    el("th", { scope: "row" }, el("a", { href: `#/class/${c.name}`, text: c.name })),
+    el("th", { scope: "row" }, el("a", { href: `#/class/${c.name}`, class: "class-link" },
+      firstShots[i].map(({ url }) => el("img", { src: url, alt: "", width: 40, height: 40, class: "shot-thumb" })),
+      el("span", { text: c.name }))),
     el("td", { class: "num shots", text: c.shots }),
     el("td", { class: "num" }, fmt(c.threshold), c.threshold_overridden ? el("span", { class: "tag", text: "override" }) : null),
     el("td", { class: "num", text: fmt(c.calibrated_threshold) }),
@@ -167,10 +171,18 @@ async function pageClasses(main) {
     el("td", {}, el("a", { href: `#/inspect/${c.name}`, text: "Inspect" }), " ",
        el("a", { href: `#/threshold/${c.name}`, text: "Threshold" }))));
   main.append(el("table", { class: "classes" },
-    el("caption", { text: "Registered classes; thumbnails are the last kept results, heatmap over them" }),
+    el("caption", { text: "Registered classes, each with its first shot; the last results are the last kept ones, heatmap over them" }),
     el("thead", {}, el("tr", {}, ["Class", "Shots", "Threshold", "Calibrated", "Bank (vectors · bytes)", "Last results", ""]
       .map((h) => el("th", { scope: "col", text: h })))),
     el("tbody", {}, rows)));
+}
+
+// -- shots ---------------------------------------------------------------------------------------------------------------
+async function shotThumbs(name, limit = 64) {
+  const { shots } = await api(`/classes/${name}/shots`);
+  return Promise.all(shots.slice(0, limit).map(async ({ sha256 }) => ({
+    sha256, url: URL.createObjectURL(await api(`/classes/${name}/shots/${sha256}?thumbnail=true`, { as: "blob" })),
+  })));
 }
 
 // -- page: a class ----------------------------------------------------------------------------------------------------
@@ -190,6 +202,39 @@ async function pageClass(main, name) {
   main.append(factsBox);
   const known = (await api("/classes")).classes.find((c) => c.name === name);  // a new one is no error (404)
   factsBox.append(known ? classFacts(known) : el("p", { text: "Not registered yet: register its first shots below." }));
+  const gallery = el("div", { class: "shots", id: "shots" });
+  const remove = el("button", { type: "button", id: "delete-shots", class: "secondary", disabled: true,
+                                text: "Delete the unticked shots" });
+  const showShots = async () => {
+    const thumbs = await shotThumbs(name);
+    gallery.replaceChildren(...thumbs.map(({ sha256, url }, i) => el("figure", { class: "shot", dataset: { sha256 } },
+      el("img", { src: url, alt: `shot ${i + 1}`, width: 96, height: 96 }),
+      el("figcaption", {}, el("input", { type: "checkbox", id: `keep-${sha256}`, checked: true,
+                                         onchange: () => { remove.disabled = !gallery.querySelector("input:not(:checked)"); } }),
+         el("label", { for: `keep-${sha256}`, text: `keep shot ${i + 1}` })))));
+    remove.disabled = true;
+  };
+  remove.addEventListener("click", guard(async () => {
+    const keepers = [...gallery.querySelectorAll("figure.shot")].filter((f) => f.querySelector("input").checked);
+    const dropped = gallery.querySelectorAll("figure.shot").length - keepers.length;
+    if (!keepers.length) { setStatus("A class needs at least one shot: tick one to keep.", "error"); return; }
+    remove.disabled = true;
+    setStatus(`Deleting ${dropped} shot${dropped > 1 ? "s" : ""}: registering the other ${keepers.length} as the new set…`);
+    const form = new FormData();
+    for (const f of keepers) {  // the stored PNGs themselves: the same shots, the same hashes
+      form.append("images", await api(`/classes/${name}/shots/${f.dataset.sha256}`, { as: "blob" }), `${f.dataset.sha256}.png`);
+    }
+    form.append("mode", "replace");
+    const info = await api(`/classes/${name}/shots`, { method: "POST", body: form });
+    factsBox.replaceChildren(classFacts(info));
+    await showShots();
+    setStatus(`Deleted ${dropped}: ${info.shots} shots, threshold ${fmt(info.threshold)}`, "ok");
+  }));
+  if (known) {
+    main.append(el("section", { "aria-labelledby": "stored-title" },
+      el("h3", { id: "stored-title", text: "Its shots (untick to delete)" }), gallery, remove));
+    await showShots();
+  }
   let files = [];
   const list = el("ul", { class: "files", id: "shot-list", "aria-live": "polite" });
   const register = el("button", { type: "submit", id: "register", disabled: true, text: "Register shots" });
@@ -204,13 +249,18 @@ async function pageClass(main, name) {
     try {
       const info = await api(`/classes/${name}/shots`, { method: "POST", body: form });
       factsBox.replaceChildren(classFacts(info));
+      if (!gallery.isConnected) {
+        factsBox.after(el("section", { "aria-labelledby": "stored-title" },
+          el("h3", { id: "stored-title", text: "Its shots (untick to delete)" }), gallery, remove));
+      }
+      await showShots();
       setStatus(`Registered: ${info.shots} shots, threshold ${fmt(info.threshold)}`, "ok");
       files = [];
       list.replaceChildren();
     } finally { register.disabled = files.length === 0; }
   });
   main.append(el("section", { "aria-labelledby": "shots-title" },
-    el("h3", { id: "shots-title", text: "Shots: good parts of the product" }),
+    el("h3", { id: "shots-title", text: "Register shots: good parts of the product" }),
     el("form", { onsubmit: (e) => { e.preventDefault(); submitShots(); } },
       dropZone("shot-files", "Shots", (chosen) => {
         files = files.concat(chosen);

@@ -15,7 +15,7 @@ from ..codecs import decode_upload
 from ..deps import RegistryDep, SettingsDep, require_api_key
 from ..engine import ImageResult
 from ..errors import UnprocessableError
-from ..results import KeptResult, ResultStore, make_kept
+from ..results import KeptResult, ResultStore, ShotNotFoundError, make_kept, thumbnail_jpeg
 from ..schemas import ClassInfo, Region
 from ..settings import Settings
 
@@ -125,6 +125,15 @@ class ClassScores(BaseModel):
     histogram: Histogram
 
 
+class ShotRef(BaseModel):
+    sha256: str = Field(description="content hash of the stored PNG: the shot's id")
+
+
+class ShotList(BaseModel):
+    class_name: str
+    shots: list[ShotRef] = Field(description="in registration order")
+
+
 class FromResults(BaseModel):
     result_ids: list[str] = Field(min_length=1, description="ids of kept results of this class",
                                   examples=[["3f2a9c0e4b1d4e6f8a7b6c5d4e3f2a1b"]])
@@ -187,6 +196,29 @@ async def one_result(result_id: str, store: ResultsDep) -> dict:
             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
 async def result_thumbnail(result_id: str, store: ResultsDep) -> Response:
     return Response(store.get(result_id).thumbnail, media_type="image/jpeg")
+
+
+@router.get("/classes/{name}/shots", response_model=ShotList, summary="A class's shots")
+async def list_shots(name: str, registry: RegistryDep) -> dict:
+    """The shots by content hash; `GET /classes/{name}/shots/{sha256}` returns one (the console shows them, and
+    deletes some by registering the rest with mode=replace)."""
+    return {"class_name": name, "shots": [{"sha256": h} for h in registry.get(name).shots]}
+
+
+@router.get("/classes/{name}/shots/{sha256}", summary="One shot: the stored PNG, or a JPEG thumbnail",
+            response_class=Response, responses={200: {"content": {"image/png": {}, "image/jpeg": {}}},
+                                                404: {"description": "unknown class or shot"}})
+async def get_shot(
+    name: str, sha256: str, registry: RegistryDep,
+    thumbnail: Annotated[bool, Query(description="a JPEG at most 128 px a side instead of the PNG")] = False,
+) -> Response:
+    try:
+        data = await asyncio.to_thread(registry.shot_png, name, sha256)
+    except (KeyError, FileNotFoundError):
+        raise ShotNotFoundError(f"class '{name}' has no shot '{sha256[:64]}'") from None
+    if not thumbnail:
+        return Response(data, media_type="image/png")
+    return Response(await asyncio.to_thread(thumbnail_jpeg, data), media_type="image/jpeg")
 
 
 @router.get("/classes/{name}/scores", response_model=ClassScores, summary="The numbers behind a threshold")
