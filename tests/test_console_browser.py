@@ -8,6 +8,7 @@ page go to a temporary folder, or to `SOWA_CONSOLE_SCREENSHOTS` (docs/console/ h
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from model.bundle import init_bundle
 from sowa.demo import ARCH
@@ -65,6 +67,12 @@ def shots_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def snap(page: object, path: Path) -> None:
+    """A 1280x800 screenshot, RGB (no alpha), PNG compressed as far as it goes (a 256-colour palette would halve
+    the bytes but bands the heatmaps and their legend)."""
+    Image.open(io.BytesIO(page.screenshot())).convert("RGB").save(path, optimize=True)
+
+
 def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]], shots_dir: Path) -> None:
     api = httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=30)
     problems: list[str] = []
@@ -104,7 +112,7 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
         expect(page.locator("figure.shot")).to_have_count(8)
         hashes = api.get("/classes/part/shots").json()["shots"]
         page.locator("figure.shot").nth(7).locator("input").uncheck()
-        page.screenshot(path=str(shots_dir / "class.png"))
+        snap(page, shots_dir / "class.png")
         page.click("#delete-shots")
         expect(page.locator("[data-fact='shots']")).to_have_text("7", timeout=60_000)
         expect(page.locator("figure.shot")).to_have_count(7)
@@ -120,7 +128,7 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
         page.fill("#opacity", "70")
         assert page.evaluate("getComputedStyle(document.querySelector('.heat')).opacity") == "0.7"
         assert page.locator(".boxes rect").count() >= 1  # the defects' regions are boxed
-        page.screenshot(path=str(shots_dir / "inspect.png"), full_page=False)
+        snap(page, shots_dir / "inspect.png")
 
         # "this one is good": a kept good part becomes a shot, the calibration moves
         good = page.locator(".card[data-filename='good-0.png']")
@@ -168,7 +176,7 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
         page.mouse.up()
         expect(page.locator(".kept[data-anomalous='true']")).to_have_count(3)
         assert predicts() == before, "dragging the threshold called the model"
-        page.screenshot(path=str(shots_dir / "threshold.png"))
+        snap(page, shots_dir / "threshold.png")
         shown = float(page.get_attribute("#chart", "data-threshold"))
         page.click("#save")
         expect(page.locator("#status")).to_contain_text("Saved")
@@ -186,14 +194,14 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
         expect(row.locator(".shots")).to_have_text("8")
         expect(row.locator(".shot-thumb")).to_have_count(1)
         expect(row.locator(".thumbs img")).to_have_count(4)
-        page.screenshot(path=str(shots_dir / "classes.png"))
+        snap(page, shots_dir / "classes.png")
 
         # health, from /readyz and /metrics
         goto("#/health")
         expect(page.locator("[data-fact='ready']")).to_have_text("yes")
         expect(page.locator("[data-fact='requests-s']")).not_to_have_text("—", timeout=10_000)
         assert float(page.locator("[data-fact='requests-s']").inner_text()) >= 0
-        page.screenshot(path=str(shots_dir / "health.png"))
+        snap(page, shots_dir / "health.png")
 
         # keyboard: every control of a page is reachable with Tab
         goto("#/threshold/part")
