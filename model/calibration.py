@@ -38,6 +38,14 @@ class Calibration:
     threshold: float
     shots: int
     z: float = DEFAULT_Z
+    # the K shots' leave-one-out final-map maxima and text scores, as `calibrate` saw them (empty in calibrations
+    # stored before they were kept): the numbers behind the threshold, shown by GET /classes/{name}/scores
+    shot_map_max: tuple[float, ...] = ()
+    shot_text_scores: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:  # JSON gives lists: keep the dataclass hashable
+        object.__setattr__(self, "shot_map_max", tuple(float(v) for v in self.shot_map_max))
+        object.__setattr__(self, "shot_text_scores", tuple(float(v) for v in self.shot_text_scores))
 
     @property
     def pixel_threshold(self) -> float:
@@ -48,6 +56,12 @@ class Calibration:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         return replace(self, threshold=threshold)
+
+    def shot_scores(self) -> list[float]:
+        """Each shot's online raw score against the others (leave-one-out), as `image_scores` computes it; empty
+        when the per-shot numbers were not kept."""
+        return [0.5 * (t + 1.0 / (1.0 + math.exp(-(a - self.map_mean) / self.map_std)))
+                for a, t in zip(self.shot_map_max, self.shot_text_scores, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,8 @@ def calibrate(final_map_max: torch.Tensor, text_scores: torch.Tensor, z: float =
     std = max(std, _MIN_REL_SIGMA * abs(mean), 1e-6)
     text_mean = text_scores.double().mean().item()
     threshold = 0.5 * (text_mean + 1.0 / (1.0 + math.exp(-z)))
-    return Calibration(mean, std, text_mean, threshold, k, z)
+    return Calibration(mean, std, text_mean, threshold, k, z, tuple(a.tolist()),
+                       tuple(text_scores.double().flatten().tolist()))
 
 
 def zero_shot_pixel_threshold(num_stages: int) -> float:

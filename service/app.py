@@ -23,7 +23,8 @@ from .frontend.slots import SharedCounter
 from .handlers import install_error_handlers
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, RouteHeaderMiddleware
 from .registry import ClassRegistry
-from .routes import classes, health, predict
+from .routes import classes, health, predict, results
+from .routes.console import mount_console
 from .settings import Settings
 from .staging import ImageStager
 from .status import ServiceStatus
@@ -118,6 +119,9 @@ def create_app(settings: Settings, workers: WorkerLink | None = None) -> FastAPI
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(classes.router)
+    app.include_router(results.router)
+    app.state.results = results.new_store(settings)  # kept results (keep=true), in memory, bounded
+    mount_console(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     if settings.api_key is not None:  # outside the body limit: a request without the key is never read
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())

@@ -62,6 +62,17 @@ def decode_raw_heatmap(heatmap: Heatmap) -> np.ndarray:
     return np.frombuffer(base64.b64decode(heatmap.data), dtype="<f4").reshape(heatmap.shape)
 
 
+def _predict_form(class_name: str | None, heatmap: str, threshold: float | None, keep: bool) -> dict[str, str]:
+    """/predict's form fields: `threshold` overrides the class's for this request, `keep` keeps the results for the
+    console (each then has a `result_id`)."""
+    data = {"heatmap": heatmap, **({"class_name": class_name} if class_name else {})}
+    if threshold is not None:
+        data["threshold"] = repr(float(threshold))
+    if keep:
+        data["keep"] = "true"
+    return data
+
+
 class SowaClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
@@ -77,8 +88,9 @@ class SowaClient:
         self._http.close()
 
     def predict(self, images: Sequence[ImageInput], class_name: str | None = None,
-                heatmap: Literal["none", "png", "raw"] = "png") -> PredictResponse:
-        data = {"heatmap": heatmap, **({"class_name": class_name} if class_name else {})}
+                heatmap: Literal["none", "png", "raw"] = "png", threshold: float | None = None,
+                keep: bool = False) -> PredictResponse:
+        data = _predict_form(class_name, heatmap, threshold, keep)
         return PredictResponse.model_validate(_check(self._http.post("/predict", files=_files(images),
                                                                      data=data)).json())
 
@@ -136,8 +148,9 @@ class AsyncSowaClient:
         await self._http.aclose()
 
     async def predict(self, images: Sequence[ImageInput], class_name: str | None = None,
-                      heatmap: Literal["none", "png", "raw"] = "none") -> PredictResponse:
-        data = {"heatmap": heatmap, **({"class_name": class_name} if class_name else {})}
+                      heatmap: Literal["none", "png", "raw"] = "none", threshold: float | None = None,
+                      keep: bool = False) -> PredictResponse:
+        data = _predict_form(class_name, heatmap, threshold, keep)
         r = await self._http.post("/predict", files=_files(images), data=data)
         return PredictResponse.model_validate(_check(r).json())
 

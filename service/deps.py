@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Protocol
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.security import APIKeyHeader
 
 from .backend import Backend
@@ -38,6 +38,10 @@ async def _ready_state(request: Request) -> None:
                             headers={"Retry-After": "5"})
 
 
+class Forward(Protocol):
+    async def predict(self, request: Request, uploads: list[tuple[str, bytes]]) -> Response: ...
+
+
 @dataclass(frozen=True)
 class Serving:
     """Everything /predict touches, resolved as one dependency: FastAPI's per-dependency work (solving, cache
@@ -46,6 +50,7 @@ class Serving:
     backend: Backend  # LocalBackend in this process, or RemoteBackend to the engine process (HTTP workers)
     settings: Settings
     telemetry: Telemetry
+    forward: Forward | None = None  # HTTP workers: sends a whole /predict on to the engine process
 
 
 async def _serving(request: Request) -> Serving:

@@ -110,16 +110,22 @@ class MetricsMiddleware:
 class ApiKeyMiddleware:
     """401 before the body is read: without the key nobody can make the server parse an upload.
 
-    Everything but health and metrics needs the key (the routes also declare it, for the OpenAPI document).
+    Everything but health, metrics and the console's files (/ui) needs the key (the routes also declare it, for
+    the OpenAPI document).
     """
 
     OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    @staticmethod
+    def _console(path: str) -> bool:
+        """The console's static files (service/console/) hold no data; the API they call needs the key."""
+        return path == "/ui" or path.startswith("/ui/")
 
     def __init__(self, app: ASGIApp, key: str) -> None:
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN and not self._console(scope["path"]):
             given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
             if not hmac.compare_digest(given, self.key):
                 await send_error(send, 401, "unauthorized", "missing or wrong X-API-Key",

@@ -101,6 +101,13 @@ class ClassRegistry:
     def bank_bytes(self) -> int:
         return sum(e.memory.bank.nbytes for e in self._classes.values())
 
+    def shot_png(self, name: str, digest: str) -> bytes:
+        """One shot of a class (a hash in its `shots`), as the PNG it is stored as (any thread). ValueError when the
+        stored file does not match its hash."""
+        if digest not in self.get(name).shots:
+            raise KeyError(digest)
+        return self.store.read_shot(name, digest)
+
     # -- mutations: serialised by an asyncio lock in this process, and by the store's lock across replicas -----
     # Locking and store work run on worker threads; only the model's fit runs on the engine thread.
     async def add_shots(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:

@@ -35,6 +35,7 @@ class ImageResultOut(BaseModel):
     is_anomalous: bool
     heatmap: Heatmap | None = None
     regions: list[Region] = Field(default_factory=list, description="connected areas above the pixel threshold")
+    result_id: str | None = Field(None, description="id of the kept result (keep=true), else null")
 
 
 class ModelInfo(BaseModel):

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
                                                          "the device (within 2 grey levels of it)")
     workers: int | None = Field(None, ge=1, le=64, description="HTTP worker processes in front of the one engine "
                                 "process that owns the device (unset: 1 on a CPU, on a GPU half the cores, 2 to 8)")
+    results_per_class: int = Field(500, ge=1, description="kept results (keep=true on /predict) per class, the "
+                                   "oldest dropped")
+    results_max_classes: int = Field(32, ge=1, description="classes with kept results; the one kept least recently "
+                                     "is dropped whole")
+    results_max_mb: float = Field(128.0, ge=0, description="bytes of all kept results (thumbnails, uploads)")
+    results_max_image_mb: float = Field(4.0, ge=0, description="an upload larger than this is kept without its "
+                                        "image (it cannot become a shot by its id)")
     warmup: bool = True
     sync_interval_s: float = Field(1.0, ge=0, description="how often to pick up classes changed by other replicas "
                                    "sharing data_dir (0: never)")

@@ -3,7 +3,8 @@
 1. make a bundle: the tiny embedded config with seeded random weights, untrained (few-shot only);
 2. make a product: seeded synthetic parts, normal and with scratches, stains and missing pieces;
 3. start the real server on a loopback port, register eight normal shots of the class;
-4. score normal and defective parts over HTTP, write heatmap overlays, print a summary.
+4. score normal and defective parts over HTTP (kept for the console), write heatmap overlays, print a summary
+   and the URL of the inspection console; with `serve`, keep serving until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from training.visuals import colormap
 
 from .server_process import ServerProcess
 
-__all__ = ["ARCH", "overlay", "run_demo"]
+__all__ = ["ARCH", "console_url", "overlay", "run_demo"]
 
 ARCH = "sowa-tiny"  # the embedded default (model/configs/): small enough for a CPU, shaped like ViT-L-14-336
 
@@ -40,7 +42,13 @@ def overlay(image: Image.Image, heatmap_png_b64: str, regions: list[dict]) -> Im
     return out
 
 
-def run_demo(out: Path, seed: int = 0, shots: int = 8, jitter: float = 0.1) -> dict:
+def console_url(base: str) -> str:
+    """Where the inspection console of a server at `base` shows the demo's class."""
+    return f"{base}/ui/#/inspect/demo-part"
+
+
+def run_demo(out: Path, seed: int = 0, shots: int = 8, jitter: float = 0.1, serve: bool = False) -> dict:
+    """The whole story; `serve`: keep the server (and its console) running until Ctrl-C."""
     from service.client import SowaClient
 
     out.mkdir(parents=True, exist_ok=True)
@@ -65,22 +73,34 @@ def run_demo(out: Path, seed: int = 0, shots: int = 8, jitter: float = 0.1) -> d
         info = client.register_shots("demo-part", [(f"shot-{i}.png", png(im)) for i, im in enumerate(shot_images)],
                                      mode="replace")
         files = [(f"{i:02d}-{kind}.png", png(img)) for i, (kind, img) in enumerate(tests)]
-        response = client.predict(files, class_name="demo-part", heatmap="png")
-    print(f"[4/4] scored {len(tests)} parts; overlays in {out / 'overlays'}")
-    (out / "overlays").mkdir(exist_ok=True)
-    rows, correct = [], 0
-    for (kind, img), r in zip(tests, response.results, strict=True):
-        overlay(img, r.heatmap.data, [g.model_dump() for g in r.regions]).save(out / "overlays" / r.filename)
-        right = r.is_anomalous == (kind != "good")
-        correct += right
-        rows.append({"file": r.filename, "truth": kind, "score": round(r.score, 4), "verdict":
-                     "ANOMALOUS" if r.is_anomalous else "normal", "regions": len(r.regions), "correct": right})
-    print(f"\nclass demo-part: {info.shots} shots, threshold {info.threshold:.4f}\n")
-    print(f"{'file':<16}{'truth':<10}{'score':>8}  {'verdict':<10}{'regions':>8}")
-    for row in rows:
-        print(f"{row['file']:<16}{row['truth']:<10}{row['score']:>8.4f}  {row['verdict']:<10}{row['regions']:>8}")
-    print(f"\n{correct}/{len(rows)} parts judged right; the model is an untrained random-weight tiny CLIP, so this "
-          "is the few-shot memory at work, not CLIP's knowledge.")
-    summary = {"class": info.model_dump(), "results": rows, "correct": correct, "total": len(rows)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        response = client.predict(files, class_name="demo-part", heatmap="png", keep=True)  # kept for the console
+        print(f"[4/4] scored {len(tests)} parts; overlays in {out / 'overlays'}")
+        (out / "overlays").mkdir(exist_ok=True)
+        rows, correct = [], 0
+        for (kind, img), r in zip(tests, response.results, strict=True):
+            overlay(img, r.heatmap.data, [g.model_dump() for g in r.regions]).save(out / "overlays" / r.filename)
+            right = r.is_anomalous == (kind != "good")
+            correct += right
+            rows.append({"file": r.filename, "truth": kind, "score": round(r.score, 4), "verdict":
+                         "ANOMALOUS" if r.is_anomalous else "normal", "regions": len(r.regions), "correct": right})
+        print(f"\nclass demo-part: {info.shots} shots, threshold {info.threshold:.4f}\n")
+        print(f"{'file':<16}{'truth':<10}{'score':>8}  {'verdict':<10}{'regions':>8}")
+        for row in rows:
+            print(f"{row['file']:<16}{row['truth']:<10}{row['score']:>8.4f}  {row['verdict']:<10}"
+                  f"{row['regions']:>8}")
+        print(f"\n{correct}/{len(rows)} parts judged right; the model is an untrained random-weight tiny CLIP, so "
+              "this is the few-shot memory at work, not CLIP's knowledge.")
+        summary = {"class": info.model_dump(), "results": rows, "correct": correct, "total": len(rows),
+                   "console": console_url(srv.url)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"\nconsole: {summary['console']}")
+        if serve:
+            print("serving until Ctrl-C", flush=True)
+            try:
+                while srv.proc is not None and srv.proc.poll() is None:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                print("\nstopping")
+        else:
+            print("(the server stops now; `sowa demo --serve` keeps it running)")
     return summary

@@ -8,6 +8,9 @@ state. The body is bounded before it gets here (BodyLimitMiddleware); the answer
 from __future__ import annotations
 
 import httpx
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..middleware import send_error
@@ -56,3 +59,18 @@ class EngineProxy:
             await send({"type": "http.response.body", "body": b""})
         finally:
             await response.aclose()
+
+    async def predict(self, request: Request, uploads: list[tuple[str, bytes]]) -> Response:
+        """A /predict the worker cannot answer itself (keep=true: kept results live in the engine process), sent
+        on as the same form: its fields and the files' bytes already read."""
+        form = await request.form()  # parsed once already; starlette keeps it on the request
+        fields = [(k, v) for k, v in form.multi_items() if not isinstance(v, UploadFile)]
+        files = [("images", (name, data, "application/octet-stream")) for name, data in uploads]
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "x-api-key"}
+        try:
+            r = await self.client.post("/predict", data=fields, files=files, headers=headers)
+        except httpx.TransportError as e:
+            return Response(f'{{"error": {{"code": "not_ready", "message": "the engine process is not answering '
+                            f'({type(e).__name__})"}}}}', 503, {"retry-after": "5"}, "application/json")
+        return Response(r.content, r.status_code, {k: v for k, v in r.headers.items()
+                                                   if k.lower().encode() not in _REQUEST_HOP})

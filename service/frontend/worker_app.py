@@ -45,7 +45,7 @@ async def _connect(app: FastAPI, backend: RemoteBackend) -> None:
             await asyncio.sleep(0.2)
     # decoded and resized here, on the host: the engine process owns the device
     backend.stager = ImageStager(torch.device("cpu"), backend.image_size, app.state.settings.image_decoder)
-    app.state.serving = Serving(backend, app.state.settings, app.state.telemetry)
+    app.state.serving = Serving(backend, app.state.settings, app.state.telemetry, forward=app.state.proxy)
     status: ServiceStatus = app.state.status
     status.model_loaded = status.classes_restored = status.warmed_up = status.accepting = True
 

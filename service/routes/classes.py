@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ..class_names import check_class_name
 from ..deps import RegistryDep, SettingsDep, require_api_key
@@ -49,6 +49,7 @@ async def set_threshold(name: str, update: ThresholdUpdate, registry: RegistryDe
 
 
 @router.delete("/{name}", response_model=Deleted, summary="Remove a class and its files")
-async def delete_class(name: str, registry: RegistryDep) -> dict:
+async def delete_class(name: str, registry: RegistryDep, request: Request) -> dict:
     await registry.delete(name)
+    request.app.state.results.forget_class(name)  # its kept results go with it
     return {"deleted": name}

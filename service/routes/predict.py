@@ -7,15 +7,17 @@ import time
 from collections.abc import Awaitable
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 
 from ..codecs import find_regions, png_heatmap, raw_heatmap
 from ..deps import ServingDep, require_api_key
 from ..engine import ImageResult
-from ..errors import ClientClosedError, DeadlineExceededError
+from ..errors import ClientClosedError, DeadlineExceededError, UnprocessableError
+from ..results import override_threshold
 from ..schemas import PredictResponse
 from ..uploads import ImageSource, PixelLimits, stage_uploads
 from .multipart import read_files
+from .results import keep_results
 
 __all__ = ["router"]
 
@@ -73,18 +75,28 @@ async def predict(
     images: Annotated[list[UploadFile], File(description="1..N image files (any format PIL reads)")],
     class_name: Annotated[str | None, Form(description="registered class; omit for zero-shot")] = None,
     heatmap: Annotated[HeatmapKind, Form(description="none, png (8-bit, original size) or raw (float32)")] = "png",
-) -> dict:
+    threshold: Annotated[float | None, Form(gt=0.0, lt=1.0, description="this request's threshold on `score`, "
+                                            "instead of the class's; never stored")] = None,
+    keep: Annotated[bool, Form(description="keep the results (thumbnail, upload) in memory for the console, "
+                               "each with a `result_id`; needs class_name")] = False,
+) -> dict | Response:
     """Anomaly score, decision, regions and heatmap for every image."""
     settings = svc.settings
+    if keep and not class_name:  # before any work
+        raise UnprocessableError("keep=true needs a class_name: kept results belong to a class")
     if class_name:
         svc.backend.check_class(class_name)  # 404 before any work
     uploads = await read_files(images, settings.max_images_per_request)
+    if keep and svc.forward is not None:  # an HTTP worker: kept results live in the engine process
+        return await svc.forward.predict(request, uploads)
     svc.backend.admit(len(uploads))  # 429 before decoding: overload costs no decoding
     batch = await stage_uploads(uploads, PixelLimits.of(settings), svc.backend.stager)
     work = svc.backend.predict(batch.images, class_name, time.monotonic() + settings.request_timeout_s,
-                               need_maps=heatmap != "none")
-    results = await _result(request, work, settings.request_timeout_s)
+                               need_maps=heatmap != "none" or keep)
+    results = [override_threshold(r, threshold) for r in await _result(request, work, settings.request_timeout_s)]
     body = await asyncio.to_thread(lambda: [_encode(src, r, heatmap) for src, r in zip(batch.sources, results,
                                                                                        strict=True)])
+    if keep:
+        await keep_results(request, class_name, uploads, batch.sources, results, body)
     svc.telemetry.images.inc(len(body))
     return {"class_name": class_name, "results": body, "model": svc.backend.describe()}

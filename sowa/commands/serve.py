@@ -23,8 +23,8 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--data-dir", type=Path, help="class storage (SOWA_DATA_DIR, default ./sowa-data)")
     c.add_argument("--device", help="auto | cpu | cuda | cuda:N (SOWA_DEVICE)")
     c.add_argument("--dtype", help="fp32 | fp16 | bf16 (SOWA_DTYPE)")
-    c.add_argument("--workers", type=int, help="HTTP worker processes in front of the one engine process (SOWA_WORKERS; "
-                   "default 1 on a CPU, on a GPU half the cores, 2 to 8)")
+    c.add_argument("--workers", type=int, help="HTTP worker processes in front of the one engine process "
+                   "(SOWA_WORKERS; default 1 on a CPU, on a GPU half the cores, 2 to 8)")
     c.add_argument("--max-batch-size", type=int, help="images per device batch (SOWA_MAX_BATCH_SIZE, 16)")
     c.add_argument("--max-wait-ms", type=float, help="batch fill wait (SOWA_MAX_WAIT_MS, 5)")
     c.add_argument("--max-queue", type=int, help="queued images before 429 (SOWA_MAX_QUEUE, 256)")

@@ -1,0 +1,34 @@
+"""/ui: the inspection console, static files served by the service itself (no CDN, no build step).
+
+The files hold no data, so they load without the API key; `/ui/config.json` says only whether the API needs one,
+so the page asks for it before its first call instead of after a 401.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+__all__ = ["CONSOLE_DIR", "mount_console"]
+
+CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console"
+
+router = APIRouter(tags=["console"])
+
+
+@router.get("/ui/config.json", summary="What the console needs to know before its first call")
+async def console_config(request: Request) -> dict:
+    return {"api_key_required": request.app.state.settings.api_key is not None}
+
+
+@router.get("/ui", include_in_schema=False)
+async def console_root() -> RedirectResponse:
+    return RedirectResponse("/ui/")
+
+
+def mount_console(app: FastAPI) -> None:
+    app.include_router(router)
+    app.mount("/ui", StaticFiles(directory=CONSOLE_DIR, html=True), name="console")
