@@ -53,6 +53,7 @@ class ServeRow:
     mean_batch: float | None
     requests: int
     loop_cpu_ms: float | None = None  # the server's event-loop thread: CPU time per request (Linux)
+    workers: int = 1  # HTTP worker processes (above 1, loop_cpu_ms is the engine process's loop)
 
 
 @dataclass(frozen=True)
@@ -141,14 +142,14 @@ def _register(client: SowaClient, rng: np.random.Generator, size: int, shots: in
 
 
 def _serve_rows(bundle: Path, mode: str, flags: list[str], device: str, concurrencies: list[int], shots: int,
-                duration: float, work: Path, heatmap: str,
-                registrations: int) -> tuple[list[ServeRow], RegisterTiming | None]:
+                duration: float, work: Path, heatmap: str, registrations: int,
+                workers: int = 1) -> tuple[list[ServeRow], RegisterTiming | None]:
     from service.client import SowaClient
 
     rng = np.random.default_rng(0)
     rows = []
-    with ServerProcess(bundle, work / f"data-{mode}", work / f"{mode}.log", flags, device=device,
-                       ready_timeout=3600) as srv, \
+    with ServerProcess(bundle, work / f"data-{mode}-{workers}", work / f"{mode}-{workers}.log",
+                       [*flags, "--workers", str(workers)], device=device, ready_timeout=3600) as srv, \
             SowaClient(srv.url, timeout=300) as client:
         size = read_manifest(bundle).config.backbone.image_size
         registering = _register(client, rng, size, shots, registrations) if registrations else None
@@ -164,7 +165,8 @@ def _serve_rows(bundle: Path, mode: str, flags: list[str], device: str, concurre
             count, total = (a - b for a, b in zip(_batch_counters(client.metrics()), before, strict=True))
             q = statistics.quantiles([x * 1000 for x in lat], n=100) if len(lat) > 1 else [lat[0] * 1000] * 99
             loop_ms = (cpu_after - cpu_before) * 1000 / n if cpu_before is not None and cpu_after is not None else None
-            rows.append(ServeRow(mode, c, n / elapsed, q[49], q[98], total / count if count else None, n, loop_ms))
+            rows.append(ServeRow(mode, c, n / elapsed, q[49], q[98], total / count if count else None, n, loop_ms,
+                                 workers))
     return rows, registering
 
 
@@ -182,7 +184,8 @@ class ServeBench:
 def bench_serve(arch: str, concurrencies: list[int], duration: float = 20.0, max_batch_size: int = 16,
                 max_wait_ms: float = 10.0, shots: int = 4, bundle: Path | None = None, device: str = "auto",
                 dtype: str = "fp32", heatmap: str = "none", registrations: int = 10, compile_mode: str = "off",
-                image_decoder: str = "pil") -> ServeBench:
+                image_decoder: str = "pil", workers: tuple[int, ...] = (1,)) -> ServeBench:
+    """`workers`: HTTP worker process counts to run the batching server with (the unbatched one runs with 1)."""
     with tempfile.TemporaryDirectory(prefix="sowa-bench-") as tmp:
         work = Path(tmp)
         if bundle is None:
@@ -197,9 +200,11 @@ def bench_serve(arch: str, concurrencies: list[int], duration: float = 20.0, max
                   image_decoder]
         rows = [_offline_in_child(bundle, max_batch_size, shots, duration, device, dtype, compile_mode)]
         register = None
-        for mode, flags in modes.items():
-            got, timing = _serve_rows(bundle, mode, [*flags, *common], device, concurrencies, shots, duration,
-                                      work, heatmap, registrations if mode == "batching" else 0)
+        runs = [("batching", w) for w in workers] + [("no batching", 1)]
+        for mode, w in runs:
+            got, timing = _serve_rows(bundle, mode, [*modes[mode], *common], device, concurrencies, shots, duration,
+                                      work, heatmap, registrations if register is None and mode == "batching" else 0,
+                                      w)
             rows += got
             register = register or timing
         # measured again at the end: on a shared machine the spread of the two says how much to trust a ratio
@@ -228,14 +233,15 @@ def format_serve_table(bench: ServeBench) -> str:
         r = bench.register
         lines.append(f"registering a new class of {r.shots} JPEG shots over HTTP: p50 {r.p50_ms:.0f} ms, max "
                      f"{r.max_ms:.0f} ms ({r.registrations} classes)")
-    lines += ["", "| mode | clients | images/s | vs offline | p50 ms | p99 ms | mean batch | "
-              "event loop CPU ms/request |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| mode | workers | clients | images/s | vs offline | p50 ms | p99 ms | mean batch | "
+              "event loop CPU ms/request |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p50 = f"{r.p50_ms:.0f}" if r.p50_ms is not None else "-"
         p99 = f"{r.p99_ms:.0f}" if r.p99_ms is not None else "-"
         mb = f"{r.mean_batch:.2f}" if r.mean_batch is not None else "-"
         loop = f"{r.loop_cpu_ms:.2f}" if r.loop_cpu_ms is not None else "-"
-        lines.append(f"| {r.mode} | {r.concurrency if r.mode != 'offline engine' else '-'} | "
+        offline_row = r.mode == "offline engine"
+        lines.append(f"| {r.mode} | {'-' if offline_row else r.workers} | {'-' if offline_row else r.concurrency} | "
                      f"{r.images_per_s:.2f} | {r.images_per_s / offline:.0%} | {p50} | {p99} | {mb} | {loop} |")
     return "\n".join(lines)
 
@@ -259,14 +265,13 @@ def plot_serve(bench: ServeBench, out: Path, title: str) -> None:
     rate, latency = fig.subplots(1, 2)
     offline = [r.images_per_s for r in bench.rows if r.mode == "offline engine"]
     rate.axhspan(min(offline), max(offline), color="grey", alpha=0.25, label="offline engine (start..end)")
-    for mode in ("batching", "no batching"):
-        mine = [r for r in bench.rows if r.mode == mode]
-        if not mine:
-            continue
+    for mode, workers in sorted({(r.mode, r.workers) for r in bench.rows if r.mode != "offline engine"}):
+        mine = [r for r in bench.rows if (r.mode, r.workers) == (mode, workers)]
+        name = mode if workers == 1 else f"{mode}, {workers} workers"
         clients = [r.concurrency for r in mine]
-        rate.plot(clients, [r.images_per_s for r in mine], marker="o", label=mode)
-        latency.plot(clients, [r.p50_ms for r in mine], marker="o", label=f"{mode}, p50")
-        latency.plot(clients, [r.p99_ms for r in mine], marker="^", linestyle="--", label=f"{mode}, p99")
+        rate.plot(clients, [r.images_per_s for r in mine], marker="o", label=name)
+        latency.plot(clients, [r.p50_ms for r in mine], marker="o", label=f"{name}, p50")
+        latency.plot(clients, [r.p99_ms for r in mine], marker="^", linestyle="--", label=f"{name}, p99")
     ticks = sorted({r.concurrency for r in bench.rows if r.mode != "offline engine"})
     for ax, label in ((rate, "images/s"), (latency, "latency (ms)")):
         ax.set_xscale("log", base=2)

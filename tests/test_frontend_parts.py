@@ -79,3 +79,25 @@ def test_errors_keep_their_class_status_and_headers() -> None:
     assert type(error_from_wire(error_to_wire(ClassNotFoundError("no")))) is ClassNotFoundError
     odd = error_from_wire({"code": "teapot", "status": 418, "message": "short and stout", "headers": None})
     assert isinstance(odd, SowaError) and (odd.status, odd.code, odd.message) == (418, "teapot", "short and stout")
+
+
+def test_a_worker_refuses_before_decoding_when_the_engine_queue_is_full() -> None:
+    """RemoteBackend.admit reads the engine's queue depth from shared memory: no round trip, no decoding."""
+    from service.errors import NotReadyError
+    from service.frontend.remote import RemoteBackend
+
+    counter = SharedCounter()
+    try:
+        backend = RemoteBackend("/nonexistent.sock", slots=4, max_queue=8)
+        backend._queued = SharedCounter(counter.name)  # what connect() attaches to
+        counter.set(6)
+        backend.admit(2)  # 6 + 2 fits
+        with pytest.raises(QueueFullError) as full:
+            backend.admit(3)
+        assert full.value.headers == {"Retry-After": "1"}
+        backend.lost = True
+        with pytest.raises(NotReadyError):
+            backend.admit(1)
+        backend._queued.close()
+    finally:
+        counter.close()

@@ -64,7 +64,10 @@ class EngineProxy:
         """A /predict the worker cannot answer itself (keep=true: kept results live in the engine process), sent
         on as the same form: its fields and the files' bytes already read."""
         form = await request.form()  # parsed once already; starlette keeps it on the request
-        fields = [(k, v) for k, v in form.multi_items() if not isinstance(v, UploadFile)]
+        fields: dict[str, list[str]] = {}
+        for k, v in form.multi_items():
+            if not isinstance(v, UploadFile):
+                fields.setdefault(k, []).append(v)
         files = [("images", (name, data, "application/octet-stream")) for name, data in uploads]
         headers = {k: v for k, v in request.headers.items() if k.lower() == "x-api-key"}
         try:

@@ -78,7 +78,8 @@ async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_lev
         return p
 
     procs = [start(i) for i in range(workers)]
-    log.info("serving on %s:%d with %d HTTP workers", settings.host, settings.port, workers)
+    log.info("serving on %s:%d with %d HTTP workers; run files in %s", settings.host, settings.port, workers,
+             Path(link.engine_socket).parent)
     while not stop.is_set() and not engine_task.done():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)

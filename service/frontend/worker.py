@@ -40,5 +40,6 @@ def run_worker(settings: Settings, link: WorkerLink, log_level: str, index: int)
 
     logging.basicConfig(level=log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded request otherwise
     config = uvicorn.Config(create_worker_app(settings, link), log_level=log_level, **uvicorn_options(settings))
     uvicorn.Server(config).run(sockets=[listening_socket(settings.host, settings.port)])

@@ -41,6 +41,8 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     b.add_argument("--compile", default="off", dest="compile_mode",
                    help="torch.compile mode of the servers and the offline engine (off)")
     b.add_argument("--image-decoder", choices=["pil", "torchvision"], default="pil", help="the servers' decoder")
+    b.add_argument("--workers", type=int_list, default=[1],
+                   help="HTTP worker process counts of the batching server, e.g. 1,2,4 (1)")
     add_bench_outputs(b)
 
 
@@ -67,7 +69,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     bench = bench_serve(args.arch, args.concurrency, args.duration, args.max_batch_size, args.max_wait_ms,
                         args.shots, args.bundle, args.device, args.dtype, args.heatmap, args.registrations,
-                        args.compile_mode, args.image_decoder)
+                        args.compile_mode, args.image_decoder, tuple(args.workers))
     title = f"sowa bench serve: {args.bundle or args.arch}, {machine_description(bench.device)}"
     _write(args, f"# {title}\n\n{format_serve_table(bench)}\n",
            lambda path: write_serve_json(bench, path, str(args.bundle or args.arch)),

@@ -1,0 +1,87 @@
+"""`sowa serve --workers N`: HTTP worker processes in front of one engine process, as real processes, since the
+processes are the point: the same answers as one process, one /metrics, a killed worker replaced, a clean stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from model.checkpoint_import import import_to_bundle
+from model.inference import predict_files
+from service.client import SowaClient, decode_raw_heatmap
+from sowa.server_process import ServerProcess
+from tests.helpers import PARITY, wait_for
+
+SHOTS = sorted(PARITY.glob("shots/*.png"))
+TESTS = sorted(PARITY.glob("test/*.png"))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("workers") / "parity-bundle"
+    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
+    return out
+
+
+def _count(metrics: str, endpoint: str, status: str) -> float:
+    m = re.search(rf'^sowa_requests_total\{{endpoint="{re.escape(endpoint)}",status="{status}"\}} (\S+)$', metrics,
+                  re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _worker_pids(engine_pid: int) -> list[int]:
+    children = Path(f"/proc/{engine_pid}/task/{engine_pid}/children").read_text().split()
+    return [int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+@pytest.mark.slow
+def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: Path) -> None:
+    offline = predict_files(bundle, TESTS, SHOTS, device="cpu", batch_size=len(TESTS))
+    srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", ["--workers", "2"]).start()
+    try:
+        with SowaClient(srv.url) as c:
+            wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
+            info = c.register_shots("widget", SHOTS)  # forwarded to the engine process
+            assert info.shots == 3 and c.get_class("widget").shots == 3
+            for _ in range(6):  # requests land on both workers (SO_REUSEPORT spreads connections)
+                got = c.predict(TESTS, class_name="widget", heatmap="raw")
+                maps = np.stack([decode_raw_heatmap(r.heatmap) for r in got.results])
+                assert np.allclose(maps, offline["anomaly_maps"], atol=1e-5)
+                assert np.allclose([r.score for r in got.results], offline["scores"], atol=1e-6)
+            quiet = c.predict(TESTS, class_name="widget", heatmap="none")  # maps cross only where needed
+            assert [r.heatmap for r in quiet.results] == [None] * len(TESTS)
+            assert [r.score for r in quiet.results] == [r.score for r in got.results]
+            kept = c.predict(TESTS[:1], class_name="widget", heatmap="none", keep=True)  # goes on to the engine
+            assert kept.results[0].result_id
+            with pytest.raises(Exception, match="class_not_found"):
+                c.predict(TESTS[:1], class_name="nope")
+            metrics = c.metrics()
+            assert _count(metrics, "/predict", "200") == 8 and _count(metrics, "/predict", "404") == 1
+            assert _count(metrics, "/classes/{name}/shots", "200") == 1  # the engine's route template
+            assert re.search(r"^sowa_batch_size_count [1-9]", metrics, re.M)
+            spec = httpx.get(srv.url + "/openapi.json").json()  # the engine's document: every route
+            assert {"/predict", "/classes/{name}/scores", "/readyz"} <= set(spec["paths"])
+
+            victim = _worker_pids(srv.pid)[0]  # kill -9 a worker: the supervisor starts another
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: victim not in _worker_pids(srv.pid) and len(_worker_pids(srv.pid)) == 2, 60,
+                     "the killed worker replaced")
+            wait_for(lambda: all(c.predict(TESTS[:1], class_name="widget").results for _ in range(4)), 60,
+                     "answers after the restart")
+        log = (tmp_path / "log").read_text()
+        assert "starting it again" in log
+        run = Path(re.search(r"run files in (\S+)", log).group(1))
+        assert (run / "engine.sock").exists()
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)  # workers stop first, then the engine; the run's files go
+        assert srv.proc.wait(timeout=90) == 0 and time.monotonic() - t0 < 60
+        assert not run.exists()
+    finally:
+        srv.stop()
