@@ -17,7 +17,7 @@ import torch
 from .bundle import load_bundle
 from .calibration import DEFAULT_Z, Calibration, ImageScores, calibrate, image_scores
 from .device import resolve_device, resolve_dtype
-from .maps import kshot_map
+from .maps import final_map
 from .memory_bank import MemoryBank, build_bank, leave_one_out_distances
 from .preprocess import load_image, preprocess_batch
 from .sowa import SowaModel
@@ -48,16 +48,15 @@ def fit_class(model: SowaModel, shots: torch.Tensor, z: float = DEFAULT_Z) -> Cl
     if shots.dim() != 4 or shots.shape[0] < 1:
         raise ValueError(f"shots must be a (K, 3, S, S) batch with K >= 1, got {tuple(shots.shape)}")
     out = model.predict(shots)
-    return memory_from_outputs(out.raw_patches, out.zero_shot_maps, out.text_scores, model.grid,
-                               model.image_size, z)
+    return memory_from_outputs(out.raw_patches, out.zero_shot_maps, out.text_scores, model.grid, z)
 
 
 def memory_from_outputs(raw: torch.Tensor, zero_shot: torch.Tensor, text_scores: torch.Tensor, grid: int,
-                        size: int, z: float = DEFAULT_Z) -> ClassMemory:
+                        z: float = DEFAULT_Z) -> ClassMemory:
     """`fit_class` on shots that already went through `predict`: raw patches (K, S, L, D), zero-shot maps
     (K, H, W), text scores (K,). Lets a caller that ran the shots anyway (evaluation) skip a second pass."""
     loo = leave_one_out_distances(raw, grid)  # (K, S, L)
-    final = zero_shot.float() + kshot_map(loo, grid, size)
+    final = final_map(zero_shot, loo, grid)
     return ClassMemory(build_bank(raw), calibrate(final.flatten(1).amax(dim=1), text_scores, z))
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "final_map",
     "gaussian_blur",
     "gaussian_kernel",
     "kshot_map",
@@ -82,3 +83,20 @@ def kshot_map(distances: torch.Tensor, grid: int, size: int) -> torch.Tensor:
     d = distances.float().sum(dim=1).view(-1, 1, grid, grid)
     return F.interpolate(d, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
 
+
+
+def final_map(zero_shot: torch.Tensor, distances: torch.Tensor | None, grid: int, rows: torch.Tensor | None = None,
+              zero_shot_weight: float = 1.0) -> torch.Tensor:
+    """The final anomaly map (spec §6): filtered zero-shot map (B, H, W) + unfiltered k-shot map of `distances`.
+
+    `distances` (R, S, L) are min cosine distances to a class bank for the images `rows` (R indices into B), or
+    for all B images when `rows` is None; None means zero-shot only. `zero_shot_weight` (1 in the reference)
+    is for diagnostics that sweep the balance of the two parts. float32 out.
+    """
+    zs = zero_shot.float()
+    if zero_shot_weight != 1.0:
+        zs = zero_shot_weight * zs
+    if distances is None:
+        return zs
+    ks = kshot_map(distances, grid, zs.shape[-1])
+    return zs + ks if rows is None else zs.index_add(0, rows, ks)

@@ -16,7 +16,7 @@ from torch import nn
 from .adapter import HFWAAdapter
 from .backbone import build_clip, take_taps
 from .config import ModelConfig
-from .maps import kshot_map, patch_anomaly_logits, zero_shot_map
+from .maps import final_map, patch_anomaly_logits, zero_shot_map
 from .memory_bank import MemoryBank, min_distances
 from .prompts import PromptLearner, tokenize_prompts
 from .text import PromptFusion, text_vectors
@@ -175,5 +175,5 @@ class SowaModel(nn.Module):
         if with_bank:
             idx = torch.tensor(with_bank, device=param.device)
             dist = min_distances(feats.raw[idx], [banks[i] for i in with_bank])
-            maps = zero_shot.index_add(0, idx, kshot_map(dist, self.grid, size))
+            maps = final_map(zero_shot, dist, self.grid, rows=idx)
         return SowaOutput(maps, zero_shot, text_scores, feats.raw)

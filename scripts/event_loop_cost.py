@@ -59,7 +59,8 @@ def measure(checkout: Path, bundle: Path, requests: int, work: Path, port: int) 
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
         images.append(buf.getvalue())
-    args = [sys.executable, "-m", cli_module(checkout), "serve", "--bundle", str(bundle), "--data-dir", str(work / "data"),
+    args = [sys.executable, "-m", cli_module(checkout), "serve", "--bundle", str(bundle),
+            "--data-dir", str(work / "data"),
             "--port", str(port), "--device", "cpu", "--max-batch-size", "16", "--max-wait-ms", "5",
             "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(checkout)}

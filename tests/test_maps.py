@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from model.maps import gaussian_blur, gaussian_kernel, kshot_map, patch_anomaly_logits, stage_anomaly_probs
+from model.maps import (
+    final_map,
+    gaussian_blur,
+    gaussian_kernel,
+    kshot_map,
+    patch_anomaly_logits,
+    stage_anomaly_probs,
+)
 
 
 @pytest.mark.parametrize("shape", [(2, 336, 336), (3, 64, 64), (1, 5, 7), (2, 20, 33)])
@@ -50,3 +57,14 @@ def test_kshot_map_sums_stages_before_one_upsample() -> None:
     d = torch.rand(2, 4, 36)
     per_stage = F.interpolate(d.view(2, 4, 6, 6), size=(30, 30), mode="bilinear", align_corners=True).sum(1)
     assert torch.allclose(kshot_map(d, 6, 30), per_stage, atol=1e-5)
+
+
+def test_final_map_is_zero_shot_plus_kshot_for_all_or_some_rows() -> None:
+    zs, d = torch.rand(3, 30, 30), torch.rand(3, 4, 36)
+    assert torch.equal(final_map(zs, d, 6), zs + kshot_map(d, 6, 30))
+    assert torch.equal(final_map(zs, None, 6), zs)
+    rows = torch.tensor([0, 2])
+    some = final_map(zs, d[rows], 6, rows=rows)
+    assert torch.equal(some[1], zs[1]) and torch.equal(some[rows], zs[rows] + kshot_map(d[rows], 6, 30))
+    assert torch.equal(final_map(zs, d, 6, zero_shot_weight=0.0), kshot_map(d, 6, 30))
+    assert torch.equal(final_map(zs, d, 6, zero_shot_weight=0.5), 0.5 * zs + kshot_map(d, 6, 30))
