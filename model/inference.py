@@ -35,11 +35,25 @@ class ClassMemory:
 
 @dataclass(frozen=True)
 class Prediction:
-    """`anomaly_maps` (B, S, S) float32 reference scale; `text_scores` (B,); per-image `scores`."""
+    """`anomaly_maps` (B, S, S) float32 reference scale; `text_scores` (B,); per-image `scores`. On the model's
+    device as `predict_scored` returns it; `to_host` brings it to the CPU."""
 
     anomaly_maps: torch.Tensor
     text_scores: torch.Tensor
     scores: ImageScores
+
+    def to_host(self, maps: bool = True) -> Prediction:
+        """The same on the CPU, in one packed device-to-host copy (the only host wait of a batch); `maps=False`
+        leaves the maps behind, as an empty (B, 0, 0) tensor."""
+        s = self.scores
+        b = self.text_scores.shape[0]
+        columns = torch.stack([self.text_scores.float(), s.raw, s.threshold, s.score, s.is_anomalous.float()], 1)
+        parts = [self.anomaly_maps.float().flatten(1), columns] if maps else [columns]
+        host = torch.cat(parts, dim=1).cpu()  # float32 holds each part exactly, the 0/1 flags included
+        c = host[:, -5:]
+        size = self.anomaly_maps.shape[-1] if maps else 0
+        return Prediction(host[:, :-5].reshape(b, size, size), c[:, 0].clone(),
+                          ImageScores(c[:, 1].clone(), c[:, 2].clone(), c[:, 3].clone(), c[:, 4] > 0.5))
 
 
 @torch.inference_mode()
@@ -88,9 +102,9 @@ def predict_files(
                                                             "normalized_scores", "thresholds", "is_anomalous")}
     for start in range(0, len(images), batch_size):
         batch = preprocess_batch([load_image(p) for p in images[start:start + batch_size]], size)
-        pred = predict_scored(model, batch, [memory] * batch.shape[0])
-        chunks["anomaly_maps"].append(pred.anomaly_maps.float().cpu().numpy())
-        chunks["text_scores"].append(pred.text_scores.float().cpu().numpy())
+        pred = predict_scored(model, batch, [memory] * batch.shape[0]).to_host()
+        chunks["anomaly_maps"].append(pred.anomaly_maps.numpy())
+        chunks["text_scores"].append(pred.text_scores.numpy())
         chunks["scores"].append(pred.scores.raw.numpy())
         chunks["normalized_scores"].append(pred.scores.score.numpy())
         chunks["thresholds"].append(pred.scores.threshold.numpy())

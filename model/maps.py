@@ -6,6 +6,8 @@ reduced precision would show.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -47,10 +49,21 @@ def gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return k / k.sum()
 
 
+@functools.lru_cache(maxsize=64)
 def _symmetric_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
-    """Indices of scipy's mode='reflect' (numpy 'symmetric': the edge sample repeats), valid for any n >= 1."""
-    i = torch.arange(-radius, n + radius, device=device) % (2 * n)
-    return torch.where(i < n, i, 2 * n - 1 - i)
+    """Indices of scipy's mode='reflect' (numpy 'symmetric': the edge sample repeats), valid for any n >= 1.
+    Cached per (n, radius, device): the same few map sizes come back every batch."""
+    with torch.inference_mode(False):  # a normal tensor: training code may index tensors that need grad with it
+        i = torch.arange(-radius, n + radius, device=device) % (2 * n)
+        return torch.where(i < n, i, 2 * n - 1 - i)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_kernel(sigma: float, truncate: float, device: torch.device) -> torch.Tensor:
+    """`gaussian_kernel` as a float32 (1, 1, K) conv weight on `device`, built once per (sigma, truncate, device):
+    it is made on the host, and copying it per call would make the host wait for the device every batch."""
+    with torch.inference_mode(False):  # a normal tensor: conv1d saves its weight for backward in training
+        return gaussian_kernel(sigma, truncate).to(device=device, dtype=torch.float32).view(1, 1, -1)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0) -> torch.Tensor:
@@ -62,13 +75,13 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0)
         return maps.float()
     x = maps.float()
     b, h, w = x.shape
-    k = gaussian_kernel(sigma, truncate).to(device=x.device, dtype=torch.float32)
+    k = _device_kernel(float(sigma), float(truncate), x.device)
     r = (k.numel() - 1) // 2
     # along W, then along H (scipy filters axis 0 first; the float32 results agree to ~1e-7 either way)
     x = x[:, :, _symmetric_index(w, r, x.device)]
-    x = F.conv1d(x.reshape(b * h, 1, -1), k.view(1, 1, -1)).view(b, h, w)
+    x = F.conv1d(x.reshape(b * h, 1, -1), k).view(b, h, w)
     x = x[:, _symmetric_index(h, r, x.device), :].transpose(1, 2)
-    x = F.conv1d(x.reshape(b * w, 1, -1), k.view(1, 1, -1)).view(b, w, h)
+    x = F.conv1d(x.reshape(b * w, 1, -1), k).view(b, w, h)
     return x.transpose(1, 2).contiguous()
 
 

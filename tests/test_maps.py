@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+import model.maps as maps_module
 from model.maps import (
     final_map,
     gaussian_blur,
@@ -68,3 +69,30 @@ def test_final_map_is_zero_shot_plus_kshot_for_all_or_some_rows() -> None:
     assert torch.equal(some[1], zs[1]) and torch.equal(some[rows], zs[rows] + kshot_map(d[rows], 6, 30))
     assert torch.equal(final_map(zs, d, 6, zero_shot_weight=0.0), kshot_map(d, 6, 30))
     assert torch.equal(final_map(zs, d, 6, zero_shot_weight=0.5), 0.5 * zs + kshot_map(d, 6, 30))
+
+
+def test_blur_kernel_is_built_once_per_device_and_results_are_unchanged() -> None:
+    x = torch.rand(2, 40, 40) * 4
+    maps_module._device_kernel.cache_clear()
+    first = gaussian_blur(x, 4.0)
+    second = gaussian_blur(x + 0, 4.0)
+    info = maps_module._device_kernel.cache_info()
+    assert (info.misses, info.hits) == (1, 1)  # built on the first call, reused by the second
+    assert torch.equal(first, second)
+    # the same numbers as convolving with a kernel built on the spot, as every call did before the cache
+    k = gaussian_kernel(4.0).float().view(1, 1, -1)
+    idx = maps_module._symmetric_index.__wrapped__(40, 16, x.device)
+    rows = F.conv1d(x[:, :, idx].reshape(80, 1, -1), k).view(2, 40, 40)
+    cols = F.conv1d(rows[:, idx, :].transpose(1, 2).reshape(80, 1, -1), k).view(2, 40, 40).transpose(1, 2)
+    assert torch.equal(first, cols.contiguous())
+
+
+def test_cached_blur_tensors_still_train() -> None:
+    # the cache may be filled under inference mode (serving): its tensors must still work where autograd saves them
+    maps_module._device_kernel.cache_clear()
+    maps_module._symmetric_index.cache_clear()
+    with torch.inference_mode():
+        gaussian_blur(torch.rand(1, 24, 24))
+    x = torch.rand(1, 24, 24, requires_grad=True)
+    gaussian_blur(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
