@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .device import to_device
+
 __all__ = ["DEFAULT_Z", "Calibration", "ImageScores", "calibrate", "image_scores", "normalise",
            "zero_shot_pixel_threshold"]
 
@@ -104,16 +106,19 @@ def normalise(raw: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 def image_scores(
     text_scores: torch.Tensor, map_max: torch.Tensor, calibrations: Sequence[Calibration | None]
 ) -> ImageScores:
-    """Online scores of a batch of images, each with its class's calibration or None (zero-shot)."""
+    """Online scores of a batch of images, each with its class's calibration or None (zero-shot).
+
+    Computed where `text_scores` lives and returned there: on a GPU the per-class constants go up in one
+    non-blocking copy and nothing comes back, so the caller makes the single device-to-host copy of a batch.
+    """
     if len(calibrations) != text_scores.numel():
         raise ValueError(f"need one calibration (or None) per image, got {len(calibrations)} for "
                          f"{text_scores.numel()} images")
-    t = text_scores.double().cpu()
-    m = map_max.double().cpu()
-    has = torch.tensor([c is not None for c in calibrations], dtype=torch.bool)
-    mean = torch.tensor([c.map_mean if c else 0.0 for c in calibrations], dtype=torch.float64)
-    std = torch.tensor([c.map_std if c else 1.0 for c in calibrations], dtype=torch.float64)
-    thr = torch.tensor([c.threshold if c else 0.5 for c in calibrations], dtype=torch.float64)
-    raw = torch.where(has, 0.5 * (t + torch.sigmoid((m - mean) / std)), t)
+    t = text_scores.double()
+    m = map_max.double().to(t.device)
+    table = torch.tensor([[1.0, c.map_mean, c.map_std, c.threshold] if c else [0.0, 0.0, 1.0, 0.5]
+                          for c in calibrations], dtype=torch.float64).reshape(-1, 4)
+    has, mean, std, thr = to_device(table, t.device).unbind(dim=1)
+    raw = torch.where(has > 0, 0.5 * (t + torch.sigmoid((m - mean) / std)), t)
     return ImageScores(raw=raw.float(), threshold=thr.float(), score=normalise(raw, thr).float(),
                        is_anomalous=raw > thr)

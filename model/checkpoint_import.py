@@ -74,12 +74,9 @@ class _Stub:
 class SafeUnpickler(pickle.Unpickler):
     """Unpickler that never imports or calls anything outside `_ALLOWED`."""
 
-    stubbed: set[str]
-
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
-        self.stubbed = getattr(self, "stubbed", set()) | {f"{module}.{name}"}
         return type(name, (_Stub,), {"__module__": "sowa_stub." + module})
 
 
@@ -223,35 +220,12 @@ def import_checkpoint(
     ckpt = read_checkpoint(path)
     sd: dict[str, torch.Tensor] = ckpt["state_dict"]
     pre = _find_prefix(sd, path)
-    clip = {k[len(pre) + len("clip_model."):]: v for k, v in sd.items() if k.startswith(pre + "clip_model.")}
-    for key in ("input_resolution", "context_length", "vocab_size"):
-        clip.pop(key, None)
+    clip = _clip_state(sd, pre)
     model_config = infer_clip_config(clip, text_heads)
     grid = model_config["vision_cfg"]["image_size"] // model_config["vision_cfg"]["patch_size"]
     adapter_cfg, alias_taps, n_adapters = _adapter_config(sd, pre, clip, grid, path)
-    layers = model_config["vision_cfg"]["layers"]
-    if taps is None:
-        if all(t is not None for t in alias_taps):
-            taps = [int(t) for t in alias_taps]  # type: ignore[arg-type]
-        elif n_adapters == 4:
-            taps = list(default_taps(layers))
-        else:
-            raise CheckpointError(f"{path}: cannot tell which blocks the {n_adapters} adapters tap; pass --taps")
-    if len(taps) != n_adapters:
-        raise CheckpointError(f"{path}: {n_adapters} adapters but {len(taps)} taps given")
-    try:
-        ctx = sd[pre + "prompt_learner.ctx_pos"]
-        ids_pos = sd[pre + "prompt_learner.tokenized_prompts_pos"]
-        ids_neg = sd[pre + "prompt_learner.tokenized_prompts_neg"]
-    except KeyError as e:
-        raise CheckpointError(f"{path}: prompt learner tensor missing: {e}") from None
-    m, k, length = ctx.shape[0], ctx.shape[1], ctx.shape[2]
-    prompt = PromptConfig(length=length)
-    if (m, k) != (1, 1):
-        prompt = PromptConfig(length=length, class_names=tuple(f"class{i}" for i in range(m)),
-                              normal_templates=("{}",) * k, anomaly_templates=("damaged {}",) * k)
-    default_ids = tokenize_prompts(prompt, ids_pos.shape[-1])
-    prompts_are_default = torch.equal(default_ids[0], ids_pos.int()) and torch.equal(default_ids[1], ids_neg.int())
+    taps = _choose_taps(taps, alias_taps, n_adapters, model_config["vision_cfg"]["layers"], path)
+    prompt, prompts_are_default = _prompt_config(sd, pre, path)
     try:
         cfg = ModelConfig(
             backbone=BackboneConfig(model_config=model_config, arch=_known_arch(model_config), weights="bundle"),
@@ -265,28 +239,7 @@ def import_checkpoint(
     except RuntimeError as e:
         raise CheckpointError(f"{path}: CLIP weights do not fit the inferred architecture: "
                               f"{str(e).splitlines()[0]}") from None
-    own: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.startswith(pre + "visual_encoder.adapters."):
-            name = key[len(pre + "visual_encoder."):]
-            if re.search(r"\.attn\.(qkv|proj\.weight|proj\.bias|relative_coords_table|relative_position_index)$",
-                         name) or name.endswith(".attn_mask"):
-                continue  # frozen CLIP aliases and derived buffers
-            own[name.replace(".mlp.layers.0.", ".mlp.")] = value
-        elif key.startswith(pre + "prompt_learner.") and re.search(r"\.(ctx_pos|ctx_neg|tokenized_prompts_pos|"
-                                                                    r"tokenized_prompts_neg)$", key):
-            own[key[len(pre):]] = value
-        elif key.startswith(pre + "cross_fusion.linear."):
-            own["fusion." + key[len(pre + "cross_fusion."):]] = value
-    expected = model.sowa_state_dict()
-    missing, extra = sorted(set(expected) - set(own)), sorted(set(own) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{path}: checkpoint does not match the inferred SOWA layout: missing "
-                              f"{missing[:3]}, unexpected {extra[:3]}")
-    for key, ref in expected.items():
-        if own[key].shape != ref.shape:
-            raise CheckpointError(f"{path}: '{key}' has shape {tuple(own[key].shape)}, expected {tuple(ref.shape)}")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in own.items()}, strict=False)
+    _load_sowa_state(model, _sowa_state(sd, pre), path)
     model.refresh_text()
     provenance = {
         "source": "import-checkpoint",
@@ -300,6 +253,78 @@ def import_checkpoint(
     }
     return ImportedCheckpoint(model, provenance)
 
+
+def _clip_state(sd: dict[str, torch.Tensor], pre: str) -> dict[str, torch.Tensor]:
+    """The research code's CLIP weights under open_clip's names, without its non-tensor attributes."""
+    clip = {k[len(pre) + len("clip_model."):]: v for k, v in sd.items() if k.startswith(pre + "clip_model.")}
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        clip.pop(key, None)
+    return clip
+
+
+def _choose_taps(taps: list[int] | None, alias_taps: list[int | None], n_adapters: int, layers: int,
+                 path: Path) -> list[int]:
+    """The taps given, else those the adapters alias, else the defaults for 4 adapters."""
+    if taps is None:
+        if all(t is not None for t in alias_taps):
+            taps = [int(t) for t in alias_taps]  # type: ignore[arg-type]
+        elif n_adapters == 4:
+            taps = list(default_taps(layers))
+        else:
+            raise CheckpointError(f"{path}: cannot tell which blocks the {n_adapters} adapters tap; pass --taps")
+    if len(taps) != n_adapters:
+        raise CheckpointError(f"{path}: {n_adapters} adapters but {len(taps)} taps given")
+    return taps
+
+
+def _prompt_config(sd: dict[str, torch.Tensor], pre: str, path: Path) -> tuple[PromptConfig, bool]:
+    """The prompt layout from the learned contexts' shape, and whether the token ids are the default prompts'."""
+    try:
+        ctx = sd[pre + "prompt_learner.ctx_pos"]
+        ids_pos = sd[pre + "prompt_learner.tokenized_prompts_pos"]
+        ids_neg = sd[pre + "prompt_learner.tokenized_prompts_neg"]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: prompt learner tensor missing: {e}") from None
+    m, k, length = ctx.shape[0], ctx.shape[1], ctx.shape[2]
+    prompt = PromptConfig(length=length)
+    if (m, k) != (1, 1):
+        prompt = PromptConfig(length=length, class_names=tuple(f"class{i}" for i in range(m)),
+                              normal_templates=("{}",) * k, anomaly_templates=("damaged {}",) * k)
+    default_ids = tokenize_prompts(prompt, ids_pos.shape[-1])
+    prompts_are_default = torch.equal(default_ids[0], ids_pos.int()) and torch.equal(default_ids[1], ids_neg.int())
+    return prompt, prompts_are_default
+
+
+def _sowa_state(sd: dict[str, torch.Tensor], pre: str) -> dict[str, torch.Tensor]:
+    """Adapters, prompt contexts and fusion under this implementation's names; aliases and derived buffers
+    dropped."""
+    own: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith(pre + "visual_encoder.adapters."):
+            name = key[len(pre + "visual_encoder."):]
+            if re.search(r"\.attn\.(qkv|proj\.weight|proj\.bias|relative_coords_table|relative_position_index)$",
+                         name) or name.endswith(".attn_mask"):
+                continue  # frozen CLIP aliases and derived buffers
+            own[name.replace(".mlp.layers.0.", ".mlp.")] = value
+        elif key.startswith(pre + "prompt_learner.") and re.search(r"\.(ctx_pos|ctx_neg|tokenized_prompts_pos|"
+                                                                    r"tokenized_prompts_neg)$", key):
+            own[key[len(pre):]] = value
+        elif key.startswith(pre + "cross_fusion.linear."):
+            own["fusion." + key[len(pre + "cross_fusion."):]] = value
+    return own
+
+
+def _load_sowa_state(model: SowaModel, own: dict[str, torch.Tensor], path: Path) -> None:
+    """Load `own` into the model's non-CLIP part after checking it has exactly its keys and shapes."""
+    expected = model.sowa_state_dict()
+    missing, extra = sorted(set(expected) - set(own)), sorted(set(own) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{path}: checkpoint does not match the inferred SOWA layout: missing "
+                              f"{missing[:3]}, unexpected {extra[:3]}")
+    for key, ref in expected.items():
+        if own[key].shape != ref.shape:
+            raise CheckpointError(f"{path}: '{key}' has shape {tuple(own[key].shape)}, expected {tuple(ref.shape)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in own.items()}, strict=False)
 
 
 def import_to_bundle(ckpt: Path, out: Path, taps: list[int] | None = None, text_heads: int | None = None,

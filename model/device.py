@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DTYPES", "machine_description", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "machine_description", "resolve_device", "resolve_dtype", "set_fp32_precision", "to_device"]
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -62,3 +62,26 @@ def machine_description(device: str) -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} torch threads"
+
+
+def set_fp32_precision(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """For fp32 on CUDA, make cuBLAS matmuls and cuDNN convolutions full fp32 ("ieee"), not TF32; returns whether
+    it did. Process-wide: the flags are global in torch.
+
+    cuDNN convolutions default to TF32 (10-bit mantissa), which moves fp32 maps by ~1e-3 off the reference; the
+    patch embedding is such a convolution. Only the new API (torch >= 2.9) is set: after it, torch refuses to
+    read the legacy `allow_tf32` flags, and mixing the two is an error.
+    """
+    if torch.device(device).type != "cuda" or dtype != torch.float32:
+        return False
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    return True
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without making the host wait: on CUDA it goes through pinned memory with
+    a non-blocking copy (a pageable copy blocks the host until the device has run everything queued before it)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

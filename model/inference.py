@@ -17,7 +17,7 @@ import torch
 from .bundle import load_bundle
 from .calibration import DEFAULT_Z, Calibration, ImageScores, calibrate, image_scores
 from .device import resolve_device, resolve_dtype
-from .maps import kshot_map
+from .maps import final_map
 from .memory_bank import MemoryBank, build_bank, leave_one_out_distances
 from .preprocess import load_image, preprocess_batch
 from .sowa import SowaModel
@@ -35,11 +35,25 @@ class ClassMemory:
 
 @dataclass(frozen=True)
 class Prediction:
-    """`anomaly_maps` (B, S, S) float32 reference scale; `text_scores` (B,); per-image `scores`."""
+    """`anomaly_maps` (B, S, S) float32 reference scale; `text_scores` (B,); per-image `scores`. On the model's
+    device as `predict_scored` returns it; `to_host` brings it to the CPU."""
 
     anomaly_maps: torch.Tensor
     text_scores: torch.Tensor
     scores: ImageScores
+
+    def to_host(self, maps: bool = True) -> Prediction:
+        """The same on the CPU, in one packed device-to-host copy (the only host wait of a batch); `maps=False`
+        leaves the maps behind, as an empty (B, 0, 0) tensor."""
+        s = self.scores
+        b = self.text_scores.shape[0]
+        columns = torch.stack([self.text_scores.float(), s.raw, s.threshold, s.score, s.is_anomalous.float()], 1)
+        parts = [self.anomaly_maps.float().flatten(1), columns] if maps else [columns]
+        host = torch.cat(parts, dim=1).cpu()  # float32 holds each part exactly, the 0/1 flags included
+        c = host[:, -5:]
+        size = self.anomaly_maps.shape[-1] if maps else 0
+        return Prediction(host[:, :-5].reshape(b, size, size), c[:, 0].clone(),
+                          ImageScores(c[:, 1].clone(), c[:, 2].clone(), c[:, 3].clone(), c[:, 4] > 0.5))
 
 
 @torch.inference_mode()
@@ -48,16 +62,15 @@ def fit_class(model: SowaModel, shots: torch.Tensor, z: float = DEFAULT_Z) -> Cl
     if shots.dim() != 4 or shots.shape[0] < 1:
         raise ValueError(f"shots must be a (K, 3, S, S) batch with K >= 1, got {tuple(shots.shape)}")
     out = model.predict(shots)
-    return memory_from_outputs(out.raw_patches, out.zero_shot_maps, out.text_scores, model.grid,
-                               model.image_size, z)
+    return memory_from_outputs(out.raw_patches, out.zero_shot_maps, out.text_scores, model.grid, z)
 
 
 def memory_from_outputs(raw: torch.Tensor, zero_shot: torch.Tensor, text_scores: torch.Tensor, grid: int,
-                        size: int, z: float = DEFAULT_Z) -> ClassMemory:
+                        z: float = DEFAULT_Z) -> ClassMemory:
     """`fit_class` on shots that already went through `predict`: raw patches (K, S, L, D), zero-shot maps
     (K, H, W), text scores (K,). Lets a caller that ran the shots anyway (evaluation) skip a second pass."""
     loo = leave_one_out_distances(raw, grid)  # (K, S, L)
-    final = zero_shot.float() + kshot_map(loo, grid, size)
+    final = final_map(zero_shot, loo, grid)
     return ClassMemory(build_bank(raw), calibrate(final.flatten(1).amax(dim=1), text_scores, z))
 
 
@@ -89,9 +102,9 @@ def predict_files(
                                                             "normalized_scores", "thresholds", "is_anomalous")}
     for start in range(0, len(images), batch_size):
         batch = preprocess_batch([load_image(p) for p in images[start:start + batch_size]], size)
-        pred = predict_scored(model, batch, [memory] * batch.shape[0])
-        chunks["anomaly_maps"].append(pred.anomaly_maps.float().cpu().numpy())
-        chunks["text_scores"].append(pred.text_scores.float().cpu().numpy())
+        pred = predict_scored(model, batch, [memory] * batch.shape[0]).to_host()
+        chunks["anomaly_maps"].append(pred.anomaly_maps.numpy())
+        chunks["text_scores"].append(pred.text_scores.numpy())
         chunks["scores"].append(pred.scores.raw.numpy())
         chunks["normalized_scores"].append(pred.scores.score.numpy())
         chunks["thresholds"].append(pred.scores.threshold.numpy())

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .device import to_device
+
 __all__ = ["MemoryBank", "build_bank", "leave_one_out_distances", "min_distances"]
 
 
@@ -51,21 +53,38 @@ def min_distances(patches: torch.Tensor, banks: Sequence[MemoryBank]) -> torch.T
         raise ValueError(f"need one bank per image: {b} images, {len(banks)} banks")
     x = F.normalize(patches.float(), dim=-1).to(banks[0].features.dtype)
     if all(bank is banks[0] for bank in banks):  # the common case, one class: (S, B*L, D) @ (S, D, N)
-        feats = banks[0].features
-        sim = torch.bmm(x.transpose(0, 1).reshape(s, b * n, d), feats.transpose(1, 2))
-        best = sim.amax(dim=-1).view(s, b, n).transpose(0, 1)
-    else:  # mixed classes: one matmul per distinct bank over its own images; banks are never copied
-        best = x.new_empty(b, s, n)
-        members: dict[int, list[int]] = {}
-        for i, bank in enumerate(banks):
-            members.setdefault(id(bank), []).append(i)
-        for idx in members.values():
-            feats = banks[idx[0]].features
-            rows = torch.tensor(idx, device=x.device)
-            xi = x.index_select(0, rows)  # (b_i, S, L, D): test patches, small next to a bank
-            sim = torch.bmm(xi.transpose(0, 1).reshape(s, len(idx) * n, d), feats.transpose(1, 2))
-            best.index_copy_(0, rows, sim.amax(dim=-1).view(s, len(idx), n).transpose(0, 1))
-    return 1.0 - best.float()
+        sim = _cosines(x.transpose(0, 1).reshape(s, b * n, d), banks[0].features)
+        return 1.0 - sim.amax(dim=-1).view(s, b, n).transpose(0, 1)
+    # mixed classes: one matmul per distinct bank over its own images; banks are never copied
+    members: dict[int, list[int]] = {}
+    for i, bank in enumerate(banks):
+        members.setdefault(id(bank), []).append(i)
+    groups = list(members.values())
+    # all the groups' rows in one host-to-device copy, then device slices of it
+    order = to_device(torch.tensor([i for idx in groups for i in idx]), x.device)
+    best = torch.empty(b, s, n, device=x.device, dtype=torch.float32)
+    start = 0
+    for idx in groups:
+        rows = order[start:start + len(idx)]
+        start += len(idx)
+        xi = x.index_select(0, rows)  # (b_i, S, L, D): test patches, small next to a bank
+        sim = _cosines(xi.transpose(0, 1).reshape(s, len(idx) * n, d), banks[idx[0]].features)
+        best.index_copy_(0, rows, sim.amax(dim=-1).view(s, len(idx), n).transpose(0, 1))
+    return 1.0 - best
+
+
+def _cosines(x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """(S, M, D) unit test patches x (S, N, D) unit bank features -> (S, M, N) float32 cosines.
+
+    In bf16/fp16 the products are accumulated and returned in fp32: rounding cosines near 1 to bf16 moves each by
+    up to 2^-9 (~0.002), per stage, and the k-shot map sums the stages. CUDA does it in the matmul (`out_dtype`);
+    the CPU has no such kernel, so there the (bf16-valued) inputs are upcast, a transient fp32 copy of the bank.
+    """
+    if feats.dtype == torch.float32:
+        return torch.bmm(x, feats.transpose(1, 2))
+    if x.is_cuda:
+        return torch.bmm(x, feats.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(x.float(), feats.float().transpose(1, 2))
 
 
 def leave_one_out_distances(raw_patches: torch.Tensor, grid: int) -> torch.Tensor:

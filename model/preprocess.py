@@ -109,17 +109,20 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     """(..., 3, S, S) uint8 on any device -> float32 scaled to [0, 1] and normalised with the CLIP mean and std.
 
     The same float32 operations in the same order as `preprocess`, each correctly rounded on CPU and GPU alike,
-    so the result is bit-identical to it.
+    so the result is bit-identical to it. The 255 is a device tensor, not a Python number: CUDA turns division
+    by a host scalar into multiplication by its rounded reciprocal, which is not the same float.
     """
-    mean, std = _mean_std(images.device)
-    return (images.to(torch.float32) / 255.0 - mean) / std
+    scale, mean, std = _constants(images.device)
+    return (images.to(torch.float32) / scale - mean) / std
 
 
 @functools.lru_cache(maxsize=16)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # made once per device: building them per batch would be two blocking host-to-device copies on a GPU
-    return (torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(3, 1, 1),
-            torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(3, 1, 1))
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # made once per device: building them per batch would be blocking host-to-device copies on a GPU
+    with torch.inference_mode(False):
+        return (torch.tensor(255.0, dtype=torch.float32, device=device),
+                torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(3, 1, 1),
+                torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(3, 1, 1))
 
 
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ from torch import nn
 from .adapter import HFWAAdapter
 from .backbone import build_clip, take_taps
 from .config import ModelConfig
-from .maps import kshot_map, patch_anomaly_logits, zero_shot_map
+from .device import set_fp32_precision, to_device
+from .maps import final_map, patch_anomaly_logits, zero_shot_map
 from .memory_bank import MemoryBank, min_distances
 from .prompts import PromptLearner, tokenize_prompts
 from .text import PromptFusion, text_vectors
@@ -108,7 +109,9 @@ class SowaModel(nn.Module):
         self._text_tower = False
 
     def to_inference(self, device: torch.device | str, dtype: torch.dtype) -> SowaModel:
-        """Move to `device` and cast weights to `dtype` for inference; the cached text vectors stay float32."""
+        """Move to `device` and cast weights to `dtype` for inference; the cached text vectors stay float32.
+        fp32 on CUDA also turns TF32 off (`set_fp32_precision`): fp32 serving gives the reference's numbers."""
+        set_fp32_precision(device, dtype)
         text = self.text_features.float()
         self.to(device=device, dtype=dtype).eval()
         self.text_features = text.to(device)
@@ -172,8 +175,10 @@ class SowaModel(nn.Module):
             text_scores = torch.full((b,), UNTRAINED_TEXT_SCORE, device=param.device)
         maps = zero_shot
         with_bank = [i for i in range(b) if banks is not None and banks[i] is not None]
-        if with_bank:
-            idx = torch.tensor(with_bank, device=param.device)
-            dist = min_distances(feats.raw[idx], [banks[i] for i in with_bank])
-            maps = zero_shot.index_add(0, idx, kshot_map(dist, self.grid, size))
+        if with_bank and len(with_bank) == b:  # every image has a class: no index needed
+            maps = final_map(zero_shot, min_distances(feats.raw, list(banks)), self.grid)  # type: ignore[arg-type]
+        elif with_bank:
+            idx = to_device(torch.tensor(with_bank), param.device)
+            dist = min_distances(feats.raw.index_select(0, idx), [banks[i] for i in with_bank])
+            maps = final_map(zero_shot, dist, self.grid, rows=idx)
         return SowaOutput(maps, zero_shot, text_scores, feats.raw)

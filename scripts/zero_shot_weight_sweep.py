@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model.bundle import load_bundle
-from model.maps import kshot_map
+from model.maps import final_map
 from training.datasets import list_items
 from training.evaluate import _grouped, run_class, sample_shots
 from training.metrics.ranking import auroc
@@ -40,11 +40,13 @@ def main() -> None:
     with ThreadPoolExecutor(2) as pool:
         for cls in sorted(tests):
             maps = run_class(model, tests[cls], {setting: sample_shots(train[cls], args.k, args.seed, cls)}, 16, pool)
-            ks = kshot_map(maps.distances[setting], maps.grid, maps.zero_shot.shape[-1])
+            distances = maps.distances[setting]
+            ks = final_map(maps.zero_shot, distances, maps.grid, zero_shot_weight=0.0)  # the k-shot part alone
             labels = maps.masks.reshape(-1)
             row = []
             for w in weights:
-                value = auroc(labels, (w * maps.zero_shot + ks).numpy().reshape(-1))
+                value = auroc(labels, final_map(maps.zero_shot, distances, maps.grid, zero_shot_weight=w).numpy()
+                              .reshape(-1))
                 table[w].append(value)
                 row.append(f"{100 * value:.1f}")
             zs = maps.zero_shot

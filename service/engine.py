@@ -132,14 +132,16 @@ class Engine:
         return normalize(pinned.to(self.device, non_blocking=True))
 
     @torch.inference_mode()  # the joined batch is then an inference tensor, as compiled graphs were traced with
-    def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None]) -> list[ImageResult]:
-        """Score the requests of one batch: `images` are their (n_i, 3, S, S) uint8 tensors, joined here."""
+    def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None],
+            need_maps: bool = True) -> list[ImageResult]:
+        """Score the requests of one batch: `images` are their (n_i, 3, S, S) uint8 tensors, joined here.
+        Results come to the host in one copy; without `need_maps` the maps stay behind ((0, 0) arrays)."""
         banks = self.banks.resolve([m.bank if m else None for m in memories])
         on_device = [None if m is None else ClassMemory(bank, m.calibration) for m, bank in zip(memories, banks,
                                                                                               strict=True)]
-        pred = predict_scored(self.model, self._to_device(images), on_device)
-        maps = pred.anomaly_maps.float().cpu().numpy()
-        text = pred.text_scores.float().cpu().tolist()
+        pred = predict_scored(self.model, self._to_device(images), on_device).to_host(maps=need_maps)
+        maps = pred.anomaly_maps.numpy()
+        text = pred.text_scores.tolist()
         s = pred.scores
         zero_shot_px = zero_shot_pixel_threshold(len(self.model.taps))
         return [

@@ -105,4 +105,9 @@ class Settings(BaseSettings):
         if self.max_queue < self.max_images_per_request:  # such a request could never be queued
             raise ValueError(f"max_queue ({self.max_queue}) must be >= max_images_per_request "
                              f"({self.max_images_per_request})")
+        if self.compile_mode is not None and not self.warmup:  # else live requests would wait for the compiles
+            raise ValueError(f"compile_mode '{self.compile_mode}' needs the warm-up, which compiles every batch-size "
+                             "bucket before the server reports ready; without it the first request of each bucket "
+                             "waits for a compile (tens of seconds, minutes with max-autotune). Set SOWA_WARMUP=true "
+                             "(the default) or turn compilation off (--compile off / SOWA_COMPILE_MODE=off)")
         return self

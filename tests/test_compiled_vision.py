@@ -10,15 +10,22 @@ from model.inference import fit_class, predict_scored
 from model.sowa import SowaModel
 
 
-def test_bucket_sizes_pad_at_most_half() -> None:
+def test_buckets_are_one_then_halvings_of_the_largest_batch_down_to_eight() -> None:
     assert bucket_sizes(1) == [1]
-    assert bucket_sizes(16) == [1, 2, 4, 8, 16]
-    assert bucket_sizes(24) == [1, 2, 4, 8, 16, 24]
-    for n in range(1, 65):  # every batch up to the largest has a bucket less than twice its size
-        b = bucket_sizes(64)
-        assert min(s for s in b if s >= n) < 2 * n
+    assert bucket_sizes(4) == [1, 4]
+    assert bucket_sizes(16) == [1, 8, 16]
+    assert bucket_sizes(24) == [1, 12, 24]
+    assert bucket_sizes(64) == [1, 8, 16, 32, 64]  # 5 compiles where powers of two made 7
+    assert bucket_sizes(64, floor=4) == [1, 4, 8, 16, 32, 64]
+    for top in (9, 24, 64, 100):
+        b = bucket_sizes(top)
+        for n in range(1, top + 1):  # from the floor up, padding stays under half a batch
+            bucket = min(s for s in b if s >= n)
+            assert bucket < 2 * n or (n < 8 and bucket == b[1])
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         bucket_sizes(0)
+    with pytest.raises(ValueError, match="floor must be >= 1"):
+        bucket_sizes(8, floor=0)
 
 
 def test_bad_modes_and_buckets_are_refused(tiny_model: SowaModel) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.device import resolve_device, resolve_dtype
+from model.device import resolve_device, resolve_dtype, set_fp32_precision, to_device
 from model.sowa import SowaModel
 from model.text import PromptFusion, encode_prompts
 
@@ -19,6 +19,39 @@ def test_device_and_dtype_choices() -> None:
             resolve_device(bad)
     with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
         resolve_dtype("int8")
+
+
+@pytest.fixture()
+def _precision_flags() -> object:
+    """Restore the process-wide fp32 precision flags a test changes."""
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    yield
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+@pytest.mark.usefixtures("_precision_flags")
+def test_fp32_on_cuda_turns_tf32_off_in_matmuls_and_convolutions() -> None:
+    # the flags exist without a GPU, so what is set can be checked here; test_sowa checks what it does on one
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = "tf32", "tf32"
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16), ("cuda:0", torch.float16)):
+        assert not set_fp32_precision(device, dtype)
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert set_fp32_precision(torch.device("cuda", 0), torch.float32)
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+
+
+@pytest.mark.usefixtures("_precision_flags")
+def test_to_inference_asks_for_fp32_precision(tiny_model: SowaModel,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+    monkeypatch.setattr("model.sowa.set_fp32_precision", lambda *a: calls.append(a))
+    tiny_model.to_inference("cpu", torch.float32)
+    assert calls == [("cpu", torch.float32)]  # it asks; set_fp32_precision itself decides (above)
+
+
+def test_to_device_on_the_cpu_is_the_same_tensor_values() -> None:
+    t = torch.arange(5)
+    assert torch.equal(to_device(t, torch.device("cpu")), t)
 
 
 def test_fusion_pools_templates_then_normalises() -> None:

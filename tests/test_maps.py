@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from model.maps import gaussian_blur, gaussian_kernel, kshot_map, patch_anomaly_logits, stage_anomaly_probs
+import model.maps as maps_module
+from model.maps import (
+    final_map,
+    gaussian_blur,
+    gaussian_kernel,
+    kshot_map,
+    patch_anomaly_logits,
+    stage_anomaly_probs,
+)
 
 
 @pytest.mark.parametrize("shape", [(2, 336, 336), (3, 64, 64), (1, 5, 7), (2, 20, 33)])
@@ -50,3 +58,41 @@ def test_kshot_map_sums_stages_before_one_upsample() -> None:
     d = torch.rand(2, 4, 36)
     per_stage = F.interpolate(d.view(2, 4, 6, 6), size=(30, 30), mode="bilinear", align_corners=True).sum(1)
     assert torch.allclose(kshot_map(d, 6, 30), per_stage, atol=1e-5)
+
+
+def test_final_map_is_zero_shot_plus_kshot_for_all_or_some_rows() -> None:
+    zs, d = torch.rand(3, 30, 30), torch.rand(3, 4, 36)
+    assert torch.equal(final_map(zs, d, 6), zs + kshot_map(d, 6, 30))
+    assert torch.equal(final_map(zs, None, 6), zs)
+    rows = torch.tensor([0, 2])
+    some = final_map(zs, d[rows], 6, rows=rows)
+    assert torch.equal(some[1], zs[1]) and torch.equal(some[rows], zs[rows] + kshot_map(d[rows], 6, 30))
+    assert torch.equal(final_map(zs, d, 6, zero_shot_weight=0.0), kshot_map(d, 6, 30))
+    assert torch.equal(final_map(zs, d, 6, zero_shot_weight=0.5), 0.5 * zs + kshot_map(d, 6, 30))
+
+
+def test_blur_kernel_is_built_once_per_device_and_results_are_unchanged() -> None:
+    x = torch.rand(2, 40, 40) * 4
+    maps_module._device_kernel.cache_clear()
+    first = gaussian_blur(x, 4.0)
+    second = gaussian_blur(x + 0, 4.0)
+    info = maps_module._device_kernel.cache_info()
+    assert (info.misses, info.hits) == (1, 1)  # built on the first call, reused by the second
+    assert torch.equal(first, second)
+    # the same numbers as convolving with a kernel built on the spot, as every call did before the cache
+    k = gaussian_kernel(4.0).float().view(1, 1, -1)
+    idx = maps_module._symmetric_index.__wrapped__(40, 16, x.device)
+    rows = F.conv1d(x[:, :, idx].reshape(80, 1, -1), k).view(2, 40, 40)
+    cols = F.conv1d(rows[:, idx, :].transpose(1, 2).reshape(80, 1, -1), k).view(2, 40, 40).transpose(1, 2)
+    assert torch.equal(first, cols.contiguous())
+
+
+def test_cached_blur_tensors_still_train() -> None:
+    # the cache may be filled under inference mode (serving): its tensors must still work where autograd saves them
+    maps_module._device_kernel.cache_clear()
+    maps_module._symmetric_index.cache_clear()
+    with torch.inference_mode():
+        gaussian_blur(torch.rand(1, 24, 24))
+    x = torch.rand(1, 24, 24, requires_grad=True)
+    gaussian_blur(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -103,7 +103,25 @@ def test_uint8_resize_then_normalize_is_bit_identical_to_preprocess(size: tuple[
     assert torch.equal(normalize(torch.stack([small, small]))[1], preprocess(img, 112))
 
 
+def test_normalize_is_exact_division_for_every_byte_and_channel() -> None:
+    # all 256 levels in all 3 channels against numpy's float32 true division: what preprocess does
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256).contiguous()
+    ref = (x.numpy().astype(np.float32) / np.float32(255.0) - np.asarray(CLIP_MEAN, np.float32).reshape(3, 1, 1)) \
+        / np.asarray(CLIP_STD, np.float32).reshape(3, 1, 1)
+    assert np.array_equal(normalize(x).numpy(), ref)
+    # multiplying by the rounded reciprocal (what CUDA does with a host scalar) is not the same float everywhere
+    assert not torch.equal(x.float() * (1 / 255.0), x.float() / 255.0)
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: normalisation on the GPU")
 def test_normalize_on_the_gpu_is_bit_identical() -> None:
     img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 130, 3), dtype=np.uint8))
     assert torch.equal(normalize(resize_uint8(img, 112).cuda()).cpu(), preprocess(img, 112))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: normalisation on the GPU")
+def test_normalize_on_the_gpu_is_bit_identical_for_every_byte() -> None:
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256).contiguous()
+    assert torch.equal(normalize(x.cuda()).cpu(), normalize(x))

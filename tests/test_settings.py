@@ -36,3 +36,12 @@ def test_compile_mode(monkeypatch: pytest.MonkeyPatch, given: str, mode: str | N
 def test_invalid_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ValidationError):
         Settings(bundle=Path("b"), **bad)
+
+
+def test_compile_without_warmup_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOWA_WARMUP", "false")
+    with pytest.raises(ValidationError, match="needs the warm-up.*SOWA_WARMUP=true.*SOWA_COMPILE_MODE=off"):
+        Settings(bundle=Path("b"), compile_mode="default")
+    assert Settings(bundle=Path("b"), compile_mode="off").warmup is False  # eager without warm-up is fine
+    monkeypatch.setenv("SOWA_WARMUP", "true")
+    assert Settings(bundle=Path("b"), compile_mode="default").compile_mode == "default"

@@ -4,8 +4,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.inference import fit_class, predict_scored
+from model.maps import kshot_map
+from model.memory_bank import build_bank, min_distances
 from model.sowa import UNTRAINED_TEXT_SCORE, SowaModel
 from tests.helpers import tiny_config
 
@@ -96,7 +99,71 @@ def test_cuda_matches_cpu(tiny_model: SowaModel, dtype: torch.dtype) -> None:
     ref = predict_scored(tiny_model, x, [fit_class(tiny_model, shots)] * 4)
     gpu = copy.deepcopy(tiny_model).to_inference("cuda", dtype)
     out = predict_scored(gpu, x, [fit_class(gpu, shots)] * 4)
-    map_tol, score_tol = (1e-3, 1e-4) if dtype == torch.float32 else TOLERANCE[dtype]  # cuDNN convs may use TF32
+    # fp32 on CUDA runs without TF32 (model.device.set_fp32_precision): the CPU's numbers up to summation order
+    map_tol, score_tol = (1e-4, 1e-5) if dtype == torch.float32 else TOLERANCE[dtype]
     assert out.anomaly_maps.is_cuda
     assert (out.anomaly_maps.cpu() - ref.anomaly_maps).abs().max() < map_tol
     assert (out.scores.raw.cpu() - ref.scores.raw).abs().max() < score_tol
+
+
+def test_to_host_is_one_copy_of_the_same_numbers(tiny_model: SowaModel) -> None:
+    a = fit_class(tiny_model, torch.randn(2, 3, 64, 64))
+    pred = predict_scored(tiny_model, torch.randn(3, 3, 64, 64), [a, None, a])
+    host = pred.to_host()
+    assert torch.equal(host.anomaly_maps, pred.anomaly_maps) and torch.equal(host.text_scores, pred.text_scores)
+    for name in ("raw", "threshold", "score", "is_anomalous"):
+        assert torch.equal(getattr(host.scores, name), getattr(pred.scores, name)), name
+    assert host.scores.is_anomalous.dtype == torch.bool
+    lean = pred.to_host(maps=False)
+    assert lean.anomaly_maps.shape == (3, 0, 0) and torch.equal(lean.scores.raw, pred.scores.raw)
+
+
+NO_CUDA = "needs a CUDA device; CI and dev machines have none"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_scored_batch_waits_for_the_device_only_in_the_final_copy(tiny_model: SowaModel) -> None:
+    gpu = copy.deepcopy(tiny_model).to_inference("cuda", torch.float32)
+    dev = torch.device("cuda")
+    a, b = fit_class(gpu, torch.randn(2, 3, 64, 64, device=dev)), fit_class(gpu, torch.randn(3, 3, 64, 64, device=dev))
+    x = torch.randn(4, 3, 64, 64, device=dev)
+    for memories in ([a, a, a, a], [a, None, b, a]):  # one class (no index) and mixed classes with a zero-shot image
+        predict_scored(gpu, x, memories)  # first call: the blur kernel, position bias and constants are cached
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pred = predict_scored(gpu, x, memories)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        host = pred.to_host()  # the one copy (and wait) of the batch
+        assert torch.equal(host.anomaly_maps, pred.anomaly_maps.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_fp32_convolutions_and_matmuls_are_full_fp32(tiny_model: SowaModel) -> None:
+    gpu = copy.deepcopy(tiny_model).to_inference("cuda", torch.float32)
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+    conv = gpu.clip.visual.conv1  # the patch embedding: a cuDNN convolution, TF32 by default
+    x = torch.randn(2, 3, 64, 64)
+    ref = F.conv2d(x.double(), conv.weight.detach().cpu().double(), stride=conv.stride)
+    got = conv(x.cuda()).double().cpu()
+    # TF32 keeps 10 mantissa bits: errors ~1e-4 of the output's scale; IEEE fp32 ~1e-7
+    assert (got - ref).abs().max() < 1e-5 * ref.abs().max()
+    m = torch.randn(512, 512, dtype=torch.float64)
+    assert ((m.float().cuda() @ m.float().cuda()).double().cpu() - m @ m).abs().max() < 1e-5 * (m @ m).abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_bf16_kshot_cosines_come_out_in_fp32() -> None:
+    g = torch.Generator().manual_seed(3)
+    shots = torch.randn(4, 4, 64, 64, generator=g)
+    patches = shots[:2].repeat(2, 1, 1, 1) + 0.3 * torch.randn(4, 4, 64, 64, generator=g)
+    ref = kshot_map(min_distances(patches, [build_bank(shots)] * 4), 8, 64)
+    low = build_bank(shots).to("cuda", torch.bfloat16)
+    d = min_distances(patches.cuda(), [low] * 4)
+    assert d.dtype == torch.float32
+    # on the CPU the same bf16 bank gives max error 0.0025 with fp32 output, 0.0065 with bf16 output
+    assert (kshot_map(d, 8, 64).cpu() - ref).abs().max() < 0.004

@@ -31,7 +31,7 @@ from model.calibration import image_scores
 from model.device import machine_description, resolve_device, resolve_dtype
 from model.files import atomic_write
 from model.inference import ClassMemory, memory_from_outputs
-from model.maps import kshot_map
+from model.maps import final_map
 from model.memory_bank import min_distances
 from model.sowa import SowaModel
 
@@ -73,10 +73,7 @@ class ClassMaps:
 
     def final_maps(self, setting: Setting) -> torch.Tensor:
         """(N, H, W) float32: filtered zero-shot map + unfiltered k-shot map (spec §6), or zero-shot for K = 0."""
-        if setting[0] == 0:
-            return self.zero_shot
-        size = self.zero_shot.shape[-1]
-        return self.zero_shot + kshot_map(self.distances[setting], self.grid, size)
+        return final_map(self.zero_shot, self.distances[setting] if setting[0] else None, self.grid)
 
     def scores(self, setting: Setting, maps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(reference image scores, online scores) of the class's test images under `setting`.
@@ -138,7 +135,7 @@ def run_class(
         position = {it: i for i, it in enumerate(union)}
         for setting, shots in draws.items():
             idx = torch.tensor([position[it] for it in shots], device=raw.device)
-            memories[setting] = memory_from_outputs(raw[idx], zero_shot[idx], text[idx], model.grid, size)
+            memories[setting] = memory_from_outputs(raw[idx], zero_shot[idx], text[idx], model.grid)
         del raw, zero_shot, text
     zs, texts, masks = [], [], []
     distances: dict[Setting, list[torch.Tensor]] = {s: [] for s in memories}
@@ -258,76 +255,21 @@ def evaluate(
     workers = _default_workers() if metric_workers is None else metric_workers
     if workers < 0:
         raise ValueError(f"metric workers must be >= 0, got {workers}")
-    tests_by_class = _grouped(list_items(data, "test"))
-    if not tests_by_class:
-        raise DatasetError(f"{data}: the test split has no images")
-    classes = list(tests_by_class)
-    normal_train: dict[str, list[Item]] = {}
-    if ks[-1] > 0:
-        normal_train = _grouped([it for it in list_items(data, "train") if it.anomaly == 0])
-        missing = [c for c in classes if not normal_train.get(c)]
-        if missing:
-            raise DatasetError(f"{data}: class(es) {', '.join(missing)} have no normal train images to draw "
-                               f"K={ks[-1]} shots from")
+    tests_by_class, normal_train = _split_items(data, ks[-1])
     dev = resolve_device(device)
     model, info = load_bundle(bundle, dev, resolve_dtype(dtype))
     settings: list[Setting] = [(k, None) for k in ks if k == 0] + [(k, s) for k in ks if k > 0 for s in seeds]
     shown = settings[-1] if settings[-1][0] == 0 else (ks[-1], seeds[0])  # the visuals' setting
     vmax = float(len(model.taps))  # fixed colour scale: 0 .. S map units (training/visuals.py)
-    notes: list[str] = []
-    shots_record: dict[str, dict[str, dict[str, list[str]]]] = {}
-    shots_used: dict[int, dict[str, int]] = {k: {} for k in ks if k > 0}
-    visual_entries: list[dict[str, Any]] = []
     draws_by_class = {cls: {s: sample_shots(normal_train[cls], s[0], s[1], cls) for s in settings if s[0] > 0}
-                      for cls in classes}
-    total = sum(len(tests_by_class[c]) + len({it for d in draws_by_class[c].values() for it in d}) for c in classes)
-    runner = _MetricRunner(workers)
-    try:
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 2)) as loader, \
-                tqdm(total=len(classes), desc="classes", unit="class", disable=not progress) as class_bar, \
-                tqdm(total=total, desc="images", unit="img", disable=not progress, leave=False) as bar:
-            for cls in classes:
-                class_bar.set_postfix_str(cls)
-                draws = draws_by_class[cls]
-                for (k, seed), shots in draws.items():
-                    shots_record.setdefault(str(k), {}).setdefault(str(seed), {})[cls] = [
-                        _relative(it.image, data) for it in shots]
-                    shots_used[k][cls] = len(shots)
-                for k in shots_used:
-                    if shots_used[k][cls] < k:
-                        notes.append(f"class '{cls}': K={k} asks for more shots than its "
-                                     f"{shots_used[k][cls]} normal train images; all of them were used")
-                maps = run_class(model, tests_by_class[cls], draws, batch_size, loader, bar)
-                for setting in settings:
-                    final = maps.final_maps(setting)
-                    scores = maps.scores(setting, final)
-                    runner.submit(setting, cls, maps.labels, scores[0], scores[1], maps.masks, final.numpy(),
-                                  np.array([it.defect for it in maps.items]))
-                    if visuals is not None and setting == shown and visuals_per_class:
-                        visual_entries += _write_visuals(visuals, cls, maps, setting, final, scores,
-                                                         visuals_per_class, vmax)
-                del maps
-                class_bar.update(1)
-            done = runner.finish()
-    finally:
-        runner.close()
-
-    results: dict[str, Any] = {}
-    for k in ks:
-        per_seed = []
-        for setting in (s for s in settings if s[0] == k):
-            per_seed.append((setting[1], {cls: done[setting, cls][0] for cls in classes}))
-            for cls in classes:
-                notes += [f"class '{cls}', K={k}, seed {setting[1]}: {n}" for n in done[setting, cls][1]]
-        results[str(k)] = aggregate(per_seed)
-        results[str(k)]["per_kind"] = aggregate_kinds(per_seed)
-        if k > 0:
-            results[str(k)]["shots_used"] = shots_used[k]
+                      for cls in tests_by_class}
+    shots = _ShotRecord(data, ks, draws_by_class)
+    done, visual_entries = _run_classes(model, tests_by_class, draws_by_class, settings, batch_size, workers,
+                                        progress, visuals if visuals_per_class else None, shown,
+                                        visuals_per_class, vmax)
+    results = _results(ks, settings, list(tests_by_class), done, shots)
     if visuals is not None:
-        visuals.mkdir(parents=True, exist_ok=True)
-        index = {"k": shown[0], "seed": shown[1], "scale": [0.0, vmax], "scale_units": "final-map units "
-                 "(reference scale), black at 0, white at the number of stages", "files": visual_entries}
-        (visuals / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _write_visual_index(visuals, shown, vmax, visual_entries)
     cfg = info.config
     return {
         "format": REPORT_FORMAT,
@@ -351,9 +293,108 @@ def evaluate(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": round(time.perf_counter() - started, 3),
         "results": results,
-        "shots": shots_record,
-        "notes": notes,
+        "shots": shots.files,
+        "notes": shots.notes,
     }
+
+
+def _write_visual_index(visuals: Path, shown: Setting, vmax: float, entries: list[dict[str, Any]]) -> None:
+    visuals.mkdir(parents=True, exist_ok=True)
+    index = {"k": shown[0], "seed": shown[1], "scale": [0.0, vmax], "scale_units": "final-map units "
+             "(reference scale), black at 0, white at the number of stages", "files": entries}
+    (visuals / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _split_items(data: Path, max_k: int) -> tuple[dict[str, list[Item]], dict[str, list[Item]]]:
+    """Test items and (when K > 0 is asked for) normal train items, by class; every class must have shots."""
+    tests_by_class = _grouped(list_items(data, "test"))
+    if not tests_by_class:
+        raise DatasetError(f"{data}: the test split has no images")
+    normal_train: dict[str, list[Item]] = {}
+    if max_k > 0:
+        normal_train = _grouped([it for it in list_items(data, "train") if it.anomaly == 0])
+        missing = [c for c in tests_by_class if not normal_train.get(c)]
+        if missing:
+            raise DatasetError(f"{data}: class(es) {', '.join(missing)} have no normal train images to draw "
+                               f"K={max_k} shots from")
+    return tests_by_class, normal_train
+
+
+class _ShotRecord:
+    """The report's record of the shots drawn: files per (K, seed, class), counts per K, and notes on classes
+    with fewer normal images than K."""
+
+    def __init__(self, data: Path, ks: Sequence[int], draws_by_class: Mapping[str, Mapping[Setting, Sequence[Item]]]
+                 ) -> None:
+        self.data = data
+        self.files: dict[str, dict[str, dict[str, list[str]]]] = {}
+        self.used: dict[int, dict[str, int]] = {k: {} for k in ks if k > 0}
+        self.notes: list[str] = []
+        for cls, draws in draws_by_class.items():
+            self.add(cls, draws)
+
+    def add(self, cls: str, draws: Mapping[Setting, Sequence[Item]]) -> None:
+        for (k, seed), shots in draws.items():
+            self.files.setdefault(str(k), {}).setdefault(str(seed), {})[cls] = [
+                _relative(it.image, self.data) for it in shots]
+            self.used[k][cls] = len(shots)
+        for k in self.used:
+            if self.used[k][cls] < k:
+                self.notes.append(f"class '{cls}': K={k} asks for more shots than its "
+                                  f"{self.used[k][cls]} normal train images; all of them were used")
+
+
+_Done = dict[tuple[Setting, str], tuple[dict[str, float], list[str]]]
+
+
+def _run_classes(
+    model: SowaModel, tests_by_class: Mapping[str, Sequence[Item]],
+    draws_by_class: Mapping[str, Mapping[Setting, Sequence[Item]]], settings: Sequence[Setting], batch_size: int,
+    workers: int, progress: bool, visuals: Path | None, shown: Setting, visuals_per_class: int, vmax: float,
+) -> tuple[_Done, list[dict[str, Any]]]:
+    """Network passes class by class, metrics of every setting submitted to the workers as each class is done;
+    returns the metrics per (setting, class) and the visuals written."""
+    classes = list(tests_by_class)
+    total = sum(len(tests_by_class[c]) + len({it for d in draws_by_class[c].values() for it in d}) for c in classes)
+    visual_entries: list[dict[str, Any]] = []
+    runner = _MetricRunner(workers)
+    try:
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 2)) as loader, \
+                tqdm(total=len(classes), desc="classes", unit="class", disable=not progress) as class_bar, \
+                tqdm(total=total, desc="images", unit="img", disable=not progress, leave=False) as bar:
+            for cls in classes:
+                class_bar.set_postfix_str(cls)
+                maps = run_class(model, tests_by_class[cls], draws_by_class[cls], batch_size, loader, bar)
+                for setting in settings:
+                    final = maps.final_maps(setting)
+                    scores = maps.scores(setting, final)
+                    runner.submit(setting, cls, maps.labels, scores[0], scores[1], maps.masks, final.numpy(),
+                                  np.array([it.defect for it in maps.items]))
+                    if visuals is not None and setting == shown:
+                        visual_entries += _write_visuals(visuals, cls, maps, setting, final, scores,
+                                                         visuals_per_class, vmax)
+                del maps
+                class_bar.update(1)
+            return runner.finish(), visual_entries
+    finally:
+        runner.close()
+
+
+def _results(ks: Sequence[int], settings: Sequence[Setting], classes: Sequence[str], done: _Done,
+             shots: _ShotRecord) -> dict[str, Any]:
+    """Per-K aggregates over seeds (overall and per defect kind); the metrics' notes go to `shots.notes`."""
+    results: dict[str, Any] = {}
+    for k in ks:
+        per_seed = []
+        for setting in (s for s in settings if s[0] == k):
+            per_seed.append((setting[1], {cls: done[setting, cls][0] for cls in classes}))
+            for cls in classes:
+                shots.notes += [f"class '{cls}', K={k}, seed {setting[1]}: {n}" for n in done[setting, cls][1]]
+        results[str(k)] = aggregate(per_seed)
+        results[str(k)]["per_kind"] = aggregate_kinds(per_seed)
+        if k > 0:
+            results[str(k)]["shots_used"] = shots.used[k]
+    return results
 
 
 def write_report(report: Mapping[str, Any], path: Path) -> None:

@@ -54,9 +54,6 @@ class LossTerms:
     focal: torch.Tensor
     dice: torch.Tensor
 
-    def as_floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "ce", "focal", "dice")}
-
 
 def sowa_loss(out: TrainOutput, masks: torch.Tensor, labels: torch.Tensor) -> LossTerms:
     """Reference loss of a training pass. `masks` (B, H, W) in {0, 1} at image size (thresholded > 0 for

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from model.bundle import BundleInfo, check_output_dir, save_bundle
 from model.factory import build_config, build_model
 from model.provenance import provenance_base
+from model.sowa import SowaModel
 
 from .checkpoints import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import World, all_reduce_mean, barrier, setup_world, teardown_world
@@ -140,6 +141,44 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     started = time.monotonic()
     if world.is_main:
         check_output_dir(opts.out, opts.force or opts.resume)
+    parts = _build(opts, world)
+    loop = _Loop(opts, world, parts, started)
+    loop.run()
+    barrier(world)
+    if not world.is_main:
+        return None
+    model = parts.model
+    model.eval()
+    model.refresh_text()
+    data = parts.data
+    prov = {**provenance_base("train"), "arch": opts.arch, "pretrained": opts.pretrained, "data": {
+        "path": str(opts.data.resolve()), "split": opts.split, "sha256": dataset_digest(data.items, data.root),
+        **parts.summary}, "steps": loop.step, "epochs_completed": loop.epoch, "stopped_by": loop.stopped,
+        "resumed_from_step": loop.resumed_from, "seed": opts.seed, "batch_size": opts.batch_size,
+        "world_size": world.size, "global_batch_size": opts.batch_size * world.size, "lr": opts.lr,
+        "weight_decay": opts.weight_decay, "precision": parts.precision, "device": str(world.device),
+        "final_loss": loop.terms or None, "epoch_losses": loop.epoch_losses,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}}
+    return save_bundle(model, opts.out, prov)
+
+
+@dataclass
+class _Parts:
+    """What a run trains with: the data, the model (and its DDP wrapper), the optimiser and precision."""
+
+    data: TrainSet
+    summary: dict[str, Any]
+    model: SowaModel
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    autocast: contextlib.AbstractContextManager
+    precision: str
+
+
+def _build(opts: TrainOptions, world: World) -> _Parts:
     cfg = build_config(opts.arch, opts.pretrained, list(opts.taps) if opts.taps else None, opts.window_size)
     if opts.attn_drop is not None:
         cfg = replace(cfg, adapter=replace(cfg.adapter, attn_drop=opts.attn_drop))
@@ -161,130 +200,141 @@ def _train(opts: TrainOptions, world: World) -> BundleInfo | None:
     net: torch.nn.Module = model
     if world.distributed:
         net = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
+    return _Parts(data, summary, model, net, optimizer, scheduler, scaler, autocast, precision)
 
-    steps_per_epoch = math.ceil(rank_share(len(data), world.size) / opts.batch_size)
-    total = opts.epochs * steps_per_epoch
-    if opts.max_steps is not None:
-        total = min(total, opts.max_steps)
-    identity = opts.run_identity(world)
 
-    step, epoch, resumed_from, epoch_losses = 0, 0, None, []
-    acc = {"sum": 0.0, "count": 0}  # this epoch's running loss, kept in checkpoints for the plateau scheduler
-    ckpt = latest_checkpoint(opts.checkpoints) if opts.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, identity)
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        step, epoch, epoch_losses = state["step"], state["epoch"], list(state["epoch_losses"])
-        acc = {"sum": float(state["epoch_loss_sum"]), "count": int(state["epoch_loss_count"])}
-        resumed_from = step
-    elif opts.resume and world.is_main:
-        print(f"sowa train: no checkpoint in {opts.checkpoints}; starting from scratch")
+class _Loop:
+    """The training loop's state, and what a step, a log line, a checkpoint and an epoch end do with it.
 
-    log = opts.checkpoints / "train_log.jsonl"
-    if world.is_main:
-        opts.checkpoints.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:  # a fresh run: an earlier run's checkpoints must not be resumed into this one's log
-            clear_checkpoints(opts.checkpoints, also=(log.name,))
-    barrier(world)  # no rank may checkpoint before the clearing is done
+    Per-step loss terms stay on the device until a log line, checkpoint or epoch end needs them: reading them
+    every step would make the host wait for the device each step and stop it from queueing the next one.
+    """
 
-    # Per-step loss terms stay on the device until a log line, checkpoint or epoch end needs them: reading them
-    # every step would make the host wait for the device each step and stop it from queueing the next one.
-    pending: list[tuple[torch.Tensor, int]] = []  # (reduced loss terms, images) per step since the last sync
-    synced = {"terms": {}, "at": time.monotonic()}
+    def __init__(self, opts: TrainOptions, world: World, parts: _Parts, started: float) -> None:
+        self.opts, self.world, self.parts, self.started = opts, world, parts, started
+        self.steps_per_epoch = math.ceil(rank_share(len(parts.data), world.size) / opts.batch_size)
+        self.total = opts.epochs * self.steps_per_epoch
+        if opts.max_steps is not None:
+            self.total = min(self.total, opts.max_steps)
+        self.identity = opts.run_identity(world)
+        self.step, self.epoch, self.resumed_from = 0, 0, None
+        self.epoch_losses: list[float] = []
+        self.acc = {"sum": 0.0, "count": 0}  # this epoch's running loss, kept in checkpoints for the scheduler
+        self.pending: list[tuple[torch.Tensor, int]] = []  # (reduced loss terms, images) per step since a sync
+        self.terms: dict[str, float] = {}  # the last synced step's terms
+        self.synced_at = time.monotonic()
+        self.meter, self.stopped = _Throughput(), "steps"
+        self.log = opts.checkpoints / "train_log.jsonl"
+        self.deadline = started + opts.max_minutes * 60 if opts.max_minutes else None
+        self._resume_or_start()
+        self.bar = tqdm(total=self.total, initial=min(self.step, self.total),
+                        disable=not (world.is_main and opts.progress), unit="step", desc="train", dynamic_ncols=True)
 
-    def sync_losses() -> None:
-        if not pending:
+    def _resume_or_start(self) -> None:
+        opts, world, p = self.opts, self.world, self.parts
+        ckpt = latest_checkpoint(opts.checkpoints) if opts.resume else None
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.identity)
+            p.model.load_state_dict(state["model"], strict=False)
+            p.optimizer.load_state_dict(state["optimizer"])
+            p.scheduler.load_state_dict(state["scheduler"])
+            if "scaler" in state:
+                p.scaler.load_state_dict(state["scaler"])
+            self.step, self.epoch, self.epoch_losses = state["step"], state["epoch"], list(state["epoch_losses"])
+            self.acc = {"sum": float(state["epoch_loss_sum"]), "count": int(state["epoch_loss_count"])}
+            self.resumed_from = self.step
+        elif opts.resume and world.is_main:
+            print(f"sowa train: no checkpoint in {opts.checkpoints}; starting from scratch")
+        if world.is_main:
+            opts.checkpoints.mkdir(parents=True, exist_ok=True)
+            if ckpt is None:  # a fresh run: an earlier run's checkpoints must not be resumed into this one's log
+                clear_checkpoints(opts.checkpoints, also=(self.log.name,))
+        barrier(world)  # no rank may checkpoint before the clearing is done
+
+    def sync_losses(self) -> None:
+        if not self.pending:
             return
-        rows = torch.stack([t for t, _ in pending]).tolist()  # the one wait for the device
+        rows = torch.stack([t for t, _ in self.pending]).tolist()  # the one wait for the device
         now = time.monotonic()
         for row in rows:  # added in step order: the same epoch sums as reading them one by one
-            acc["sum"] += row[0]
-            acc["count"] += 1
-        synced["terms"] = dict(zip(("total", "ce", "focal", "dice"), rows[-1], strict=True))
-        meter.update(rows[-1][0], sum(n for _, n in pending), now - synced["at"])
-        synced["at"] = now
-        pending.clear()
-        bar.set_postfix(loss=f"{meter.loss:.4f}", img_s=f"{meter.rate:.1f}", epoch=epoch)
+            self.acc["sum"] += row[0]
+            self.acc["count"] += 1
+        self.terms = dict(zip(("total", "ce", "focal", "dice"), rows[-1], strict=True))
+        self.meter.update(rows[-1][0], sum(n for _, n in self.pending), now - self.synced_at)
+        self.synced_at = now
+        self.pending.clear()
+        self.bar.set_postfix(loss=f"{self.meter.loss:.4f}", img_s=f"{self.meter.rate:.1f}", epoch=self.epoch)
 
-    def checkpoint() -> None:
-        sync_losses()
-        if world.is_main:
-            save_checkpoint(opts.checkpoints, step, {
-                "run": identity, "step": step, "epoch": epoch, "epoch_losses": epoch_losses,
-                "epoch_loss_sum": acc["sum"], "epoch_loss_count": acc["count"],
-                "model": model.sowa_state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
+    def checkpoint(self) -> None:
+        self.sync_losses()
+        if self.world.is_main:
+            p = self.parts
+            save_checkpoint(self.opts.checkpoints, self.step, {
+                "run": self.identity, "step": self.step, "epoch": self.epoch, "epoch_losses": self.epoch_losses,
+                "epoch_loss_sum": self.acc["sum"], "epoch_loss_count": self.acc["count"],
+                "model": p.model.sowa_state_dict(), "optimizer": p.optimizer.state_dict(),
+                "scheduler": p.scheduler.state_dict(), "scaler": p.scaler.state_dict()})
 
-    bar = tqdm(total=total, initial=min(step, total), disable=not (world.is_main and opts.progress), unit="step",
-               desc="train", dynamic_ncols=True)
-    meter, stopped = _Throughput(), "steps"
-    deadline = started + opts.max_minutes * 60 if opts.max_minutes else None
-    while step < total and epoch < opts.epochs:
-        order = epoch_order(len(data), opts.seed, epoch, world.rank, world.size)
-        data.set_epoch(epoch)  # before the loader forks its workers, which copy the dataset
-        done_in_epoch = step - epoch * steps_per_epoch
+    def run(self) -> None:
+        while self.step < self.total and self.epoch < self.opts.epochs:
+            self._run_epoch()
+            if self.stopped == "time limit":
+                break
+            self.sync_losses()
+            if self.step - self.epoch * self.steps_per_epoch >= self.steps_per_epoch:  # a whole epoch is behind us
+                epoch_mean = self.acc["sum"] / max(self.acc["count"], 1)  # already a mean over ranks, step by step
+                self.epoch_losses.append(epoch_mean)
+                self.parts.scheduler.step(epoch_mean)
+                self.epoch += 1
+                self.acc = {"sum": 0.0, "count": 0}
+        self.bar.close()
+        self.checkpoint()
+
+    def _run_epoch(self) -> None:
+        opts, world, data = self.opts, self.world, self.parts.data
+        order = epoch_order(len(data), opts.seed, self.epoch, world.rank, world.size)
+        data.set_epoch(self.epoch)  # before the loader forks its workers, which copy the dataset
+        done_in_epoch = self.step - self.epoch * self.steps_per_epoch
         loader = DataLoader(Subset(data, order[done_in_epoch * opts.batch_size:]), batch_size=opts.batch_size,
                             num_workers=opts.workers, pin_memory=world.device.type == "cuda")
         for images, masks, labels in loader:
-            torch.manual_seed(_step_seed(opts.seed, step, world.rank))
-            images = images.to(world.device, non_blocking=True)
-            masks = masks.to(world.device, non_blocking=True)
-            labels = labels.to(world.device, non_blocking=True)
-            with autocast:
-                out = net(images)
-            terms = sowa_loss(out, masks, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms.total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            terms_now = torch.stack([terms.total, terms.ce, terms.focal, terms.dice]).detach()
-            pending.append((all_reduce_mean(world, terms_now), images.shape[0] * world.size))
-            bar.update(1)
-            if step % opts.log_every == 0:
-                sync_losses()
-                if world.is_main:
-                    with log.open("a") as f:
-                        f.write(json.dumps({"step": step, "epoch": epoch, **synced["terms"], "lr": optimizer
-                                            .param_groups[0]["lr"], "images_per_s": meter.rate,
-                                            "elapsed_s": time.monotonic() - started}) + "\n")
-                # the time limit is checked where the host waits anyway (on every rank at the same steps)
-                if deadline is not None and step < total and _agree(world, time.monotonic() > deadline):
-                    stopped = "time limit"
-            if step % opts.checkpoint_every == 0:
-                checkpoint()
-            if step >= total or stopped == "time limit":
+            self._step(images, masks, labels)
+            if self.step % opts.log_every == 0:
+                self._log_line()
+            if self.step % opts.checkpoint_every == 0:
+                self.checkpoint()
+            if self.step >= self.total or self.stopped == "time limit":
                 break
-        if stopped == "time limit":
-            break
-        sync_losses()
-        if step - epoch * steps_per_epoch >= steps_per_epoch:  # a whole epoch is behind us
-            epoch_mean = acc["sum"] / max(acc["count"], 1)  # already a mean over ranks, step by step
-            epoch_losses.append(epoch_mean)
-            scheduler.step(epoch_mean)
-            epoch += 1
-            acc = {"sum": 0.0, "count": 0}
-    bar.close()
-    checkpoint()
-    barrier(world)
-    if not world.is_main:
-        return None
-    model.eval()
-    model.refresh_text()
-    prov = {**provenance_base("train"), "arch": opts.arch, "pretrained": opts.pretrained, "data": {
-        "path": str(opts.data.resolve()), "split": opts.split, "sha256": dataset_digest(data.items, data.root),
-        **summary}, "steps": step, "epochs_completed": epoch, "stopped_by": stopped,
-        "resumed_from_step": resumed_from, "seed": opts.seed, "batch_size": opts.batch_size,
-        "world_size": world.size, "global_batch_size": opts.batch_size * world.size, "lr": opts.lr,
-        "weight_decay": opts.weight_decay, "precision": precision, "device": str(world.device),
-        "final_loss": synced["terms"] or None, "epoch_losses": epoch_losses,
-        "elapsed_s": round(time.monotonic() - started, 1),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}}
-    return save_bundle(model, opts.out, prov)
+
+    def _step(self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> None:
+        world, p = self.world, self.parts
+        torch.manual_seed(_step_seed(self.opts.seed, self.step, world.rank))
+        images = images.to(world.device, non_blocking=True)
+        masks = masks.to(world.device, non_blocking=True)
+        labels = labels.to(world.device, non_blocking=True)
+        with p.autocast:
+            out = p.net(images)
+        terms = sowa_loss(out, masks, labels)
+        p.optimizer.zero_grad(set_to_none=True)
+        p.scaler.scale(terms.total).backward()
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+        self.step += 1
+        terms_now = torch.stack([terms.total, terms.ce, terms.focal, terms.dice]).detach()
+        self.pending.append((all_reduce_mean(world, terms_now), images.shape[0] * world.size))
+        self.bar.update(1)
+
+    def _log_line(self) -> None:
+        self.sync_losses()
+        if self.world.is_main:
+            with self.log.open("a") as f:
+                f.write(json.dumps({"step": self.step, "epoch": self.epoch, **self.terms, "lr": self.parts.optimizer
+                                    .param_groups[0]["lr"], "images_per_s": self.meter.rate,
+                                    "elapsed_s": time.monotonic() - self.started}) + "\n")
+        # the time limit is checked where the host waits anyway (on every rank at the same steps)
+        late = self.deadline is not None and time.monotonic() > self.deadline
+        if self.deadline is not None and self.step < self.total and _agree(self.world, late):
+            self.stopped = "time limit"
 
 
 def _agree(world: World, flag: bool) -> bool:
