@@ -59,8 +59,7 @@ async def _start(app: FastAPI) -> None:
         telemetry.track_banks(engine.banks.stats)
         link: WorkerLink | None = app.state.workers
         counter = SharedCounter() if link else None  # the queue depth, for the workers' admission
-        batcher = DynamicBatcher(lambda images, memories: engine.call(engine.run, images, memories),
-                                 s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry,
+        batcher = DynamicBatcher(engine.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry,
                                  on_depth=counter.set if counter else None)
         app.state.batcher = batcher
         app.state.backend = LocalBackend(engine, app.state.stager, registry, batcher)

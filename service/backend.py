@@ -53,12 +53,13 @@ class LocalBackend:
                       hold_inputs: bool = False) -> list[ImageResult]:
         """Results of one request's (n, 3, S, S) uint8 images against `class_name` (None: zero-shot).
 
-        `need_maps` is for the remote backend (which maps cross the socket); here every map is at hand.
+        Without `need_maps` only the maps that can hold a region come to the host.
         Cancelling the call drops the request unless it is already on the device. With `hold_inputs` a
         cancelled call returns only once the batcher is through with the images, so the caller may reuse their
         memory (a worker's slots) as soon as it returns."""
         memory = self.registry.get(class_name).serving_memory if class_name else None
-        item = self.batcher.submit(WorkItem(images, [memory] * int(images.shape[0]), deadline=deadline))
+        item = self.batcher.submit(WorkItem(images, [memory] * int(images.shape[0]), deadline=deadline,
+                                            need_maps=need_maps))
         try:
             return await asyncio.shield(item.future)
         except asyncio.CancelledError:

@@ -26,7 +26,8 @@ __all__ = ["DynamicBatcher", "WorkItem"]
 
 log = logging.getLogger("sowa.batcher")
 
-RunBatch = Callable[[Sequence[torch.Tensor], Sequence[ClassMemory | None]], Awaitable[list]]
+# (each request's images, each image's class memory, whether each image's answer needs its map) -> results
+RunBatch = Callable[[Sequence[torch.Tensor], Sequence[ClassMemory | None], Sequence[bool]], Awaitable[list]]
 
 
 @dataclass(eq=False)
@@ -36,6 +37,7 @@ class WorkItem:
     images: torch.Tensor  # (n, 3, S, S) uint8, resized, staged on the engine's device (normalised there)
     memories: list[ClassMemory | None]
     deadline: float  # time.monotonic() after which the result is useless
+    need_maps: bool = True  # the answer encodes heatmaps (else only maps that can hold a region come back)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = field(default_factory=time.monotonic)
     # set once the batcher is through with the item (run, dropped or failed): its images are no longer read, so
@@ -49,15 +51,19 @@ class WorkItem:
 
 class DynamicBatcher:
     def __init__(self, run_batch: RunBatch, max_batch_size: int, max_wait_ms: float, max_queue: int,
-                 telemetry: Telemetry | None = None, on_depth: Callable[[int], None] | None = None) -> None:
+                 telemetry: Telemetry | None = None, on_depth: Callable[[int], None] | None = None,
+                 max_in_flight: int = 2) -> None:
         """`on_depth(queued_images)` is told every change of the queue (worker processes read it to refuse
-        requests before decoding them)."""
+        requests before decoding them). `max_in_flight` batches run at once: while one's results come back and
+        are answered, the next is already on the device."""
         if max_batch_size < 1 or max_queue < max_batch_size or max_wait_ms < 0:
             raise ValueError(f"need max_batch_size >= 1, max_queue >= max_batch_size and max_wait_ms >= 0, got "
                              f"{max_batch_size}, {max_queue}, {max_wait_ms}")
         self.run_batch, self.max_batch_size, self.max_queue = run_batch, max_batch_size, max_queue
         self.max_wait = max_wait_ms / 1000.0
         self.telemetry, self.on_depth = telemetry, on_depth
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._running: set[asyncio.Task] = set()
         self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         self._queued_images = 0
         self._carry: WorkItem | None = None  # an item that did not fit the last batch
@@ -100,6 +106,7 @@ class DynamicBatcher:
         self._closing = True
         if self._task is not None:
             await self._queue.join()
+            await asyncio.gather(*self._running, return_exceptions=True)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -162,20 +169,29 @@ class DynamicBatcher:
 
     async def _loop(self) -> None:
         while True:
+            await self._in_flight.acquire()  # at most `max_in_flight` batches between launch and answer
             batch = await self._collect()
             now = time.monotonic()
             # once more at the door: a client may have left, or a deadline passed, while the batch filled up
             batch = [it for it in batch if self._usable(it, now)]
             if not batch:
+                self._in_flight.release()
                 continue
-            size = sum(it.size for it in batch)
-            memories = [m for it in batch for m in it.memories]
             if self.telemetry:
-                self.telemetry.batch_size.observe(size)
+                self.telemetry.batch_size.observe(sum(it.size for it in batch))
                 for it in batch:
                     self.telemetry.queue_wait.observe(now - it.enqueued)
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[WorkItem]) -> None:
+        try:
+            size = sum(it.size for it in batch)
+            memories = [m for it in batch for m in it.memories]
+            need_maps = [it.need_maps for it in batch for _ in range(it.size)]
             try:  # the tensors are joined by run_batch, on the device thread: no torch work on the event loop
-                results = await self.run_batch([it.images for it in batch], memories)
+                results = await self.run_batch([it.images for it in batch], memories, need_maps)
                 if len(results) != size:
                     raise RuntimeError(f"run_batch returned {len(results)} results for {size} images")
             except Exception as e:  # the batch fails alone; the loop goes on
@@ -184,10 +200,12 @@ class DynamicBatcher:
                     if not it.future.done():
                         it.future.set_exception(e)
                     self._done(it)
-                continue
+                return
             start = 0
             for it in batch:
                 if not it.future.done():
                     it.future.set_result(results[start:start + it.size])
                 start += it.size
                 self._done(it)
+        finally:
+            self._in_flight.release()

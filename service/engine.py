@@ -36,7 +36,7 @@ from model.preprocess import normalize, resize_uint8
 
 from .bank_residency import BankResidency, default_budget_bytes
 
-__all__ = ["Engine", "ImageResult"]
+__all__ = ["Engine", "ImageResult", "PendingBatch"]
 
 T = TypeVar("T")
 
@@ -59,6 +59,17 @@ class ImageResult:
         return self.map_max is None or self.map_max > self.pixel_threshold
 
 
+@dataclass(frozen=True)
+class PendingBatch:
+    """A launched batch: its maps on the device, its per-image numbers (text, raw, threshold, score, verdict,
+    map max) on their way to the host, the event that says they are there (None on the CPU)."""
+
+    maps: torch.Tensor  # (B, S, S)
+    columns: torch.Tensor  # (B, 6) float32
+    ready: torch.cuda.Event | None
+    memories: list[ClassMemory | None]
+
+
 class Engine:
     def __init__(self, bundle: Path, device: str = "auto", dtype: str = "fp32",
                  bank_budget_bytes: int | None = None, compile_mode: str | None = None,
@@ -77,6 +88,8 @@ class Engine:
         self.banks = BankResidency(self.device, budget)
         self.image_size = self.model.image_size
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sowa-engine")
+        self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sowa-collect")
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # fixed for the engine's life: computed once, not per request or per scrape
         bb = self.info.config.backbone
         self._description = {
@@ -99,6 +112,7 @@ class Engine:
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+        self._collector.shutdown(wait=True)
 
     def host_bank(self, bank: MemoryBank) -> MemoryBank:
         """A bank as classes keep it (e.g. read from disk): serving dtype, host memory. Any thread."""
@@ -132,24 +146,74 @@ class Engine:
         return normalize(pinned.to(self.device, non_blocking=True))
 
     @torch.inference_mode()  # the joined batch is then an inference tensor, as compiled graphs were traced with
-    def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None],
-            need_maps: bool = True) -> list[ImageResult]:
-        """Score the requests of one batch: `images` are their (n_i, 3, S, S) uint8 tensors, joined here.
-        Results come to the host in one copy; without `need_maps` the maps stay behind ((0, 0) arrays)."""
+    def launch(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None]) -> PendingBatch:
+        """Start one batch (engine thread): `images` are its requests' (n_i, 3, S, S) uint8 tensors, joined here.
+
+        On a GPU this returns once the work is queued on the device, with the per-image numbers on their way to
+        pinned host memory (one packed, non-blocking copy); `finish` waits for them on another thread, so the
+        engine thread can already queue the next batch. On the CPU the work is done when this returns."""
         banks = self.banks.resolve([m.bank if m else None for m in memories])
         on_device = [None if m is None else ClassMemory(bank, m.calibration) for m, bank in zip(memories, banks,
                                                                                               strict=True)]
-        pred = predict_scored(self.model, self._to_device(images), on_device).to_host(maps=need_maps)
-        maps = pred.anomaly_maps.numpy()
-        text = pred.text_scores.tolist()
+        pred = predict_scored(self.model, self._to_device(images), on_device)
         s = pred.scores
+        columns = torch.stack([pred.text_scores.float(), s.raw, s.threshold, s.score, s.is_anomalous.float(),
+                               pred.anomaly_maps.flatten(1).amax(dim=1).float()], dim=1)  # (B, 6)
+        if self.device.type != "cuda":
+            return PendingBatch(pred.anomaly_maps, columns, None, list(memories))
+        host = torch.empty(columns.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(columns, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingBatch(pred.anomaly_maps, host, ready, list(memories))
+
+    def finish(self, pending: PendingBatch, need_maps: Sequence[bool]) -> list[ImageResult]:
+        """A launched batch's results (any thread but the engine's). An image's map comes to the host only when
+        its answer needs it: a heatmap was asked for, or the map rises above the pixel threshold and so holds
+        regions. The batch's one wait for the device is here."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        c = pending.columns.tolist()
         zero_shot_px = zero_shot_pixel_threshold(len(self.model.taps))
-        return [
-            ImageResult(maps[i], text[i], float(s.raw[i]), float(s.threshold[i]), float(s.score[i]),
-                        bool(s.is_anomalous[i]), m.calibration.pixel_threshold if m else zero_shot_px,
-                        float(maps[i].max()))
-            for i, m in enumerate(memories)
-        ]
+        pixel = [m.calibration.pixel_threshold if m else zero_shot_px for m in pending.memories]
+        rows = [i for i, (row, px, need) in enumerate(zip(c, pixel, need_maps, strict=True)) if need or row[5] > px]
+        maps = dict(zip(rows, self._maps_to_host(pending, rows), strict=True)) if rows else {}
+        return [ImageResult(maps.get(i), row[0], row[1], row[2], row[3], row[4] > 0.5, px, row[5])
+                for i, (row, px) in enumerate(zip(c, pixel, strict=True))]
+
+    def _maps_to_host(self, pending: PendingBatch, rows: list[int]) -> list[np.ndarray]:
+        maps = pending.maps
+        if len(rows) < maps.shape[0]:
+            index = torch.tensor(rows)
+            if maps.is_cuda:  # on the copy stream, after this batch's work and not behind the next batch's
+                with torch.cuda.stream(self._copy_stream):
+                    self._copy_stream.wait_event(pending.ready)
+                    maps = maps.index_select(0, index.pin_memory().to(maps.device, non_blocking=True))
+            else:
+                maps = maps.index_select(0, index)
+        if maps.is_cuda:
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(pending.ready)
+                host = torch.empty(maps.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(maps, non_blocking=True)
+                self._copy_stream.synchronize()
+            maps = host
+        return list(maps.float().numpy())
+
+    def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None],
+            need_maps: Sequence[bool] | bool = True) -> list[ImageResult]:
+        """`launch` and `finish` in one call, on this thread: the engine thread's synchronous path (tests,
+        probes). `need_maps` True or False stands for every image."""
+        pending = self.launch(images, memories)
+        need = [need_maps] * len(pending.memories) if isinstance(need_maps, bool) else list(need_maps)
+        return self.finish(pending, need)
+
+    async def run_batch(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None],
+                        need_maps: Sequence[bool]) -> list[ImageResult]:
+        """The batcher's `run_batch`: launch on the engine thread, finish on the collector thread, so batch N's
+        results come back while batch N+1 is already on the device."""
+        pending = await self.call(self.launch, images, memories)
+        return await asyncio.get_running_loop().run_in_executor(self._collector, self.finish, pending, need_maps)
 
     @torch.inference_mode()
     def warmup(self) -> None:

@@ -26,3 +26,11 @@ def tiny_model() -> SowaModel:
 def anyio_backend() -> str:
     """`@pytest.mark.anyio` tests run on asyncio only: the service runs on it (uvicorn), never on trio."""
     return "asyncio"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test skipped for want of a GPU carries the `cuda` mark, so `pytest -m cuda` (the GPU check) runs
+    all of them, whichever way a test file spells its skip."""
+    for item in items:
+        if any(str(m.kwargs.get("reason", "")).startswith("needs a CUDA device") for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)

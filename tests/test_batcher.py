@@ -19,7 +19,7 @@ class Recorder:
         self.batches: list[list[int]] = []
         self.delay, self.fail_when = delay, fail_when
 
-    async def __call__(self, images: list[torch.Tensor], memories: list) -> list[float]:
+    async def __call__(self, images: list[torch.Tensor], memories: list, need_maps: list[bool]) -> list[float]:
         ids = [int(v) for t in images for v in t[:, 0, 0, 0]]
         self.batches.append(ids)
         await asyncio.sleep(self.delay)
@@ -82,7 +82,8 @@ def test_failure_stays_in_its_batch() -> None:
 def test_cancelled_and_expired_requests_never_reach_the_device() -> None:
     async def go() -> Recorder:
         rec = Recorder(delay=0.1)
-        b = DynamicBatcher(rec, max_batch_size=1, max_wait_ms=0, max_queue=64)
+        # one batch in flight: the device is busy with the first, so the others wait in the queue
+        b = DynamicBatcher(rec, max_batch_size=1, max_wait_ms=0, max_queue=64, max_in_flight=1)
         b.start()
         first = b.submit(_item(0))
         gone = b.submit(_item(1))
@@ -138,3 +139,32 @@ def test_full_queue_refuses_with_retry_after_and_close_drains() -> None:
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="max_queue >= max_batch_size"):
         DynamicBatcher(Recorder(), max_batch_size=8, max_wait_ms=1, max_queue=4)
+
+
+def test_two_batches_in_flight_and_no_more() -> None:
+    """While batch N's results come back, batch N+1 is already launched; a third waits for one of them."""
+    class Overlap(Recorder):
+        def __init__(self) -> None:
+            super().__init__(delay=0.05)
+            self.now = self.most = 0
+
+        async def __call__(self, images: list[torch.Tensor], memories: list, need_maps: list[bool]) -> list[float]:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            try:
+                return await super().__call__(images, memories, need_maps)
+            finally:
+                self.now -= 1
+
+    async def go() -> Overlap:
+        rec = Overlap()
+        b = DynamicBatcher(rec, max_batch_size=2, max_wait_ms=0, max_queue=64)
+        b.start()
+        items = [b.submit(_item(i)) for i in range(12)]
+        results = await asyncio.gather(*(it.future for it in items))
+        assert results == [[float(i)] for i in range(12)]
+        await b.close()
+        return rec
+
+    rec = asyncio.run(go())
+    assert rec.most == 2 and [len(x) for x in rec.batches] == [2] * 6

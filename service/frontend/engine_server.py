@@ -71,7 +71,7 @@ class EngineServer:
             if not (m.start >= 0 and m.start + m.count <= segment.slots):
                 raise UnprocessableError(f"slots {m.start}..{m.start + m.count} outside the segment")
             results = await self.backend.predict(segment.view(m.start, m.count), m.class_name, m.deadline,
-                                                 hold_inputs=True)
+                                                 need_maps=m.need_maps, hold_inputs=True)
             rows, payload = results_to_wire(results, m.need_maps)
             reply = Reply(m.id, rows)
         except asyncio.CancelledError:
