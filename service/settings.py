@@ -62,7 +62,7 @@ class Settings(BaseSettings):
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got '{v}'")
         return v.lower()
 
-    @field_validator("api_key", "bank_device_budget_mb", "compile_mode", mode="before")
+    @field_validator("api_key", "bank_device_budget_mb", "compile_mode", "workers", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if v in ("", None) else v  # compose passes SOWA_X="" when none is configured

@@ -24,7 +24,8 @@ from model.device import machine_description, resolve_device, resolve_dtype
 from model.factory import build_config, build_model
 from model.inference import fit_class, predict_scored
 
-__all__ = ["BenchRow", "bench_model", "format_table", "matmul_peak_tflops", "plot_model", "vision_gflops"]
+__all__ = ["BenchRow", "OpenClipRatio", "bench_model", "format_table", "matmul_peak_tflops", "plot_model",
+           "vision_gflops", "vs_open_clip"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,52 @@ def _bench_dtype(arch: str, dev: torch.device, dtype: str, batch_sizes: Sequence
         rows.append(BenchRow(arch, str(dev), dtype, mode, bs, shots, med, bs / med, gflops, tflops, peak_tf,
                              tflops / peak_tf if peak_tf else None, register_s * 1e3, compile_s))
     return rows
+
+
+@dataclass(frozen=True)
+class OpenClipRatio:
+    """The full offline path (vision pass with taps, adapters, maps, k-shot, scores) against a bare open_clip
+    vision tower with the same weights: what SOWA costs on top of CLIP."""
+
+    arch: str
+    device: str
+    dtype: str
+    batch_size: int
+    sowa_s: list[float]  # per alternation: median seconds per batch of the full path
+    open_clip_s: list[float]  # and of `clip.visual(x)`
+
+    @property
+    def ratios(self) -> list[float]:
+        """Throughput of the full path as a fraction of the bare tower's, per alternation."""
+        return [o / s for s, o in zip(self.sowa_s, self.open_clip_s, strict=True)]
+
+    def line(self) -> str:
+        r = self.ratios
+        return (f"full path / bare open_clip vision tower ({self.arch}, {self.dtype}, batch {self.batch_size}, "
+                f"{self.device}): {statistics.median(r):.3f}x throughput (median of {len(r)} alternations, "
+                f"{min(r):.3f} to {max(r):.3f})")
+
+
+def vs_open_clip(arch: str, device: str = "auto", dtype: str = "fp32", batch_size: int = 4, shots: int = 4,
+                 rounds: int = 3, iters: int = 3, window_size: int | None = None) -> OpenClipRatio:
+    """Time the full path and the bare tower in turn, `rounds` times in one process, so drifts of a shared
+    machine hit both alike."""
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    torch.manual_seed(0)
+    model = build_model(build_config(arch, "none", window_size=window_size))
+    model.refresh_text()
+    model.drop_text_tower()
+    model.to_inference(dev, dt)
+    size = model.image_size
+    memory = fit_class(model, torch.randn(max(shots, 1), 3, size, size, device=dev)) if shots else None
+    x = torch.randn(batch_size, 3, size, size, device=dev)
+    visual = model.clip.visual
+    sowa_s, clip_s = [], []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            sowa_s.append(_median_s(lambda: predict_scored(model, x, [memory] * batch_size), dev, iters, 1))
+            clip_s.append(_median_s(lambda: visual(x.to(dt)), dev, iters, 1))
+    return OpenClipRatio(arch, str(dev), dtype, batch_size, sowa_s, clip_s)
 
 
 def format_table(rows: list[BenchRow]) -> str:

@@ -25,6 +25,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     b.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul peak")
     b.add_argument("--compile", type=name_list, default=["off"], dest="compile_modes",
                    help="torch.compile modes to compare, e.g. off,default or off,reduce-overhead (CUDA graphs)")
+    b.add_argument("--vs-open-clip", type=int, metavar="BATCH",
+                   help="also time the full path against a bare open_clip vision tower at this batch size, "
+                   "alternated in this process (first precision)")
     add_bench_outputs(b)
     b = bsub.add_parser("serve", help="service images/s and latency vs concurrency, batching on and off")
     b.add_argument("--arch", default="ViT-B-16", help="architecture of a random-weight bundle made for the run")
@@ -52,13 +55,18 @@ def run(args: argparse.Namespace) -> int:
 
 def run_model(args: argparse.Namespace) -> int:
     from model.device import machine_description
-    from sowa.bench_model import bench_model, format_table, plot_model, write_json
+    from sowa.bench_model import bench_model, format_table, plot_model, vs_open_clip, write_json
 
     rows = bench_model(args.arch, args.device, args.dtype, tuple(args.batch_sizes), args.shots, args.iters,
                        args.warmup, args.threads, args.window_size, peak=not args.no_peak,
                        compile_modes=args.compile_modes)
     title = f"sowa bench model: {args.arch}, {machine_description(rows[0].device)}"
-    _write(args, f"# {title}\n\n{format_table(rows)}\n", lambda path: write_json(rows, path),
+    table = format_table(rows)
+    if args.vs_open_clip:
+        ratio = vs_open_clip(args.arch, args.device, args.dtype[0], args.vs_open_clip, args.shots,
+                             window_size=args.window_size)
+        table += f"\n\n{ratio.line()}"
+    _write(args, f"# {title}\n\n{table}\n", lambda path: write_json(rows, path),
            lambda path: plot_model(rows, path, title.replace(", ", "\n", 1)))
     return 0
 
