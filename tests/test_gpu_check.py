@@ -27,11 +27,11 @@ def test_gpu_check_cpu_plan(tmp_path: Path) -> None:
              for r in part["rows"]}
     assert modes == {("off", 1), ("off", 4), ("default", 1)}
     serve = json.loads((out / "bench_serve.json").read_text())
-    assert {r["mode"] for r in serve["rows"]} >= {"batching", "no batching", "offline engine"}
+    assert {(r["mode"], r["workers"]) for r in serve["rows"]} >= {("batching", 1), ("batching", 2), ("no batching", 1)}
     probes = {p["probe"]: p for p in map(json.loads, (out / "probes.jsonl").read_text().splitlines())}
     assert probes["syncs"]["syncs"] is None  # nothing to wait for on a CPU; a GPU run counts them
     assert probes["nvjpeg"]["grey_levels"]["max"] <= 2 and probes["nvjpeg"]["device_images_per_s"] > 0
     summary = (out / "summary.md").read_text()
-    for needle in ("CUDA tests:", "| fp32 | default | 1 |", "| batching | 4 |", "device JPEG decode"):
+    for needle in ("CUDA tests:", "| fp32 | default | 1 |", "| batching | 2 | 4 |", "device JPEG decode"):
         assert needle in summary
     assert "0 step(s) failed" in done.stdout

@@ -113,8 +113,10 @@ def test_cuda_staging_copies_on_a_side_stream_and_nvjpeg_is_close_to_the_referen
     got = stager.decode_jpegs(data)
     for (d, _), g in zip(data, got, strict=True):
         ref = resize_uint8(decode_image(d), 336)
-        diff = (g.cpu().int() - ref.int()).abs()
-        assert g.device.type == "cuda" and diff.max() <= 4 and diff.float().mean() < 0.5  # nvJPEG's own IDCT
+        diff = (g.cpu().int() - ref.int()).abs().flatten().float()
+        # nvJPEG's IDCT is not libjpeg's and hardware decoders bound no single pixel: bound the mean and a high
+        # percentile, not the maximum (scripts/gpu_probe.py nvjpeg reports all three)
+        assert g.device.type == "cuda" and diff.mean() < 0.5 and torch.quantile(diff, 0.999) <= 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: batches staged on the device")
