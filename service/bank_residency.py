@@ -62,6 +62,19 @@ class BankResidency:
             features = features.pin_memory()
         return MemoryBank(features, bank.shots)
 
+    def host_bytes(self, bank: MemoryBank) -> int:
+        """Host memory a class's copy really holds: CUDA's caching host allocator hands out page-locked memory in
+        power-of-two blocks, so a 14 MB bank holds 16 MiB (on the CPU, its size)."""
+        n = bank.nbytes
+        return 1 << (n - 1).bit_length() if self.device.type == "cuda" and n > 0 else n
+
+    def release_host_cache(self) -> None:
+        """Give page-locked blocks that no bank uses any more back to the system: the allocator keeps freed
+        blocks for reuse otherwise, so replaced and deleted classes would stay held. The registry calls it when
+        a class goes; a block still used by a request in flight goes at the next call."""
+        if self.device.type == "cuda":
+            torch._C._host_emptyCache()
+
     def admit(self, host: MemoryBank, device_bank: MemoryBank) -> None:
         """Record a device copy that already exists (a class just fitted on the device), as most recent."""
         with self._lock:

@@ -99,7 +99,8 @@ class ClassRegistry:
         return len(self._classes)
 
     def bank_bytes(self) -> int:
-        return sum(e.memory.bank.nbytes for e in self._classes.values())
+        """What the classes' host banks really hold (page-locked blocks are rounded up on a GPU)."""
+        return sum(self.engine.banks.host_bytes(e.memory.bank) for e in self._classes.values())
 
     def shot_png(self, name: str, digest: str) -> bytes:
         """One shot of a class (a hash in its `shots`), as the PNG it is stored as (any thread). ValueError when the
@@ -140,6 +141,8 @@ class ClassRegistry:
             self._classes[name] = entry
         if old is not None and (entry is None or entry.memory.bank is not old.memory.bank):
             self.engine.banks.forget(old.memory.bank)
+            del old
+            self.engine.banks.release_host_cache()
 
     def _remember(self, entry: ClassEntry) -> None:
         self._set(entry.name, entry)

@@ -73,3 +73,11 @@ def test_cuda_banks_are_pinned_on_the_host_and_copied_to_the_device() -> None:
     got = res.resolve([host])[0]
     assert got.features.device.type == "cuda" and torch.equal(got.features.cpu(), host.features)
     assert default_budget_bytes(dev) == int(torch.cuda.get_device_properties(dev).total_memory * 0.4)
+
+
+def test_host_bytes_count_what_page_locked_memory_really_holds() -> None:
+    """On a GPU host banks are pinned, in power-of-two blocks: sowa_bank_bytes reports the blocks, not the sizes."""
+    bank = MemoryBank(torch.zeros(4, 3 * 100, 1000, dtype=torch.bfloat16), 3)  # 2.4 MB of features
+    assert BankResidency(torch.device("cuda")).host_bytes(bank) == 4 * 2**20  # no CUDA needed to count
+    assert BankResidency(torch.device("cpu")).host_bytes(bank) == bank.nbytes == 2_400_000
+    BankResidency(torch.device("cpu")).release_host_cache()  # nothing pinned on a CPU host: a no-op
