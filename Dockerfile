@@ -15,11 +15,14 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # dependencies first, so a code change does not reinstall torch
 COPY pyproject.toml README.md ./
-RUN mkdir model service training && touch model/__init__.py service/__init__.py training/__init__.py \
-    && pip install . && pip uninstall -y sowa-inspect
+COPY constraints ./constraints
+RUN mkdir model service training sowa \
+    && touch model/__init__.py service/__init__.py training/__init__.py sowa/__init__.py \
+    && pip install -c constraints/ci.txt . && pip uninstall -y sowa-inspect
 COPY model ./model
 COPY service ./service
 COPY training ./training
+COPY sowa ./sowa
 RUN pip install --no-deps .
 
 # --- runtime: the environment, a non-root user, no compilers ------------------------------------------------

@@ -38,6 +38,18 @@ def test_dockerfile_passes_hadolint() -> None:
     assert text.count("FROM ") >= 2  # multi-stage: the runtime stage has no build tools
 
 
+def test_the_image_holds_every_package_and_the_tested_torch() -> None:
+    """The image installs each package pyproject names (the console script lives in sowa/), with CI's pins."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    text = (REPO / "Dockerfile").read_text()
+    assert all(f"COPY {name} ./{name}" in text for name in packages), packages
+    assert "-c constraints/ci.txt" in text and "COPY constraints ./constraints" in text
+    assert project["project"]["scripts"]["sowa"].split(".")[0] in packages
+
+
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])
 def test_compose_file_is_valid(profile: str) -> None:
     env = {**os.environ, "COMPOSE_PROFILES": profile}
