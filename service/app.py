@@ -23,7 +23,7 @@ from .registry import ClassRegistry
 from .routes import classes, health, predict
 from .settings import Settings
 from .staging import ImageStager
-from .store import DirectoryStore
+from .store import open_store
 from .telemetry import Telemetry
 
 __all__ = ["ServiceStatus", "create_app"]
@@ -54,7 +54,9 @@ async def _start(app: FastAPI) -> None:
         app.state.engine = engine
         app.state.stager = ImageStager(engine.device, engine.image_size, s.image_decoder)
         status.model_loaded = True
-        registry = ClassRegistry(DirectoryStore(s.data_dir), engine, s.max_shots_per_class)
+        store = open_store(s.store_url)
+        app.state.store = store
+        registry = ClassRegistry(store, engine, s.max_shots_per_class)
         app.state.registry = registry
         await asyncio.to_thread(registry.restore)
         status.classes_restored = True
@@ -65,6 +67,7 @@ async def _start(app: FastAPI) -> None:
         telemetry.model_info.info({k: str(v) for k, v in engine.describe().items()})
         telemetry.track(lambda: len(registry), registry.bank_bytes, engine.device_memory_bytes)
         telemetry.track_banks(engine.banks.stats)
+        telemetry.track_store(store)
         batcher = DynamicBatcher(lambda images, memories: engine.call(engine.run, images, memories),
                                  s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry)
         app.state.batcher = batcher
@@ -95,6 +98,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = getattr(app.state, "engine", None)
     if engine is not None:
         engine.close()
+    close_store = getattr(getattr(app.state, "store", None), "close", None)
+    if close_store is not None:
+        close_store()
 
 
 def create_app(settings: Settings) -> FastAPI:
