@@ -76,13 +76,18 @@ def _wait_served(url: str, name: str, timeout: float = 30.0) -> float:
 
 
 def run_one(kind: str, url: str, data_dir: Path, bundle: Path, n: int, regs: int, shots: int,
-            logs: Path) -> dict:
+            logs: Path, drop_banks: bool = False) -> dict:
     env = {"SOWA_STORE": url} if kind == "postgresql" else {}
     a = ServerProcess(bundle, data_dir, logs / f"{kind}-{n}-a.log", env=env, ready_timeout=600).start()
     try:
         with httpx.Client(timeout=120) as c:
             c.post(f"{a.url}/classes/template/shots", files=_files(0, shots)).raise_for_status()
         _fill(url, "template", n)
+        if drop_banks:  # as if the store held shots only: B rebuilds (and writes back) every bank at start-up
+            import psycopg
+
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("UPDATE sowa_classes SET bank = NULL")
         t0 = time.perf_counter()
         b = ServerProcess(bundle, data_dir, logs / f"{kind}-{n}-b.log", env=env, ready_timeout=600).start()
         start_s = time.perf_counter() - t0
@@ -100,7 +105,7 @@ def run_one(kind: str, url: str, data_dir: Path, bundle: Path, n: int, regs: int
             b.stop()
     finally:
         a.stop()
-    return {"store": kind, "classes": n, "replica_start_s": round(start_s, 2),
+    return {"store": kind + (" (no banks)" if drop_banks else ""), "classes": n, "replica_start_s": round(start_s, 2),
             "register_ms_median": round(1000 * statistics.median(latency), 1),
             "register_ms_max": round(1000 * max(latency), 1),
             "propagation_ms_median": round(1000 * statistics.median(propagation), 1),
@@ -114,6 +119,8 @@ def main() -> int:
     p.add_argument("--shots", type=int, default=2, help="shots per registered class")
     p.add_argument("--stores", nargs="+", default=["directory", "postgresql"])
     p.add_argument("--pg-url", help="an empty database to use (default: start a PostgreSQL like the tests)")
+    p.add_argument("--drop-banks", action="store_true", help="PostgreSQL: clear the stored banks before B starts "
+                   "(what storing shots only would cost)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sowa-store-bench-"))
@@ -133,7 +140,8 @@ def main() -> int:
                     url = args.pg_url if server is None else server.create_database(f"bench_{n}")
                 else:
                     url = str(data_dir)
-                row = run_one(kind, url, data_dir, bundle, n, args.regs, args.shots, work)
+                row = run_one(kind, url, data_dir, bundle, n, args.regs, args.shots, work,
+                              args.drop_banks and kind == "postgresql")
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:
