@@ -169,3 +169,21 @@ def test_damage_and_bad_names_are_refused(tmp_path: Path) -> None:
             store.read(bad, None)
         with pytest.raises(ValueError, match="invalid class name"), store.lock(bad):
             pass
+
+
+def test_store_urls(tmp_path: Path) -> None:
+    from service.settings import Settings
+    from service.store import store_kind
+
+    assert isinstance(open_store(tmp_path / "a"), DirectoryStore)
+    assert open_store(f"file://{tmp_path}/b").root == tmp_path / "b" / "classes"
+    pg = open_store("postgresql://sowa:secret@db.example:5432/sowa")  # nothing connects before recover()
+    assert store_kind("postgres://x/y") == "postgresql" and "secret" not in repr(pg)
+    pg.close()
+    with pytest.raises(ValueError, match="unknown store URL scheme"):
+        open_store("s3://bucket/classes")
+    with pytest.raises(ValueError, match="store must be"):
+        Settings(bundle=tmp_path, store="s3://bucket")
+    settings = Settings(bundle=tmp_path, data_dir=tmp_path / "d")
+    assert settings.store_url == str(tmp_path / "d") and "secret" not in repr(Settings(bundle=tmp_path,
+                                                                                         store=pg.url))

@@ -91,6 +91,21 @@ def test_a_store_that_is_down_answers_unavailable_and_catches_up(postgres: Postg
         a.close(), b.close()
 
 
+def test_a_lock_held_too_long_elsewhere_answers_unavailable(pg_url: str) -> None:
+    from service.errors import StoreUnavailableError
+
+    a, b = PostgresStore(pg_url), PostgresStore(pg_url, lock_timeout_s=0.5)
+    try:
+        a.recover(), b.recover()
+        with a.lock("gear"), pytest.raises(StoreUnavailableError, match="being changed by another replica"), \
+                b.lock("gear"):
+            pass
+        with b.lock("gear"):  # free again once A let go
+            pass
+    finally:
+        a.close(), b.close()
+
+
 @pytest.mark.anyio
 async def test_two_replicas_register_on_one_predict_on_the_other(bundle: Path, tmp_path: Path, pg_url: str) -> None:
     async with serve_in_process(bundle, tmp_path / "a", store=pg_url) as a, \

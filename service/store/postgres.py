@@ -34,6 +34,7 @@ from dataclasses import asdict
 from typing import Any
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
@@ -83,6 +84,7 @@ MIGRATIONS: dict[int, str] = {
 SCHEMA_VERSION = max(MIGRATIONS)
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 RETRY_AFTER_S = 5
+LOCK_TIMEOUT_S = 30
 
 
 class SchemaError(RuntimeError):
@@ -104,6 +106,10 @@ def _available(what: str) -> Iterator[None]:
     """Connection trouble becomes StoreUnavailableError (503 + Retry-After): nothing was committed."""
     try:
         yield
+    except psycopg.errors.LockNotAvailable:
+        raise StoreUnavailableError(f"the class is being changed by another replica (gave up waiting in {what}); "
+                                    "nothing was changed, try again",
+                                    headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except _UNAVAILABLE as e:
         raise StoreUnavailableError(f"the class store cannot be reached ({what}: {str(e).strip()[:200]}); "
                                     "nothing was changed, try again", headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -115,16 +121,20 @@ class PostgresStore:
 
     kind = "postgresql"
 
-    def __init__(self, url: str, *, pool_size: int = 4, timeout_s: float = 3.0, listen: bool = True) -> None:
-        self.url, self.timeout_s, self.listen = url, timeout_s, listen
+    def __init__(self, url: str, *, pool_size: int = 4, timeout_s: float = 3.0, listen: bool = True,
+                 lock_timeout_s: float = LOCK_TIMEOUT_S) -> None:
+        self.url, self.timeout_s, self.listen, self.lock_timeout_s = url, timeout_s, listen, lock_timeout_s
         self.origin = uuid.uuid4().hex  # this store's writes, as its notifications name them
+        # a dead peer is noticed in seconds, not at TCP's default of minutes: keepalives while idle, and
+        # tcp_user_timeout while data waits unacknowledged (a host that went away mid-query)
         conninfo = {"connect_timeout": max(1, int(timeout_s)), "keepalives": 1, "keepalives_idle": 5,
-                    "keepalives_interval": 2, "keepalives_count": 2,
+                    "keepalives_interval": 2, "keepalives_count": 2, "tcp_user_timeout": 10_000,
                     "application_name": f"sowa-{self.origin[:12]}"}
         self._conninfo = make_conninfo(url, **conninfo)
         self.pool = ConnectionPool(self._conninfo, min_size=1, max_size=pool_size, open=False, timeout=timeout_s,
                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
-                                   name="sowa-store")
+                                   configure=self._configure, name="sowa-store")
+        self._open_lock = threading.Lock()
         self._local = threading.local()  # the connection holding this thread's class lock
         self._seen: dict[str, int] = {}  # revisions as last reported or written
         self._seen_lock = threading.Lock()
@@ -141,14 +151,19 @@ class PostgresStore:
         return f"PostgresStore({redact(self.url)})"
 
     # -- connections ------------------------------------------------------------------------------------------
+    def _configure(self, conn: psycopg.Connection) -> None:
+        # a class lock (or a row) held longer than this by another replica answers 503 rather than hanging
+        conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(self.lock_timeout_s * 1000)}ms")))
+
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection]:
         held = getattr(self._local, "conn", None)
         if held is not None:
             yield held
             return
-        if self.pool.closed:
-            self.pool.open(wait=False)
+        with self._open_lock:
+            if self.pool.closed:
+                self.pool.open(wait=False)
         with self.pool.connection() as conn:
             yield conn
 
@@ -232,7 +247,10 @@ class PostgresStore:
     def _woken(self) -> None:
         self._wake.set()
         for callback in list(self._subscribers):
-            callback()
+            try:
+                callback()
+            except Exception:  # a subscriber's trouble (its loop closed) is not the connection's
+                log.exception("class store: change callback failed")
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the listener thread) whenever another replica changed something, or the
