@@ -253,13 +253,14 @@ class ClassRegistry:
 
     async def follow(self, interval: float) -> None:
         """The sync loop: replicas share one store, so follow what the others register or delete. A store that
-        pushes changes (`wait_for_changes`, PostgreSQL's LISTEN/NOTIFY) wakes it; others are looked at every
+        pushes changes (`subscribe`, PostgreSQL's LISTEN/NOTIFY) wakes it; others are looked at every
         `interval` s."""
         subscribe = getattr(self.store, "subscribe", None)
         pushed = asyncio.Event()
         if subscribe is not None:
             loop = asyncio.get_running_loop()
             subscribe(lambda: loop.call_soon_threadsafe(pushed.set))  # called on the store's listener thread
+            pushed.set()  # a first look at once: what changed between restore() and now (the warm-up) is found
         while True:
             if subscribe is None:
                 await asyncio.sleep(interval)
