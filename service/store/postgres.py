@@ -162,13 +162,16 @@ class PostgresStore:
             yield held
             return
         with self._open_lock:
+            if self._stop.is_set():  # closed: a late call (a sync finishing after shutdown) must not reopen
+                raise psycopg.OperationalError("the class store is closed")
             if self.pool.closed:
                 self.pool.open(wait=False)
         with self.pool.connection() as conn:
             yield conn
 
     def close(self) -> None:
-        self._stop.set()
+        with self._open_lock:
+            self._stop.set()
         if self._listener is not None:
             self._listener.join(timeout=5)
         self.pool.close()
