@@ -28,7 +28,7 @@ from .routes.console import mount_console
 from .settings import Settings
 from .staging import ImageStager
 from .status import ServiceStatus
-from .store import DirectoryStore
+from .store import open_store
 from .telemetry import Telemetry
 
 __all__ = ["create_app"]
@@ -46,7 +46,9 @@ async def _start(app: FastAPI) -> None:
         app.state.engine = engine
         app.state.stager = ImageStager(engine.device, engine.image_size, s.image_decoder)
         status.model_loaded = True
-        registry = ClassRegistry(DirectoryStore(s.data_dir), engine, s.max_shots_per_class)
+        store = open_store(s.store_url)
+        app.state.store = store
+        registry = ClassRegistry(store, engine, s.max_shots_per_class)
         app.state.registry = registry
         await asyncio.to_thread(registry.restore)
         status.classes_restored = True
@@ -57,6 +59,7 @@ async def _start(app: FastAPI) -> None:
         telemetry.model_info.info({k: str(v) for k, v in engine.describe().items()})
         telemetry.track(lambda: len(registry), registry.bank_bytes, engine.device_memory_bytes)
         telemetry.track_banks(engine.banks.stats)
+        telemetry.track_store(store)
         link: WorkerLink | None = app.state.workers
         counter = SharedCounter() if link else None  # the queue depth, for the workers' admission
         batcher = DynamicBatcher(engine.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry,
@@ -96,6 +99,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = getattr(app.state, "engine", None)
     if engine is not None:
         engine.close()
+    close_store = getattr(getattr(app.state, "store", None), "close", None)
+    if close_store is not None:
+        close_store()
 
 
 def create_app(settings: Settings, workers: WorkerLink | None = None) -> FastAPI:

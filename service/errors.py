@@ -15,6 +15,7 @@ __all__ = [
     "PayloadTooLargeError",
     "QueueFullError",
     "SowaError",
+    "StoreUnavailableError",
     "UnauthorizedError",
     "UnprocessableError",
     "error_body",
@@ -60,6 +61,10 @@ class QueueFullError(SowaError):
 
 class NotReadyError(SowaError):
     status, code = 503, "not_ready"
+
+
+class StoreUnavailableError(SowaError):
+    status, code = 503, "store_unavailable"  # the class store is down: registrations wait, predictions go on
 
 
 class DeadlineExceededError(SowaError):

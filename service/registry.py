@@ -25,7 +25,7 @@ from model.inference import ClassMemory
 
 from .class_names import check_class_name
 from .engine import Engine
-from .errors import ClassNotFoundError, UnprocessableError
+from .errors import ClassNotFoundError, StoreUnavailableError, UnprocessableError
 from .store.base import ClassRecord, ClassStore
 
 __all__ = ["ClassEntry", "ClassRegistry"]
@@ -252,6 +252,8 @@ class ClassRegistry:
             for name in changes.changed:
                 try:  # read-only: the replica that changed the class wrote it; rebuilding here writes nothing
                     loaded = await asyncio.to_thread(self._load, name)
+                except StoreUnavailableError:
+                    raise  # the store went away: keep serving what we hold, the reconnect catches up
                 except Exception as e:  # e.g. caught mid-delete; the next report settles it
                     self.refused[name] = str(e)
                     self._set(name, None)
@@ -260,9 +262,21 @@ class ClassRegistry:
                     self._remember(loaded[0])
 
     async def follow(self, interval: float) -> None:
-        """The sync loop: replicas share one store, so follow what the others register or delete."""
+        """The sync loop: replicas share one store, so follow what the others register or delete. A store that
+        pushes changes (`subscribe`, PostgreSQL's LISTEN/NOTIFY) wakes it; others are looked at every
+        `interval` s."""
+        subscribe = getattr(self.store, "subscribe", None)
+        pushed = asyncio.Event()
+        if subscribe is not None:
+            loop = asyncio.get_running_loop()
+            subscribe(lambda: loop.call_soon_threadsafe(pushed.set))  # called on the store's listener thread
+            pushed.set()  # a first look at once: what changed between restore() and now (the warm-up) is found
         while True:
-            await asyncio.sleep(interval)
+            if subscribe is None:
+                await asyncio.sleep(interval)
+            else:
+                await pushed.wait()
+                pushed.clear()  # before the sync: a change during it wakes the loop again
             try:
                 await self.sync()
             except Exception:  # a failed look must not stop the next one

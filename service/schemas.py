@@ -103,3 +103,6 @@ class ReadyInfo(BaseModel):
     classes: int
     refused_classes: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
+    store: str | None = Field(None, description="the class store: directory or postgresql")
+    store_error: str | None = Field(None, description="set while the store cannot be reached: predictions are "
+                                    "served from what this replica holds, registrations answer 503")

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     data_dir: Path = Field(Path("sowa-data"), description="where class shots and banks persist")
+    store: SecretStr | None = Field(None, description="class store URL: a directory or file://DIR (default: "
+                                    "data_dir), or postgresql://user:pass@host/db (a secret: it may hold a password)")
     device: str = "auto"
     dtype: str = "fp32"
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per device batch")
@@ -52,8 +54,8 @@ class Settings(BaseSettings):
     results_max_image_mb: float = Field(4.0, ge=0, description="an upload larger than this is kept without its "
                                         "image (it cannot become a shot by its id)")
     warmup: bool = True
-    sync_interval_s: float = Field(1.0, ge=0, description="how often to pick up classes changed by other replicas "
-                                   "sharing data_dir (0: never)")
+    sync_interval_s: float = Field(1.0, ge=0, description="directory store: how often to pick up classes changed by "
+                                   "other replicas sharing data_dir; PostgreSQL pushes changes (0: never follow)")
 
     @field_validator("dtype")
     @classmethod
@@ -62,10 +64,18 @@ class Settings(BaseSettings):
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got '{v}'")
         return v.lower()
 
-    @field_validator("api_key", "bank_device_budget_mb", "compile_mode", "workers", mode="before")
+    @field_validator("api_key", "bank_device_budget_mb", "compile_mode", "workers", "store", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if v in ("", None) else v  # compose passes SOWA_X="" when none is configured
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: SecretStr | None) -> SecretStr | None:
+        text = "" if v is None else v.get_secret_value()
+        if "://" in text and not text.startswith(("file://", "postgresql://", "postgres://")):
+            raise ValueError(f"store must be a directory, file://DIR or postgresql://..., not {text.split(':')[0]}://")
+        return v
 
     @field_validator("compile_mode")
     @classmethod
@@ -95,6 +105,11 @@ class Settings(BaseSettings):
         if self.device == "cpu" or not torch.cuda.is_available():
             return 1
         return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+    @property
+    def store_url(self) -> str:
+        """Where classes persist: `store`, or data_dir when it is unset."""
+        return str(self.data_dir) if self.store is None else self.store.get_secret_value()
 
     @model_validator(mode="after")
     def _limits(self) -> Settings:

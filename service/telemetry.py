@@ -67,6 +67,11 @@ class Telemetry:
         device, the budget, and the host-to-device loads and evictions so far."""
         self.registry.register(_BankCollector(stats))
 
+    def track_store(self, store: object) -> None:
+        """The class store's reachability, read at scrape time: sowa_store_up (0 while a replica cannot reach
+        it and serves what it holds) and the reconnects and pushed changes so far (stores that push them)."""
+        self.registry.register(_StoreCollector(store))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -87,3 +92,17 @@ class _BankCollector:
                                   value=st.loads)
         yield CounterMetricFamily("sowa_bank_evictions", "class banks dropped from device memory (kept on the host)",
                                   value=st.evictions)
+
+
+class _StoreCollector:
+    def __init__(self, store: object) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        up = getattr(self.store, "error", None) is None
+        yield GaugeMetricFamily("sowa_store_up", "1 while the class store is reachable (a directory store: always)",
+                                value=1.0 if up else 0.0)
+        yield CounterMetricFamily("sowa_store_reconnects", "times the class store came back after a loss",
+                                  value=getattr(self.store, "reconnects", 0))
+        yield CounterMetricFamily("sowa_store_notifications", "changes pushed by other replicas",
+                                  value=getattr(self.store, "notifications", 0))

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("plot", "a metric against K from eval reports -> PNG"),
     "synth": ("synth", "procedural anomaly benchmark: two disjoint families, MVTec layout + meta.json"),
     "info": ("info", "print a bundle's manifest summary"),
+    "store": ("store", "class store tools: migrate a directory store into PostgreSQL"),
     "bench": ("bench", "benchmarks: the offline engine (model) and the service (serve)"),
 }
 

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from model.sowa import SowaModel
 from tests.helpers import perturb_trainables, tiny_config
+from tests.postgres_server import PostgresServer
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +38,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(str(m.kwargs.get("reason", "")).startswith("needs a CUDA device") for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (Debian's, on loopback); each test takes a database."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def pg_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database of the session's server for this test: its URL."""
+    name = "t_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    return postgres.create_database(name)

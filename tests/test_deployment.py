@@ -53,6 +53,7 @@ def test_the_image_holds_every_package_and_the_tested_torch() -> None:
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])
 def test_compose_file_is_valid(profile: str) -> None:
     env = {**os.environ, "COMPOSE_PROFILES": profile}
+    env.pop("SOWA_STORE", None)
     out = subprocess.run([_tool("docker-compose"), "-f", "docker-compose.yml", "config"], cwd=REPO, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -75,6 +76,20 @@ def test_compose_file_is_valid(profile: str) -> None:
         assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
     else:
         assert api["environment"]["SOWA_DEVICE"] == "cpu" and "deploy" not in api
+
+
+def test_compose_postgres_profile_stores_classes_in_postgres() -> None:
+    env = {**os.environ, "COMPOSE_PROFILES": "cpu,postgres", "SOWA_STORE": "postgresql://sowa:sowa@postgres:5432/sowa"}
+    out = subprocess.run([_tool("docker-compose"), "-f", "docker-compose.yml", "config"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    db = services["postgres"]
+    assert "pg_isready" in db["healthcheck"]["test"] and any("postgres-data:" in str(v) for v in db["volumes"])
+    assert services["api-cpu"]["environment"]["SOWA_STORE"] == env["SOWA_STORE"]
+    user, database = db["environment"]["POSTGRES_USER"], db["environment"]["POSTGRES_DB"]
+    assert env["SOWA_STORE"].startswith(f"postgresql://{user}:") and env["SOWA_STORE"].endswith(f"/{database}")
+    assert db["profiles"] == ["postgres"]  # optional: the directory store stays the default
 
 
 def test_grafana_dashboard_covers_the_service() -> None:

@@ -1,9 +1,15 @@
-"""DirectoryStore on its own: the files it writes, what it reports as changed, and what it refuses."""
+"""The class stores on their own. The behaviour every backend owes the registry (round trips, change reports
+across two stores on one backing, refusals, the lock between replicas) runs against both, the directory and a
+real PostgreSQL (one server per session, a database per test); the directory's file layout, its damage handling
+and PostgreSQL's schema versions are tested on their own."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +18,7 @@ import torch
 from model.calibration import Calibration
 from model.inference import ClassMemory
 from model.memory_bank import MemoryBank
-from service.store import ClassRecord, ClassStore, DirectoryStore, StoreChanges
+from service.store import ClassRecord, ClassStore, DirectoryStore, StoreChanges, open_store
 
 
 def _record(name: str, shots: dict[str, bytes], fingerprint: str = "fp-1",
@@ -47,8 +53,49 @@ def test_the_directory_layout_and_manifest_are_format_1(tmp_path: Path) -> None:
     assert store.read_shot("widget", next(iter(shots))) == b"one"
 
 
-def test_changes_report_other_writers_once_and_not_our_own(tmp_path: Path) -> None:
-    ours, theirs = DirectoryStore(tmp_path), DirectoryStore(tmp_path)  # two replicas on one directory
+StoreFactory = Callable[[], ClassStore]
+
+
+@pytest.fixture(params=["directory", "postgresql"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Makes stores on one backing, as replicas sharing it have them (recovered, as the registry starts them)."""
+    url = str(tmp_path / "data") if request.param == "directory" else request.getfixturevalue("pg_url")
+    made: list[ClassStore] = []
+
+    def make() -> ClassStore:
+        store = open_store(url)
+        store.recover()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        getattr(store, "close", lambda: None)()
+
+
+def test_round_trip(new_store: StoreFactory) -> None:
+    store = new_store()
+    assert isinstance(store, ClassStore) and store.changes() == StoreChanges()
+    shots = _shots(b"one", b"two")
+    store.write(_record("widget", shots, override=0.7), shots)
+    back = store.read("widget", "fp-1")
+    assert back is not None and back.shots == tuple(shots) and back.memory is not None
+    assert back.threshold_override == 0.7 and (back.created, back.updated) == (100.0, 200.0)
+    assert back.bundle_fingerprint == "fp-1" and back.memory.calibration == _record("w", shots).memory.calibration
+    assert torch.equal(back.memory.bank.features, _record("widget", shots).memory.bank.features)
+    assert back.memory.bank.shots == 2
+    assert store.read("widget", "another-bundle").memory is None  # rebuilt by the registry
+    assert store.read("widget", None).memory is None and store.read("ghost", "fp-1") is None
+    assert store.read_shot("widget", next(iter(shots))) == b"one"
+    three = _shots(b"two", b"three")  # replace: the shot no longer named goes
+    store.write(_record("widget", three), {k: v for k, v in three.items() if v == b"three"})
+    assert store.read("widget", None).shots == tuple(three)
+    with pytest.raises((ValueError, FileNotFoundError)):
+        store.read_shot("widget", hashlib.sha256(b"one").hexdigest())
+
+
+def test_changes_report_other_writers_once_and_not_our_own(new_store: StoreFactory) -> None:
+    ours, theirs = new_store(), new_store()  # two replicas on one backing
     shots = _shots(b"a")
     theirs.write(_record("gear", shots), shots)
     assert ours.changes() == StoreChanges(changed=("gear",))  # the first report names every class
@@ -56,9 +103,48 @@ def test_changes_report_other_writers_once_and_not_our_own(tmp_path: Path) -> No
     ours.write(_record("gear", shots, override=0.9), {})
     assert ours.changes() == StoreChanges(changed=("belt",))
     assert ours.changes() == StoreChanges()
+    theirs.write(_record("belt", shots, override=0.3), {})
+    assert ours.changes() == StoreChanges(changed=("belt",)) and ours.read("belt", None).threshold_override == 0.3
     theirs.delete("belt")
     assert ours.changes() == StoreChanges(deleted=("belt",))
-    assert not ours.delete("belt") and not (tmp_path / "classes" / "belt").exists()
+    assert not ours.delete("belt") and ours.read("belt", None) is None
+
+
+def test_the_lock_makes_replicas_take_turns(new_store: StoreFactory) -> None:
+    a, b = new_store(), new_store()
+    shots = _shots(b"s0")
+    a.write(_record("gear", shots), shots)
+    inside: list[str] = []
+
+    def append(store: ClassStore, payload: bytes) -> None:  # read-modify-write, as the registry does it
+        with store.lock("gear"):
+            inside.append("enter")
+            current = store.read("gear", None)
+            time.sleep(0.2)  # the other replica would read the same shots now, were there no lock
+            new = _shots(payload)
+            store.write(_record("gear", {**dict.fromkeys(current.shots, b""), **new}), new)
+            inside.append("leave")
+
+    threads = [threading.Thread(target=append, args=(s, p)) for s, p in ((a, b"s1"), (b, b"s2"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert inside == ["enter", "leave", "enter", "leave"]
+    assert len(a.read("gear", None).shots) == 3 and b.read("gear", None).shots == a.read("gear", None).shots
+
+
+def test_bad_names_are_refused(new_store: StoreFactory) -> None:
+    store = new_store()
+    for bad in ("../etc", "Bad Name", "", "x'; DROP TABLE sowa_classes; --"):
+        with pytest.raises(ValueError, match="invalid class name"):
+            store.read(bad, None)
+        with pytest.raises(ValueError, match="invalid class name"):
+            store.read_shot(bad, "0" * 64)
+        with pytest.raises(ValueError, match="invalid class name"):
+            store.delete(bad)
+        with pytest.raises(ValueError, match="invalid class name"), store.lock(bad):
+            pass
 
 
 def test_damage_and_bad_names_are_refused(tmp_path: Path) -> None:
@@ -83,3 +169,21 @@ def test_damage_and_bad_names_are_refused(tmp_path: Path) -> None:
             store.read(bad, None)
         with pytest.raises(ValueError, match="invalid class name"), store.lock(bad):
             pass
+
+
+def test_store_urls(tmp_path: Path) -> None:
+    from service.settings import Settings
+    from service.store import store_kind
+
+    assert isinstance(open_store(tmp_path / "a"), DirectoryStore)
+    assert open_store(f"file://{tmp_path}/b").root == tmp_path / "b" / "classes"
+    pg = open_store("postgresql://sowa:secret@db.example:5432/sowa")  # nothing connects before recover()
+    assert store_kind("postgres://x/y") == "postgresql" and "secret" not in repr(pg)
+    pg.close()
+    with pytest.raises(ValueError, match="unknown store URL scheme"):
+        open_store("s3://bucket/classes")
+    with pytest.raises(ValueError, match="store must be"):
+        Settings(bundle=tmp_path, store="s3://bucket")
+    settings = Settings(bundle=tmp_path, data_dir=tmp_path / "d")
+    assert settings.store_url == str(tmp_path / "d") and "secret" not in repr(Settings(bundle=tmp_path,
+                                                                                         store=pg.url))

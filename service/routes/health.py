@@ -27,9 +27,12 @@ async def healthz(request: Request) -> JSONResponse:
 async def readyz(request: Request) -> JSONResponse:
     status = request.app.state.status
     registry = getattr(request.app.state, "registry", None)
+    store = getattr(request.app.state, "store", None)
     body = ReadyInfo(ready=status.ready, model_loaded=status.model_loaded, warmed_up=status.warmed_up,
                      classes_restored=status.classes_restored, classes=len(registry) if registry is not None else 0,
-                     refused_classes=registry.refused if registry is not None else {}, error=status.error)
+                     refused_classes=registry.refused if registry is not None else {}, error=status.error,
+                     store=getattr(store, "kind", "directory") if store is not None else None,
+                     store_error=getattr(store, "error", None))
     return JSONResponse(body.model_dump(), status_code=200 if status.ready else 503)
 
 

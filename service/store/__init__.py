@@ -2,5 +2,6 @@
 
 from .base import ClassRecord, ClassStore, StoreChanges
 from .directory import DirectoryStore
+from .open import open_store, store_kind
 
-__all__ = ["ClassRecord", "ClassStore", "DirectoryStore", "StoreChanges"]
+__all__ = ["ClassRecord", "ClassStore", "DirectoryStore", "StoreChanges", "open_store", "store_kind"]

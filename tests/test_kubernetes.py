@@ -1,0 +1,111 @@
+"""docker/kubernetes/: every manifest Kustomize applies, validated offline against the Kubernetes API schemas
+(kubernetes-validate, strict: unknown fields fail), and what the service needs of them checked by name. KEDA's
+ScaledObject is a CRD whose schema kubernetes-validate does not ship: its structure and queries are checked here
+instead (see test_scaling_queries_use_the_service_metrics)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.settings import Settings
+from service.telemetry import Telemetry
+from tests.helpers import REPO
+
+K8S = REPO / "docker" / "kubernetes"
+VERSION = "1.30.0"  # the oldest Kubernetes the manifests support (the preStop `sleep` action is 1.30's)
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _applied() -> dict[str, dict[str, Any]]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return {d["kind"]: d for f in kustomization["resources"] for d in _docs(K8S / f)}
+
+
+def _pod(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return objs["Deployment"]["spec"]["template"]
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(K8S).as_posix() for p in K8S.rglob("*.yaml")
+                                        if p.name != "kustomization.yaml"))
+def test_manifests_pass_the_kubernetes_schemas(path: str) -> None:
+    for doc in _docs(K8S / path):
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD: kubernetes-validate has no schema for it (checked by the scaling test below)
+        kubernetes_validate.validate(doc, VERSION, strict=True)
+
+
+def test_the_validator_bites() -> None:
+    deployment = copy.deepcopy(_applied()["Deployment"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, VERSION, strict=True)
+
+
+def test_the_deployment_has_what_the_service_needs() -> None:
+    objs = _applied()
+    assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget",
+            "ScaledObject"} <= set(objs)
+    pod = _pod(objs)
+    spec, (container,) = pod["spec"], pod["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "preStop" in container["lifecycle"] and spec["terminationGracePeriodSeconds"] >= 30
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] == 10001  # the image's
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    bundles = next(m for m in container["volumeMounts"] if m["mountPath"] == "/bundles")
+    assert bundles["readOnly"]
+    sources = {next(iter(e.values()))["name"] for e in container["envFrom"]}
+    assert sources == {objs["ConfigMap"]["metadata"]["name"], "sowa-secrets"}
+    secret = _docs(K8S / "secret.example.yaml")[0]
+    assert secret["metadata"]["name"] == "sowa-secrets" and set(secret["stringData"]) == {"SOWA_API_KEY",
+                                                                                          "SOWA_STORE"}
+    assert secret["stringData"]["SOWA_STORE"].startswith("postgresql://")
+    known = {f"SOWA_{name.upper()}" for name in Settings.model_fields}
+    assert set(objs["ConfigMap"]["data"]) <= known, set(objs["ConfigMap"]["data"]) - known
+    values = {k.removeprefix("SOWA_").lower(): v for k, v in {**objs["ConfigMap"]["data"],
+                                                               **secret["stringData"]}.items()}
+    assert Settings(**values).store_url.startswith("postgresql://")  # the settings are valid as a whole
+    labels = pod["metadata"]["labels"]
+    for selector in (objs["Service"]["spec"]["selector"], objs["PodDisruptionBudget"]["spec"]["selector"]
+                     ["matchLabels"], objs["Deployment"]["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= labels.items()
+    assert objs["Service"]["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+
+
+def test_scaling_queries_use_the_service_metrics() -> None:
+    objs = _applied()
+    scaled = objs["ScaledObject"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == objs["Deployment"]["metadata"]["name"]
+    queries = {t["name"]: t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"}
+    assert "sowa_queue_depth" in queries["queue-depth"]
+    assert "sowa_queue_wait_seconds_bucket" in queries["queue-wait-p90"]
+    exported = Telemetry().render().decode()
+    assert "sowa_queue_depth " in exported and "sowa_queue_wait_seconds_bucket{" in exported
+    assert 1 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+    hpa = _docs(K8S / "alternatives" / "hpa-prometheus-adapter.yaml")[0]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == objs["Deployment"]["metadata"]["name"]
+
+
+def test_kustomize_builds_the_manifests() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the resources are read one by one by the tests above")
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert {d["kind"] for d in built} == set(_applied())
+    assert all(d["metadata"].get("namespace") == "sowa" for d in built if d["kind"] != "Namespace")
