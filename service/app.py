@@ -25,6 +25,7 @@ from .settings import Settings
 from .staging import ImageStager
 from .store import DirectoryStore
 from .telemetry import Telemetry
+from .uploads import DecodeBudget
 
 __all__ = ["ServiceStatus", "create_app"]
 
@@ -108,6 +109,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.status = ServiceStatus()
     app.state.telemetry = Telemetry()
+    app.state.decode_budget = DecodeBudget(int(settings.decode_memory_mb * 2**20))
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard, per image")
     max_request_pixels: int = Field(160_000_000, ge=1, description="decoded pixels of all images of a request")
+    decode_memory_mb: float = Field(1024, gt=0, description="host memory that image decodes in flight may hold "
+                                    "together (16 bytes per header pixel each, docs/service.md); more wait")
     max_images_per_request: int = Field(64, ge=1)
     max_shots_per_class: int = Field(32, ge=1)
     bank_device_budget_mb: float | None = Field(None, ge=0, description="device memory for class banks; the "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ..class_names import check_class_name
 from ..deps import RegistryDep, SettingsDep, require_api_key
@@ -19,6 +19,7 @@ router = APIRouter(prefix="/classes", tags=["classes"], dependencies=[Depends(re
 
 @router.post("/{name}/shots", response_model=ClassInfo, summary="Register normal shots of a class")
 async def add_shots(
+    request: Request,
     name: str,
     registry: RegistryDep,
     settings: SettingsDep,
@@ -28,7 +29,7 @@ async def add_shots(
     """Builds the class's bank and calibration; answers once both are on disk."""
     check_class_name(name)
     uploads = await read_files(images, settings.max_shots_per_class)
-    decoded = await decode_uploads(uploads, PixelLimits.of(settings))
+    decoded = await decode_uploads(uploads, PixelLimits.of(settings), request.app.state.decode_budget)
     entry = await registry.add_shots(name, list(decoded.images), mode)
     return entry.info()
 

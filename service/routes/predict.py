@@ -77,7 +77,7 @@ async def predict(
     settings = svc.settings
     memory = svc.registry.get(class_name).serving_memory if class_name else None
     uploads = await read_files(images, settings.max_images_per_request)
-    batch = await stage_uploads(uploads, PixelLimits.of(settings), svc.stager)
+    batch = await stage_uploads(uploads, PixelLimits.of(settings), svc.stager, request.app.state.decode_budget)
     item = svc.batcher.submit(WorkItem(batch.images, [memory] * len(batch),
                                        deadline=time.monotonic() + settings.request_timeout_s))
     results = await _result(request, item, settings.request_timeout_s)
