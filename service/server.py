@@ -1,12 +1,31 @@
-"""Running the service: uvicorn on `create_app(settings)`, with logging set up the way operators read it."""
+"""Running the service: uvicorn on `create_app(settings)`, with logging set up the way operators read it.
+
+`uvicorn_config` is the one place the HTTP server's options live (timeouts, header limits, the connection cap):
+whatever starts uvicorn on this app (here, or a multi-process front end) takes them from it.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from .settings import Settings
 
-__all__ = ["serve"]
+__all__ = ["serve", "uvicorn_config"]
+
+
+def uvicorn_config(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.run` / `uvicorn.Config` (besides the app and log level): the bind address,
+    the guarded httptools protocol (service/http_guard.py) and the server's timeouts."""
+    from .http_guard import guarded_protocol
+
+    return {
+        "host": settings.host, "port": settings.port,
+        "http": guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes,
+                                 settings.max_connections),
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
+    }
 
 
 def serve(settings: Settings, log_level: str = "info") -> None:
@@ -16,5 +35,4 @@ def serve(settings: Settings, log_level: str = "info") -> None:
     from .app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    uvicorn.run(create_app(settings), log_level=log_level, **uvicorn_config(settings))

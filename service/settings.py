@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     image_decoder: Literal["pil", "torchvision"] = Field("pil", description="pil: the reference preprocessing, "
                                                          "bit for bit; torchvision: JPEGs decoded and resized on "
                                                          "the device (within 2 grey levels of it)")
+    # the HTTP server's own limits (service/server.py `uvicorn_config`, service/http_guard.py): the service faces
+    # clients directly when nothing sits in front of it
+    header_timeout_s: float = Field(10.0, gt=0, description="time a request has to send its request line and "
+                                    "headers (408 after)")
+    body_timeout_s: float = Field(60.0, gt=0, description="longest pause within a request body before the "
+                                  "connection is closed")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    max_header_bytes: int = Field(65536, ge=1024, description="request line and headers, in bytes (431 over it)")
+    max_connections: int = Field(512, ge=1, description="open connections; more are answered 503 and closed at "
+                                 "once (keep it under the file-descriptor limit)")
     warmup: bool = True
     sync_interval_s: float = Field(1.0, ge=0, description="how often to pick up classes changed by other replicas "
                                    "sharing data_dir (0: never)")

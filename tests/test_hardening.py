@@ -3,10 +3,12 @@ refused classes can be repaired or deleted, slow or huge headers cannot stall th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -272,3 +274,71 @@ def test_start_up_removes_what_crashed_writes_left(tmp_path: Path, caplog: pytes
     again = DirectoryStore(tmp_path)
     again.recover()
     assert again.read("widget", "fp-1").memory is not None  # intact, bank included
+
+
+# -- 5. slow, huge and too many connections (a real server: the protocol is the point) ---------------------------------
+def _exchange(port: int, payload: bytes, timeout: float = 10.0) -> tuple[bytes, float]:
+    """Send `payload` (no more), read until the server closes; what came back and how long it took."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with contextlib.suppress(OSError):
+            s.sendall(payload)
+        chunks = []
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+    return b"".join(chunks), time.monotonic() - start
+
+
+def _error(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def _probe_ms(url: str) -> float:
+    start = time.monotonic()
+    assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+    return (time.monotonic() - start) * 1000
+
+
+@pytest.mark.slow
+def test_slow_huge_and_too_many_connections_are_refused_cleanly(bundle: Path, tmp_path: Path) -> None:
+    env = {"SOWA_HEADER_TIMEOUT_S": "1", "SOWA_BODY_TIMEOUT_S": "1", "SOWA_MAX_CONNECTIONS": "50",
+           "SOWA_MAX_HEADER_BYTES": "65536"}
+    with ServerProcess(bundle, tmp_path / "data", tmp_path / "server.log", env=env) as srv:
+        # headers that never finish: 408 after the header timeout, and the socket is closed
+        response, took = _exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert _error(response) == (408, {"code": "request_timeout",
+                                          "message": "request headers not complete within 1 s"})
+        assert took < 4
+        response, took = _exchange(srv.port, b"")  # a connection that sends nothing at all
+        assert _error(response)[0] == 408 and took < 4
+        # a body that stalls: the connection is closed
+        response, took = _exchange(srv.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data;"
+                                   b" boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+        assert _error(response)[0] == 408 and took < 5
+        # a huge header: 431 once the limit is passed, while the event loop keeps answering
+        result: list[tuple[bytes, float]] = []
+        huge = threading.Thread(target=lambda: result.append(_exchange(
+            srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 * 2**20) + b"\r\n\r\n")))
+        huge.start()
+        probes = [_probe_ms(srv.url) for _ in range(10)]
+        huge.join(30)
+        assert _error(result[0][0])[:1] == (431,) and _error(result[0][0])[1]["code"] == "headers_too_large"
+        assert max(probes) < 500, probes
+        # malformed HTTP: the service's JSON error, not plain text
+        status, err = _error(_exchange(srv.port, b"NOT HTTP AT ALL\r\n\r\n")[0])
+        assert status == 400 and err["code"] == "invalid_http"
+        # more connections than the cap: the extra ones get 503 at once and are closed; the rest time out
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(80)]
+        try:
+            refused = 0
+            for s in idle[50:]:
+                s.settimeout(5)
+                data = s.recv(65536)
+                refused += data.startswith(b"HTTP/1.1 503") and b"too_many_connections" in data
+            assert refused == 30
+        finally:
+            for s in idle:
+                s.close()
+        assert _probe_ms(srv.url) < 2000  # and the server is fine afterwards
