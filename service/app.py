@@ -19,6 +19,7 @@ from .deps import Serving
 from .engine import Engine
 from .handlers import install_error_handlers
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from .openapi import install_openapi
 from .registry import ClassRegistry
 from .routes import classes, health, predict
 from .settings import Settings
@@ -114,6 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(classes.router)
+    install_openapi(app, settings)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     if settings.api_key is not None:  # outside the body limit: a request without the key is never read
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())

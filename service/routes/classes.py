@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
 
-from ..class_names import check_class_name
+from ..class_names import CLASS_NAME, check_class_name
 from ..deps import RegistryDep, SettingsDep, require_api_key
 from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
 from ..uploads import PixelLimits, decode_uploads
@@ -16,14 +16,16 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/classes", tags=["classes"], dependencies=[Depends(require_api_key)])
 
+ClassName = Annotated[str, Path(pattern=CLASS_NAME.pattern, description="1-64 of a-z, 0-9, '_', '.', '-'")]
+
 
 @router.post("/{name}/shots", response_model=ClassInfo, summary="Register normal shots of a class")
 async def add_shots(
     request: Request,
-    name: str,
+    name: ClassName,
     registry: RegistryDep,
     settings: SettingsDep,
-    images: Annotated[list[UploadFile], File(description="1..K normal images of the product")],
+    images: Annotated[list[UploadFile], File(min_length=1, description="1..K normal images of the product")],
     mode: Annotated[Literal["append", "replace"], Form(description="add to the shots or replace them")] = "append",
 ) -> dict:
     """Builds the class's bank and calibration; answers once both are on disk."""
@@ -40,16 +42,16 @@ async def list_classes(registry: RegistryDep) -> dict:
 
 
 @router.get("/{name}", response_model=ClassInfo, summary="One class")
-async def get_class(name: str, registry: RegistryDep) -> dict:
+async def get_class(name: ClassName, registry: RegistryDep) -> dict:
     return registry.get(name).info()
 
 
 @router.patch("/{name}", response_model=ClassInfo, summary="Override the class threshold")
-async def set_threshold(name: str, update: ThresholdUpdate, registry: RegistryDep) -> dict:
+async def set_threshold(name: ClassName, update: ThresholdUpdate, registry: RegistryDep) -> dict:
     return (await registry.set_threshold(name, update.threshold)).info()
 
 
 @router.delete("/{name}", response_model=Deleted, summary="Remove a class and its files")
-async def delete_class(name: str, registry: RegistryDep) -> dict:
+async def delete_class(name: ClassName, registry: RegistryDep) -> dict:
     await registry.delete(name)
     return {"deleted": name}

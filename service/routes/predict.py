@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from ..batcher import WorkItem
+from ..class_names import CLASS_NAME
 from ..codecs import find_regions, png_heatmap, raw_heatmap
 from ..deps import ServingDep, require_api_key
 from ..engine import ImageResult
@@ -63,14 +64,13 @@ def _encode(src: ImageSource, r: ImageResult, heatmap: HeatmapKind) -> dict:
             "regions": find_regions(r.anomaly_map, r.pixel_threshold, src.width, src.height)}
 
 
-@router.post("/predict", response_model=PredictResponse, summary="Score images",
-             responses={404: {"description": "unknown class"}, 413: {"description": "too large"},
-                        422: {"description": "invalid fields"}, 429: {"description": "queue full"}})
+@router.post("/predict", response_model=PredictResponse, summary="Score images")  # errors: service/openapi.py
 async def predict(
     request: Request,
     svc: ServingDep,
-    images: Annotated[list[UploadFile], File(description="1..N image files (any format PIL reads)")],
-    class_name: Annotated[str | None, Form(description="registered class; omit for zero-shot")] = None,
+    images: Annotated[list[UploadFile], File(min_length=1, description="1..N image files (any format PIL reads)")],
+    class_name: Annotated[str | None, Form(pattern=CLASS_NAME.pattern,
+                                           description="registered class; omit for zero-shot")] = None,
     heatmap: Annotated[HeatmapKind, Form(description="none, png (8-bit, original size) or raw (float32)")] = "png",
 ) -> dict:
     """Anomaly score, decision, regions and heatmap for every image."""
