@@ -34,10 +34,10 @@ ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
 _ANY = (400, 413)  # any request with a body may be malformed or too large
 # (method, path) -> the error statuses its route can answer, besides 401 (with a key) and 503 (not ready)
 _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
-    ("post", "/predict"): (*_ANY, 404, 422, 429, 504),
+    ("post", "/predict"): (*_ANY, 404, 409, 422, 429, 504),
     ("post", "/classes/{name}/shots"): (*_ANY, 409, 422, 507),
     ("get", "/classes"): (),
-    ("get", "/classes/{name}"): (404, 422),
+    ("get", "/classes/{name}"): (404, 409, 422),
     ("patch", "/classes/{name}"): (*_ANY, 404, 409, 422, 507),
     ("delete", "/classes/{name}"): (404, 422),
 }

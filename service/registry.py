@@ -115,6 +115,8 @@ class ClassRegistry:
     def get(self, name: str) -> ClassEntry:
         entry = self._classes.get(check_class_name(name))
         if entry is None:
+            if name in self.refused:  # stored but damaged: say so, and how to get out of it
+                raise _damaged(name, self.refused[name])
             raise ClassNotFoundError(f"class '{name}' is not registered")
         return entry
 

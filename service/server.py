@@ -7,6 +7,7 @@ whatever starts uvicorn on this app (here, or a multi-process front end) takes t
 from __future__ import annotations
 
 import logging
+import resource
 from typing import Any
 
 from .settings import Settings
@@ -19,10 +20,16 @@ def uvicorn_config(settings: Settings) -> dict[str, Any]:
     the guarded httptools protocol (service/http_guard.py) and the server's timeouts."""
     from .http_guard import guarded_protocol
 
+    cap = settings.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and cap > soft - 64:  # files, sockets and the model need descriptors too
+        cap = max(1, soft - 64)
+        logging.getLogger("sowa.service").warning("max_connections %d is near the file-descriptor limit %d: "
+                                                  "using %d", settings.max_connections, soft, cap)
     return {
         "host": settings.host, "port": settings.port,
         "http": guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes,
-                                 settings.max_connections),
+                                 cap),
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
     }

@@ -199,7 +199,9 @@ async def test_a_refused_class_answers_409_naming_the_way_out_and_can_be_deleted
         ready = await svc.client.ready()
         assert set(ready.refused_classes) == {"broken", "mended"}
         for method, path, kw in [("POST", "/classes/broken/shots", {"files": _files(SHOTS[:1])}),
-                                 ("PATCH", "/classes/broken", {"json": {"threshold": 0.9}})]:
+                                 ("PATCH", "/classes/broken", {"json": {"threshold": 0.9}}),
+                                 ("GET", "/classes/broken", {}),
+                                 ("POST", "/predict", {"files": _files(TESTS[:1]), "data": {"class_name": "broken"}})]:
             r = await svc.http.request(method, path, **kw)
             assert r.status_code == 409, r.text
             err = r.json()["error"]
@@ -342,3 +344,43 @@ def test_slow_huge_and_too_many_connections_are_refused_cleanly(bundle: Path, tm
             for s in idle:
                 s.close()
         assert _probe_ms(srv.url) < 2000  # and the server is fine afterwards
+
+
+def test_uvicorn_options_come_from_one_place(tmp_path: Path) -> None:
+    from service.http_guard import GuardedHttpToolsProtocol
+    from service.server import uvicorn_config
+    from service.settings import Settings
+
+    cfg = uvicorn_config(Settings(bundle=tmp_path, header_timeout_s=3, body_timeout_s=4, keep_alive_timeout_s=2,
+                                  max_header_bytes=4096, max_connections=100))
+    proto = cfg["http"]
+    assert issubclass(proto, GuardedHttpToolsProtocol) and cfg["timeout_keep_alive"] == 2
+    assert (proto.header_timeout_s, proto.body_timeout_s, proto.max_header_bytes) == (3, 4, 4096)
+    assert proto.max_connections <= 100
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_connection_and_the_server_serving(bundle: Path, small_disk: Path) -> None:
+    """A real server on the full disk: two 507s on one keep-alive connection (a 500 used to close it)."""
+    with ServerProcess(bundle, small_disk / "data", small_disk.parent / "server.log") as srv:
+        assert httpx.post(srv.url + "/classes/widget/shots", files=_files(SHOTS), timeout=60).status_code == 200
+        filler = _fill(small_disk)
+        req = httpx.Request("POST", srv.url + "/classes/fresh/shots", files=_files(SHOTS[:2]))
+        raw = (f"POST /classes/fresh/shots HTTP/1.1\r\nHost: x\r\ncontent-type: {req.headers['content-type']}\r\n"
+               f"content-length: {len(req.read())}\r\n\r\n").encode() + req.read()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
+            f = s.makefile("rb")
+            for _ in range(2):
+                s.sendall(raw)
+                status = f.readline()
+                headers = {}
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    k, _, v = line.decode().partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                body = json.loads(f.read(int(headers["content-length"])))
+                assert status.split()[1] == b"507" and body["error"]["code"] == "insufficient_storage"
+                assert headers.get("connection") != "close" and "retry-after" in headers
+        assert not (small_disk / "data" / "classes" / "fresh").exists()
+        r = httpx.post(srv.url + "/predict", files=_files(TESTS[:1]), data={"class_name": "widget"}, timeout=60)
+        assert r.status_code == 200
+        filler.unlink()
