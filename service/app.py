@@ -26,7 +26,7 @@ from .settings import Settings
 from .staging import ImageStager
 from .store import DirectoryStore
 from .telemetry import Telemetry
-from .uploads import DecodeBudget
+from .uploads import DecodeBudget, limit_malloc_arenas
 
 __all__ = ["ServiceStatus", "create_app"]
 
@@ -111,6 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.status = ServiceStatus()
     app.state.telemetry = Telemetry()
     app.state.decode_budget = DecodeBudget(int(settings.decode_memory_mb * 2**20))
+    limit_malloc_arenas()  # before the worker threads exist, in every process serving the app (uploads.py)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)

@@ -40,8 +40,6 @@ def serve(settings: Settings, log_level: str = "info") -> None:
     import uvicorn
 
     from .app import create_app
-    from .uploads import limit_malloc_arenas
 
-    limit_malloc_arenas()  # before the worker threads exist: decodes then give their memory back (uploads.py)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), log_level=log_level, **uvicorn_config(settings))

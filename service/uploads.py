@@ -134,7 +134,7 @@ _M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
-    """At most `arenas` glibc heaps for the process's threads from now on (the server calls this at start).
+    """At most `arenas` glibc heaps for the process's threads from now on (`create_app` calls this).
 
     Each worker thread that decodes otherwise gets a heap of its own, and what a decode freed there stayed in the
     process: 72 MiB after four concurrent 16 Mpx decodes, measured, where two heaps give it all back."""
