@@ -297,11 +297,17 @@ class ClassRegistry:
                 if loaded is not None:
                     self._remember(loaded[0])
 
-    async def follow(self, interval: float) -> None:
-        """The sync loop: replicas share one store, so follow what the others register or delete."""
+    async def follow(self, interval: float, sweep_every: float = 60.0) -> None:
+        """The sync loop: replicas share one store, so follow what the others register or delete; every
+        `sweep_every` seconds, also remove what crashed writes left (stores that have a `sweep`)."""
+        sweep = getattr(self.store, "sweep", None)
+        next_sweep = time.monotonic() + sweep_every
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.sync()
+                if sweep is not None and time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + sweep_every
+                    await asyncio.to_thread(sweep)
             except Exception:  # a failed look must not stop the next one
                 log.exception("class sync failed")

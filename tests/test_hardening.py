@@ -384,3 +384,29 @@ def test_a_full_disk_keeps_the_connection_and_the_server_serving(bundle: Path, s
         r = httpx.post(srv.url + "/predict", files=_files(TESTS[:1]), data={"class_name": "widget"}, timeout=60)
         assert r.status_code == 200
         filler.unlink()
+
+
+def test_the_sync_sweep_removes_crash_leftovers_of_classes_nobody_is_writing(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    store.recover()
+    _crash_writing(tmp_path, "half", "shot-a")
+    _crash_writing(tmp_path, "busy", "shot-b")
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:  # another replica, in the middle of writing "busy"
+        with DirectoryStore(tmp_path).lock("busy"):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert held.wait(10)
+        assert store.sweep() == 1
+        assert not (tmp_path / "classes" / "half").exists()
+        assert (tmp_path / "classes" / "busy").exists()  # its lock is held: its files are work in progress
+    finally:
+        release.set()
+        t.join()
+    assert store.sweep() == 1 and not (tmp_path / "classes" / "busy").exists()
+    assert store.sweep() == 0

@@ -16,7 +16,8 @@ Changes are found by a stat of every class.json: written last, so a changed one 
 A write that fails (a full disk) removes what it wrote: the shots it added, the new bank (the old one is kept as a
 hard link until class.json is written, and put back), the folder of a first registration. What a crash leaves
 instead (temporary files, the kept bank, a first registration's folder without class.json: never a class, its 2xx
-was never sent) is removed at start-up by `recover`, under each class's lock, and logged.
+was never sent) is removed at start-up by `recover`, under each class's lock, and logged; while serving, `sweep`
+does the same for classes whose lock is free.
 """
 
 from __future__ import annotations
@@ -93,6 +94,39 @@ class DirectoryStore:
                 with self.lock(folder.name):  # a replica writing this class now finishes first
                     self._recover_class(folder)
         return refused
+
+    def sweep(self) -> int:
+        """`recover`'s clean-up while serving, for classes nobody is writing (their lock is free right now): what
+        a crashed replica left goes without a restart. The sync loop calls it now and then; returns the number
+        of class folders it cleaned."""
+        cleaned = 0
+        if not self.root.is_dir():
+            return 0
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".trash-"):
+                shutil.rmtree(folder, ignore_errors=True)  # a delete's own rmtree may be at it too: either wins
+                continue
+            if not (folder.is_dir() and is_class_name(folder.name) and _leftovers(folder)):
+                continue
+            with self._try_lock(folder.name) as locked:
+                if locked and _leftovers(folder):
+                    self._recover_class(folder)
+                    cleaned += 1
+        return cleaned
+
+    @contextmanager
+    def _try_lock(self, name: str) -> Iterator[bool]:
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with open(self.locks / f"{name}.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False  # someone is writing this class: its leftovers are its own work in progress
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _recover_class(self, folder: Path) -> None:
         """Remove what a crash in `write` left in one class folder (the caller holds its lock)."""
@@ -256,6 +290,12 @@ class DirectoryStore:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _leftovers(folder: Path) -> bool:
+    """Whether a class folder holds what an interrupted write leaves (see `_recover_class`)."""
+    return (not (folder / "class.json").is_file() or (folder / _KEPT_BANK).exists()
+            or any(folder.glob(".*.tmp")) or any(folder.glob("shots/.*.tmp")))
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
