@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "CLIP_MEAN",
@@ -43,14 +43,29 @@ class ImageTooLargeError(ImageDecodeError):
     """The image has more pixels than allowed (decompression-bomb guard)."""
 
 
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_ROWS_BYTES = 1 << 22  # float64 temporaries of one slice of rows while scaling a high-depth image: 4 MiB
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16-bit and float greyscale are scaled, not clipped (PIL's convert clips)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+    """Any PIL mode -> 8-bit RGB. 16-bit and float greyscale are scaled, not clipped (PIL's convert clips).
+
+    High-depth images are scaled a slice of rows at a time: the float64 temporaries stay a few MiB whatever the
+    image size (converting the whole array at once took ~27 bytes per pixel), and the result is the same.
+    """
+    if img.mode in _HIGH_DEPTH:
+        a = np.asarray(img)
+        peak = float(a.max(initial=0))
+        top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
         if img.mode == "F":
-            top = max(float(a.max(initial=0)), 1e-12) if a.max(initial=0) > 1 else 1.0
-        img = Image.fromarray(np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+            top = max(peak, 1e-12) if peak > 1 else 1.0
+        out = np.empty(a.shape, dtype=np.uint8)
+        step = max(1, _ROWS_BYTES // (8 * max(1, a.shape[1])))
+        for r in range(0, a.shape[0], step):
+            out[r:r + step] = np.clip(np.rint(a[r:r + step].astype(np.float64) / top * 255.0), 0, 255)
+        del a
+        img = Image.fromarray(out, mode="L")
+        del out
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -61,16 +76,61 @@ def check_pixels(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
                                  f"{max_pixels}")
 
 
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that displays it upright
+# JPEG frames coded with arithmetic coding: the one-bit-per-block lower bound below is for Huffman coding
+_ARITHMETIC_SOF = frozenset(range(0xC9, 0xD0)) - {0xCC}
+
+
+def _jpeg_min_bytes(img: Image.Image) -> int:
+    """The fewest bytes a complete Huffman-coded JPEG of this size and sampling can have: every 8x8 block of
+    every component costs at least one bit (a DC code; baseline adds an end-of-block code). libjpeg pads a file
+    that ends early (an end-of-image marker in the middle of the data) with grey instead of failing, so a file
+    below this bound is refused as truncated."""
+    layers = getattr(img, "layer", None) or []
+    if not layers or img.format != "JPEG":
+        return 0
+    hmax = max(h for _, h, _, _ in layers) or 1
+    vmax = max(v for _, _, v, _ in layers) or 1
+    w, h = img.size
+
+    def ceil(a: int, b: int) -> int:
+        return (a + b - 1) // b
+
+    return sum(ceil(ceil(w * hs, hmax), 8) * ceil(ceil(h * vs, vmax), 8) for _, hs, vs, _ in layers) // 8
+
+
+def _is_arithmetic_jpeg(data: bytes) -> bool:
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker in _ARITHMETIC_SOF
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Bytes -> RGB PIL image, EXIF orientation applied. Refuses empty, truncated and oversized images."""
+    """Bytes -> RGB PIL image, EXIF orientation applied. Refuses empty, truncated and oversized images.
+
+    Memory: the decoded image in its own mode, then its RGB conversion, then (when EXIF rotates it) the rotated
+    copy, each source dropped as soon as the next exists (docs/service.md gives the measured bytes per pixel).
+    """
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            check_pixels(*img.size, max_pixels)
-            img.load()  # force full decoding now: truncated files fail here, not later
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+        with Image.open(io.BytesIO(data)) as src:
+            check_pixels(*src.size, max_pixels)
+            if src.format == "JPEG" and len(data) < _jpeg_min_bytes(src) and not _is_arithmetic_jpeg(data):
+                raise ImageDecodeError(f"truncated JPEG: {len(data)} bytes cannot hold {src.size[0]}x{src.size[1]} "
+                                       f"pixels (at least {_jpeg_min_bytes(src)})")
+            orientation = src.getexif().get(0x0112, 1)
+            src.load()  # force full decoding now: truncated files fail here, not later
+            img = to_rgb(src)
+        src = None  # the decoded source goes before the rotated copy is made
+        method = _TRANSPOSE.get(orientation)
+        return img if method is None else img.transpose(method)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

@@ -22,6 +22,7 @@ from .frontend.link import WorkerLink
 from .frontend.slots import SharedCounter
 from .handlers import install_error_handlers
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, RouteHeaderMiddleware
+from .openapi import install_openapi
 from .registry import ClassRegistry
 from .routes import classes, health, predict, results
 from .routes.console import mount_console
@@ -30,6 +31,7 @@ from .staging import ImageStager
 from .status import ServiceStatus
 from .store import open_store
 from .telemetry import Telemetry
+from .uploads import DecodeBudget, limit_malloc_arenas
 
 __all__ = ["create_app"]
 
@@ -120,6 +122,8 @@ def create_app(settings: Settings, workers: WorkerLink | None = None) -> FastAPI
     app.state.workers = workers
     app.state.telemetry = Telemetry(http=workers is None,
                                     worker_metrics_dir=workers.metrics_dir if workers else None)
+    app.state.decode_budget = DecodeBudget(int(settings.decode_memory_mb * 2**20))
+    limit_malloc_arenas()  # before the worker threads exist, in every process serving the app (uploads.py)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
@@ -127,6 +131,7 @@ def create_app(settings: Settings, workers: WorkerLink | None = None) -> FastAPI
     app.include_router(results.router)
     app.state.results = results.new_store(settings)  # kept results (keep=true), in memory, bounded
     mount_console(app)
+    install_openapi(app, settings)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     if settings.api_key is not None:  # outside the body limit: a request without the key is never read
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())

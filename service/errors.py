@@ -6,10 +6,15 @@ Plain exceptions with their HTTP status and code as data: the core raises them w
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
+    "DISK_FULL_ERRNOS",
+    "ClassDamagedError",
     "ClassNotFoundError",
     "ClientClosedError",
     "DeadlineExceededError",
+    "InsufficientStorageError",
     "InvalidImageError",
     "NotReadyError",
     "PayloadTooLargeError",
@@ -43,6 +48,10 @@ class ClassNotFoundError(SowaError):
     status, code = 404, "class_not_found"
 
 
+class ClassDamagedError(SowaError):
+    status, code = 409, "class_damaged"  # stored but refused at restore: replace its shots, or delete it
+
+
 class PayloadTooLargeError(SowaError):
     status, code = 413, "payload_too_large"
 
@@ -65,6 +74,17 @@ class NotReadyError(SowaError):
 
 class StoreUnavailableError(SowaError):
     status, code = 503, "store_unavailable"  # the class store is down: registrations wait, predictions go on
+
+
+class InsufficientStorageError(SowaError):
+    status, code = 507, "insufficient_storage"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, {"Retry-After": "60", **(headers or {})})
+
+
+# what a full disk (or a quota, or a file size limit) raises: a client may retry later, nothing is wrong with it
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class DeadlineExceededError(SowaError):

@@ -10,11 +10,12 @@ half-right.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -25,7 +26,14 @@ from model.inference import ClassMemory
 
 from .class_names import check_class_name
 from .engine import Engine
-from .errors import ClassNotFoundError, StoreUnavailableError, UnprocessableError
+from .errors import (
+    DISK_FULL_ERRNOS,
+    ClassDamagedError,
+    ClassNotFoundError,
+    InsufficientStorageError,
+    StoreUnavailableError,
+    UnprocessableError,
+)
 from .store.base import ClassRecord, ClassStore
 
 __all__ = ["ClassEntry", "ClassRegistry"]
@@ -73,6 +81,25 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+@contextlib.contextmanager
+def _disk_full_is_507(name: str) -> Iterator[None]:
+    """A full disk (or quota, or file size limit) while storing a class: 507 with Retry-After, not a 500. The
+    store has removed what the failed write wrote; the class in memory is the old one."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise
+        log.error("class %s: not stored, the disk is full (%s)", name, e)
+        raise InsufficientStorageError(f"class '{name}' was not stored: no space left for its files "
+                                       f"({e.strerror}); nothing changed, retry later") from None
+
+
+def _damaged(name: str, why: str) -> ClassDamagedError:
+    return ClassDamagedError(f"class '{name}' is damaged on disk ({why}); register it again with mode=replace, "
+                             f"or DELETE /classes/{name}")
+
+
 def _open_png(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as img:
         return img.convert("RGB")
@@ -89,6 +116,8 @@ class ClassRegistry:
     def get(self, name: str) -> ClassEntry:
         entry = self._classes.get(check_class_name(name))
         if entry is None:
+            if name in self.refused:  # stored but damaged: say so, and how to get out of it
+                raise _damaged(name, self.refused[name])
             raise ClassNotFoundError(f"class '{name}' is not registered")
         return entry
 
@@ -114,25 +143,33 @@ class ClassRegistry:
     async def add_shots(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
         check_class_name(name)
         async with self._lock:
-            entry = await asyncio.to_thread(self._locked, name, self._register, name, images, mode)
+            with _disk_full_is_507(name):
+                entry = await asyncio.to_thread(self._locked, name, self._register, name, images, mode)
             self._remember(entry)
             return entry
 
     async def set_threshold(self, name: str, threshold: float | None) -> ClassEntry:
+        if check_class_name(name) in self.refused:
+            raise _damaged(name, self.refused[name])
         self.get(name)
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise UnprocessableError(f"threshold must be in (0, 1), got {threshold}")
         async with self._lock:
-            entry = await asyncio.to_thread(self._locked, name, self._set_threshold, name, threshold)
+            with _disk_full_is_507(name):
+                entry = await asyncio.to_thread(self._locked, name, self._set_threshold, name, threshold)
             self._remember(entry)
             return entry
 
     async def delete(self, name: str) -> None:
-        self.get(name)
+        """Remove a class, served or refused (a damaged class is deleted like any other)."""
+        if check_class_name(name) not in self.refused:
+            self.get(name)
         async with self._lock:
             if not await asyncio.to_thread(self._locked, name, self.store.delete, name):
+                self.refused.pop(name, None)
                 raise ClassNotFoundError(f"class '{name}' is not registered")
             self._set(name, None)
+            self.refused.pop(name, None)
 
     def _set(self, name: str, entry: ClassEntry | None) -> None:
         """The one place `_classes` changes: a replaced or removed bank also leaves the device."""
@@ -164,12 +201,13 @@ class ClassRegistry:
     def _register(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
         if mode not in ("append", "replace"):
             raise UnprocessableError(f"mode must be 'append' or 'replace', got {mode!r}")
+        if mode == "append" and name in self.refused:
+            raise _damaged(name, self.refused[name])
         try:
             current = self.store.read(name, None)  # the store's word: another replica may have changed the class
         except ValueError as e:
             if mode == "append":
-                raise UnprocessableError(f"class '{name}' is damaged on disk ({e}); register it with "
-                                         "mode=replace") from None
+                raise _damaged(name, str(e)) from None
             current = None
         hashes = list(current.shots) if (current and mode == "append") else []
         new: dict[str, bytes] = {}
@@ -183,11 +221,22 @@ class ClassRegistry:
             raise UnprocessableError(f"class '{name}' would have {len(hashes)} shots, more than the limit of "
                                      f"{self.max_shots}")
         # fitted on the PNGs as stored, so a later rebuild from the shots gives the same bank
-        memory = self._fit([_open_png(new[h] if h in new else self.store.read_shot(name, h)) for h in hashes])
+        memory = self._fit([_open_png(new[h]) if h in new else self._stored_shot(name, h) for h in hashes])
         entry = ClassEntry(name, memory, tuple(hashes), current.threshold_override if current else None,
                            current.created if current else time.time(), time.time())
         self.store.write(self._record(entry), new)
         return entry
+
+    def _stored_shot(self, name: str, digest: str) -> Image.Image:
+        """A shot already stored, for an append; a missing or damaged one is the class's damage, named (409)."""
+        try:
+            return _open_png(self.store.read_shot(name, digest))
+        except OSError as e:
+            if e.errno in DISK_FULL_ERRNOS:
+                raise
+            raise _damaged(name, f"shot {digest[:12]}: {e}") from None
+        except ValueError as e:
+            raise _damaged(name, f"shot {digest[:12]}: {e}") from None
 
     def _set_threshold(self, name: str, threshold: float | None) -> ClassEntry:
         loaded = self._load(name)  # as stored now, bank included
@@ -261,11 +310,14 @@ class ClassRegistry:
                 if loaded is not None:
                     self._remember(loaded[0])
 
-    async def follow(self, interval: float) -> None:
+    async def follow(self, interval: float, sweep_every: float = 60.0) -> None:
         """The sync loop: replicas share one store, so follow what the others register or delete. A store that
         pushes changes (`subscribe`, PostgreSQL's LISTEN/NOTIFY) wakes it; others are looked at every
-        `interval` s."""
+        `interval` s. Every `sweep_every` s it also removes what crashed writes left (stores that have a
+        `sweep`)."""
         subscribe = getattr(self.store, "subscribe", None)
+        sweep = getattr(self.store, "sweep", None)
+        next_sweep = time.monotonic() + sweep_every
         pushed = asyncio.Event()
         if subscribe is not None:
             loop = asyncio.get_running_loop()
@@ -279,5 +331,8 @@ class ClassRegistry:
                 pushed.clear()  # before the sync: a change during it wakes the loop again
             try:
                 await self.sync()
+                if sweep is not None and time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + sweep_every
+                    await asyncio.to_thread(sweep)
             except Exception:  # a failed look must not stop the next one
                 log.exception("class sync failed")

@@ -1,18 +1,38 @@
-"""Running the service: uvicorn on `create_app(settings)`, in one process or behind HTTP worker processes."""
+"""Running the service: uvicorn on `create_app(settings)`, in one process or behind HTTP worker processes.
+
+`uvicorn_config` is the one place the HTTP server's options live (timeouts, header limits, the connection cap):
+whatever starts uvicorn on this app (here, the HTTP workers, the engine process behind them) takes them from it.
+"""
 
 from __future__ import annotations
 
 import logging
+import resource
 from typing import Any
 
 from .settings import Settings
 
-__all__ = ["serve", "uvicorn_options"]
+__all__ = ["serve", "uvicorn_config"]
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's options for every process that serves HTTP (the single one, the workers, the engine's)."""
-    return {"timeout_graceful_shutdown": int(settings.request_timeout_s) + 5}
+def uvicorn_config(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.run` / `uvicorn.Config` (besides the app and log level): the bind address,
+    the guarded httptools protocol (service/http_guard.py) and the server's timeouts."""
+    from .http_guard import guarded_protocol
+
+    cap = settings.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and cap > soft - 64:  # files, sockets and the model need descriptors too
+        cap = max(1, soft - 64)
+        logging.getLogger("sowa.service").warning("max_connections %d is near the file-descriptor limit %d: "
+                                                  "using %d", settings.max_connections, soft, cap)
+    return {
+        "host": settings.host, "port": settings.port,
+        "http": guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes,
+                                 cap),
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
+    }
 
 
 def serve(settings: Settings, log_level: str = "info") -> None:
@@ -28,5 +48,4 @@ def serve(settings: Settings, log_level: str = "info") -> None:
 
     from .app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                **uvicorn_options(settings))
+    uvicorn.run(create_app(settings), log_level=log_level, **uvicorn_config(settings))

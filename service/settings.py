@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard, per image")
     max_request_pixels: int = Field(160_000_000, ge=1, description="decoded pixels of all images of a request")
+    decode_memory_mb: float = Field(1024, gt=0, description="host memory that image decodes in flight may hold "
+                                    "together (16 bytes per header pixel each, docs/service.md); more wait")
     max_images_per_request: int = Field(64, ge=1)
     max_shots_per_class: int = Field(32, ge=1)
     bank_device_budget_mb: float | None = Field(None, ge=0, description="device memory for class banks; the "
@@ -53,6 +55,16 @@ class Settings(BaseSettings):
     results_max_mb: float = Field(128.0, ge=0, description="bytes of all kept results (thumbnails, uploads)")
     results_max_image_mb: float = Field(4.0, ge=0, description="an upload larger than this is kept without its "
                                         "image (it cannot become a shot by its id)")
+    # the HTTP server's own limits (service/server.py `uvicorn_config`, service/http_guard.py): the service faces
+    # clients directly when nothing sits in front of it
+    header_timeout_s: float = Field(10.0, gt=0, description="time a request has to send its request line and "
+                                    "headers (408 after)")
+    body_timeout_s: float = Field(60.0, gt=0, description="longest pause within a request body before the "
+                                  "connection is closed")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    max_header_bytes: int = Field(65536, ge=1024, description="request line and headers, in bytes (431 over it)")
+    max_connections: int = Field(512, ge=1, description="open connections; more are answered 503 and closed at "
+                                 "once (keep it under the file-descriptor limit)")
     warmup: bool = True
     sync_interval_s: float = Field(1.0, ge=0, description="directory store: how often to pick up classes changed by "
                                    "other replicas sharing data_dir; PostgreSQL pushes changes (0: never follow)")

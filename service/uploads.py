@@ -13,7 +13,12 @@ stager has one, their limits checked from their headers; any it refuses come bac
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import io
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +31,8 @@ from .settings import Settings
 from .staging import ImageStager, jpeg_size
 
 __all__ = [
+    "DECODE_BYTES_PER_PIXEL",
+    "DecodeBudget",
     "DecodedImages",
     "ImageSource",
     "PixelLimits",
@@ -36,6 +43,8 @@ __all__ = [
     "decode_batch",
     "decode_upload",
     "decode_uploads",
+    "header_pixels",
+    "limit_malloc_arenas",
     "stage_batch",
     "stage_uploads",
 ]
@@ -101,6 +110,87 @@ def check_upload_pixels(filename: str, width: int, height: int, max_pixels: int)
         raise PayloadTooLargeError(f"{filename}: {e}") from None
 
 
+# Host memory one image's decode may take at its peak, per pixel of its header size: the decoded source in its own
+# mode (at most 4 bytes a pixel in PIL, 16-bit grey 2), numpy's copy of a high-depth source while it is scaled to
+# 8 bits, the RGB image (PIL keeps RGB in 4 bytes a pixel), and an EXIF-rotated copy of it. Measured with VmHWM
+# in docs/service.md ("Memory per upload"); any mode stays within it.
+DECODE_BYTES_PER_PIXEL = 16
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps large freed blocks otherwise: RSS stayed high)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+    _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+except (OSError, AttributeError):  # not glibc: nothing to trim
+    _LIBC = None
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """At most `arenas` glibc heaps for the process's threads from now on (`create_app` calls this).
+
+    Each worker thread that decodes otherwise gets a heap of its own, and what a decode freed there stayed in the
+    process: 72 MiB after four concurrent 16 Mpx decodes, measured, where two heaps give it all back."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_ARENA_MAX, arenas)
+
+
+class DecodeBudget:
+    """Bytes of host memory that decodes in flight may hold together, across all requests of the process.
+
+    Each decode takes `pixels x DECODE_BYTES_PER_PIXEL` bytes (its header size; at most the whole budget, so an
+    image under the pixel limit always gets its turn, alone) before it starts and gives them back once its pixels
+    are resized or handed over, so N concurrent bombs wait their turn instead of multiplying the peak. Blocking:
+    the decodes run on worker threads. When the last decode in flight finishes, freed memory is returned to the OS.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = max(1, int(limit_bytes))
+        self.used = 0
+        self.in_flight = 0
+        self._cond = threading.Condition()
+
+    def cost(self, pixels: int) -> int:
+        return min(self.limit, max(1, pixels) * DECODE_BYTES_PER_PIXEL)
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        need = self.cost(pixels)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + need <= self.limit)
+            self.used += need
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= need
+                self.in_flight -= 1
+                idle = self.in_flight == 0
+                self._cond.notify_all()
+            if idle and need >= 1 << 24:  # a large decode is over and none runs: give its pages back
+                _malloc_trim()
+
+
+_UNLIMITED = DecodeBudget(1 << 62)
+
+
+def header_pixels(data: bytes) -> int:
+    """Pixels an upload's header claims (0 when it has no readable header: decoding then refuses it)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # lazy: the header only
+            return img.width * img.height
+    except Exception:
+        return 0
+
+
 class _PixelBudget:
     """The per-request pixel limit, charged one image at a time (each image's own limit is checked before)."""
 
@@ -114,22 +204,26 @@ class _PixelBudget:
                                        "send fewer per request")
 
 
-def _decode_each(uploads: Sequence[Upload], limits: PixelLimits) -> Iterator[tuple[ImageSource, Image.Image]]:
+def _decode_each(uploads: Sequence[Upload], limits: PixelLimits,
+                 memory: DecodeBudget) -> Iterator[tuple[ImageSource, Image.Image]]:
     """Decode one upload at a time, within the per-image and per-request pixel limits."""
     budget = _PixelBudget(limits.request)
     for name, data in uploads:
-        img = decode_upload(data, name, limits.image)
+        with memory.hold(min(header_pixels(data), limits.image)):
+            img = decode_upload(data, name, limits.image)
         budget.charge(img.width, img.height)
         yield ImageSource(name, img.width, img.height), img
 
 
-def decode_batch(uploads: Sequence[Upload], limits: PixelLimits) -> DecodedImages:
+def decode_batch(uploads: Sequence[Upload], limits: PixelLimits,
+                 memory: DecodeBudget = _UNLIMITED) -> DecodedImages:
     """Uploads -> decoded RGB images at their original size (registration keeps them as shots)."""
-    pairs = list(_decode_each(uploads, limits))
+    pairs = list(_decode_each(uploads, limits, memory))
     return DecodedImages(tuple(img for _, img in pairs), tuple(src for src, _ in pairs))
 
 
-def stage_batch(uploads: Sequence[Upload], limits: PixelLimits, stager: ImageStager) -> StagedBatch:
+def stage_batch(uploads: Sequence[Upload], limits: PixelLimits, stager: ImageStager,
+                memory: DecodeBudget = _UNLIMITED) -> StagedBatch:
     """Uploads -> the resized (n, 3, S, S) uint8 batch on the engine's device, with each image's source."""
     budget = _PixelBudget(limits.request)
     sources: list[ImageSource] = []
@@ -138,27 +232,36 @@ def stage_batch(uploads: Sequence[Upload], limits: PixelLimits, stager: ImageSta
     for i, (name, data) in enumerate(uploads):
         wh = jpeg_size(data) if stager.decodes_jpeg else None
         if wh is None:
-            img = decode_upload(data, name, limits.image)
-            wh = img.size
-            resized[i] = resize_uint8(img, stager.size)
+            with memory.hold(min(header_pixels(data), limits.image)):
+                img = decode_upload(data, name, limits.image)
+                wh = img.size
+                resized[i] = resize_uint8(img, stager.size)
+                del img
         else:
             check_upload_pixels(name, *wh, limits.image)
             jpegs.append(i)
         budget.charge(*wh)
         sources.append(ImageSource(name, *wh))
     if jpegs:
-        decoded = stager.decode_jpegs([(uploads[i][1], sources[i].width * sources[i].height) for i in jpegs])
-        for i, x in zip(jpegs, decoded, strict=True):
+        pixels = [sources[i].width * sources[i].height for i in jpegs]
+        with memory.hold(sum(pixels)):  # at most the whole budget: the decoder then runs alone
+            decoded = stager.decode_jpegs([(uploads[i][1], px) for i, px in zip(jpegs, pixels, strict=True)])
+        for i, x, px in zip(jpegs, decoded, pixels, strict=True):
             name, data = uploads[i]
-            resized[i] = x if x is not None else resize_uint8(decode_upload(data, name, limits.image), stager.size)
+            if x is None:
+                with memory.hold(px):
+                    x = resize_uint8(decode_upload(data, name, limits.image), stager.size)
+            resized[i] = x
     return StagedBatch(stager.join([resized[i] for i in range(len(uploads))]), tuple(sources))
 
 
-async def stage_uploads(uploads: Sequence[Upload], limits: PixelLimits, stager: ImageStager) -> StagedBatch:
+async def stage_uploads(uploads: Sequence[Upload], limits: PixelLimits, stager: ImageStager,
+                        memory: DecodeBudget = _UNLIMITED) -> StagedBatch:
     """`stage_batch` in one worker-thread hop."""
-    return await asyncio.to_thread(stage_batch, uploads, limits, stager)
+    return await asyncio.to_thread(stage_batch, uploads, limits, stager, memory)
 
 
-async def decode_uploads(uploads: Sequence[Upload], limits: PixelLimits) -> DecodedImages:
+async def decode_uploads(uploads: Sequence[Upload], limits: PixelLimits,
+                         memory: DecodeBudget = _UNLIMITED) -> DecodedImages:
     """`decode_batch` on a worker thread."""
-    return await asyncio.to_thread(decode_batch, uploads, limits)
+    return await asyncio.to_thread(decode_batch, uploads, limits, memory)

@@ -60,6 +60,17 @@ class ServerProcess:
         assert self.proc is not None, "not started"
         return self.proc.pid
 
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """A memory figure of the server process from /proc/PID/status, in KiB (VmHWM: its peak RSS)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def reset_peak_memory(self) -> None:
+        """Reset VmHWM to the current RSS (Linux; the same user or root), so the next peak is the next request's."""
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks, no flushing; what the registry promised must already be on disk."""
         assert self.proc is not None

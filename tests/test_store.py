@@ -154,9 +154,9 @@ def test_damage_and_bad_names_are_refused(tmp_path: Path) -> None:
     (tmp_path / "classes" / "Bad Name").mkdir()
     (tmp_path / "classes" / "half" / "shots").mkdir(parents=True)  # a first registration that crashed
     (tmp_path / "classes" / ".trash-old-0").mkdir()  # a delete that crashed
-    assert store.recover() == {"Bad Name": "directory name is not a valid class name",
-                               "half": "class.json is missing"}
+    assert store.recover() == {"Bad Name": "directory name is not a valid class name"}
     assert not (tmp_path / "classes" / ".trash-old-0").exists()
+    assert not (tmp_path / "classes" / "half").exists()  # never a class (no 2xx was sent): removed, not refused
     shot = tmp_path / "classes" / "ok" / "shots" / f"{next(iter(shots))}.png"
     shot.write_bytes(b"y")
     with pytest.raises(ValueError, match="does not match its hash"):

@@ -66,8 +66,8 @@ async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_lev
         loop.add_signal_handler(sig, stop.set)
     from .. import server
 
-    config = uvicorn.Config(create_app(settings, link), uds=link.engine_http, log_level=log_level,
-                            **server.uvicorn_options(settings))
+    options = {k: v for k, v in server.uvicorn_config(settings).items() if k not in ("host", "port")}
+    config = uvicorn.Config(create_app(settings, link), uds=link.engine_http, log_level=log_level, **options)
     engine = _EngineHttp(config)
     engine_task = asyncio.create_task(engine.serve())
     ctx = multiprocessing.get_context("spawn")  # no fork: the engine process holds threads and a device

@@ -35,11 +35,12 @@ def run_worker(settings: Settings, link: WorkerLink, log_level: str, index: int)
 
     import uvicorn
 
-    from ..server import uvicorn_options
+    from ..server import uvicorn_config
     from .worker_app import create_worker_app
 
     logging.basicConfig(level=log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded request otherwise
-    config = uvicorn.Config(create_worker_app(settings, link), log_level=log_level, **uvicorn_options(settings))
+    # the port is bound here (SO_REUSEPORT), so uvicorn takes the socket rather than host and port
+    config = uvicorn.Config(create_worker_app(settings, link), log_level=log_level, **uvicorn_config(settings))
     uvicorn.Server(config).run(sockets=[listening_socket(settings.host, settings.port)])

@@ -26,6 +26,7 @@ from ..settings import Settings
 from ..staging import ImageStager
 from ..status import ServiceStatus
 from ..telemetry import Telemetry
+from ..uploads import DecodeBudget, limit_malloc_arenas
 from .link import WorkerLink
 from .proxy import EngineProxy
 from .remote import RemoteBackend
@@ -68,6 +69,8 @@ def create_worker_app(settings: Settings, paths: WorkerLink) -> FastAPI:
     app.state.settings = settings
     app.state.status = ServiceStatus()
     app.state.telemetry = Telemetry(engine=False)
+    app.state.decode_budget = DecodeBudget(int(settings.decode_memory_mb * 2**20))  # this worker's decodes
+    limit_malloc_arenas()
     app.state.backend = RemoteBackend(paths.engine_socket, paths.slots, settings.max_queue)
     app.state.proxy = proxy = EngineProxy(paths.engine_http, settings.request_timeout_s + 10)
     install_error_handlers(app)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..deps import TelemetryDep
 from ..schemas import ReadyInfo
@@ -14,7 +14,8 @@ __all__ = ["router"]
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness")
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness",
+                  responses={503: {"description": "start-up failed for good"}})
 async def healthz(request: Request) -> JSONResponse:
     status = request.app.state.status
     if status.error:  # start-up failed for good: let the orchestrator restart the process
@@ -36,6 +37,6 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if status.ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(telemetry: TelemetryDep) -> Response:
     return Response(telemetry.render(), media_type=CONTENT_TYPE_LATEST)

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 
+from ..class_names import CLASS_NAME
 from ..codecs import find_regions, png_heatmap, raw_heatmap
 from ..deps import ServingDep, require_api_key
 from ..engine import ImageResult
@@ -66,14 +67,13 @@ def _encode(src: ImageSource, r: ImageResult, heatmap: HeatmapKind) -> dict:
             if r.anomaly_map is not None and r.may_hold_regions else []}
 
 
-@router.post("/predict", response_model=PredictResponse, summary="Score images",
-             responses={404: {"description": "unknown class"}, 413: {"description": "too large"},
-                        422: {"description": "invalid fields"}, 429: {"description": "queue full"}})
+@router.post("/predict", response_model=PredictResponse, summary="Score images")  # errors: service/openapi.py
 async def predict(
     request: Request,
     svc: ServingDep,
-    images: Annotated[list[UploadFile], File(description="1..N image files (any format PIL reads)")],
-    class_name: Annotated[str | None, Form(description="registered class; omit for zero-shot")] = None,
+    images: Annotated[list[UploadFile], File(min_length=1, description="1..N image files (any format PIL reads)")],
+    class_name: Annotated[str | None, Form(pattern=CLASS_NAME.pattern,
+                                           description="registered class; omit for zero-shot")] = None,
     heatmap: Annotated[HeatmapKind, Form(description="none, png (8-bit, original size) or raw (float32)")] = "png",
     threshold: Annotated[float | None, Form(gt=0.0, lt=1.0, description="this request's threshold on `score`, "
                                             "instead of the class's; never stored")] = None,
@@ -90,7 +90,8 @@ async def predict(
     if keep and svc.forward is not None:  # an HTTP worker: kept results live in the engine process
         return await svc.forward.predict(request, uploads)
     svc.backend.admit(len(uploads))  # 429 before decoding: overload costs no decoding
-    batch = await stage_uploads(uploads, PixelLimits.of(settings), svc.backend.stager)
+    batch = await stage_uploads(uploads, PixelLimits.of(settings), svc.backend.stager,
+                                request.app.state.decode_budget)
     work = svc.backend.predict(batch.images, class_name, time.monotonic() + settings.request_timeout_s,
                                need_maps=heatmap != "none" or keep)
     results = [override_threshold(r, threshold) for r in await _result(request, work, settings.request_timeout_s)]

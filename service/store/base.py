@@ -47,6 +47,9 @@ class ClassStore(Protocol):
         classes, with the reason (they are refused, never served)."""
         ...
 
+    # Optional: `sweep() -> int`, recover's clean-up while serving, for classes nobody is writing; the registry's
+    # sync loop calls it now and then when a store has it (DirectoryStore does).
+
     def changes(self) -> StoreChanges:
         """What changed since the last call; the first call reports every class, as changed. The store's own
         writes and deletes are not reported back, and each change is reported once."""

@@ -12,6 +12,12 @@ Layout (FORMAT_VERSION 1):
 Every file is written to a temporary name, fsynced and renamed; class.json goes last, so a crash at any point
 leaves either the old class or the new one. Deletes rename the folder away first (atomic), then remove it.
 Changes are found by a stat of every class.json: written last, so a changed one means a complete class.
+
+A write that fails (a full disk) removes what it wrote: the shots it added, the new bank (the old one is kept as a
+hard link until class.json is written, and put back), the folder of a first registration. What a crash leaves
+instead (temporary files, the kept bank, a first registration's folder without class.json: never a class, its 2xx
+was never sent) is removed at start-up by `recover`, under each class's lock, and logged; while serving, `sweep`
+does the same for classes whose lock is free.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import uuid
@@ -30,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from model.calibration import Calibration
 from model.files import atomic_write, fsync_dir, sha256_file
@@ -45,6 +52,7 @@ __all__ = ["FORMAT_VERSION", "DirectoryStore"]
 log = logging.getLogger("sowa.registry")
 
 FORMAT_VERSION = 1
+_KEPT_BANK = ".bank.safetensors.kept"  # the previous bank while a write replaces it
 Signature = tuple[int, int, int] | None
 
 
@@ -76,14 +84,74 @@ class DirectoryStore:
         refused = {}
         for folder in sorted(self.root.iterdir()):
             if folder.name.startswith(".trash-"):
-                shutil.rmtree(folder, ignore_errors=True)  # a delete interrupted by a crash
+                log.warning("removing %s: a delete interrupted by a crash", folder.name)
+                shutil.rmtree(folder, ignore_errors=True)
             elif not folder.is_dir():
                 continue
             elif not is_class_name(folder.name):
                 refused[folder.name] = "directory name is not a valid class name"
-            elif not (folder / "class.json").is_file() and (folder / "shots").exists():
-                refused[folder.name] = "class.json is missing"
+            else:
+                with self.lock(folder.name):  # a replica writing this class now finishes first
+                    self._recover_class(folder)
         return refused
+
+    def sweep(self) -> int:
+        """`recover`'s clean-up while serving, for classes nobody is writing (their lock is free right now): what
+        a crashed replica left goes without a restart. The sync loop calls it now and then; returns the number
+        of class folders it cleaned."""
+        cleaned = 0
+        if not self.root.is_dir():
+            return 0
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".trash-"):
+                shutil.rmtree(folder, ignore_errors=True)  # a delete's own rmtree may be at it too: either wins
+                continue
+            if not (folder.is_dir() and is_class_name(folder.name) and _leftovers(folder)):
+                continue
+            with self._try_lock(folder.name) as locked:
+                if locked and _leftovers(folder):
+                    self._recover_class(folder)
+                    cleaned += 1
+        return cleaned
+
+    @contextmanager
+    def _try_lock(self, name: str) -> Iterator[bool]:
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with open(self.locks / f"{name}.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False  # someone is writing this class: its leftovers are its own work in progress
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _recover_class(self, folder: Path) -> None:
+        """Remove what a crash in `write` left in one class folder (the caller holds its lock)."""
+        if not (folder / "class.json").is_file():
+            log.warning("class %s: removing its folder, a first registration interrupted before its class.json "
+                        "(%d files)", folder.name, sum(1 for p in folder.rglob("*") if p.is_file()))
+            shutil.rmtree(folder, ignore_errors=True)
+            fsync_dir(self.root)
+            return
+        kept = folder / _KEPT_BANK
+        if kept.is_file():
+            bank = folder / "bank.safetensors"
+            try:
+                want = json.loads((folder / "class.json").read_text()).get("bank_sha256")
+            except (OSError, ValueError, AttributeError):
+                want = None
+            if want is not None and sha256_file(kept) == want and (not bank.is_file() or sha256_file(bank) != want):
+                log.warning("class %s: putting back the bank an interrupted write replaced", folder.name)
+                os.replace(kept, bank)
+            else:
+                kept.unlink(missing_ok=True)
+        for tmp in [*folder.glob(".*.tmp"), *folder.glob("shots/.*.tmp")]:
+            log.warning("class %s: removing %s, left by an interrupted write", folder.name,
+                        tmp.relative_to(folder))
+            tmp.unlink(missing_ok=True)
 
     def changes(self) -> StoreChanges:
         present = self._scan()
@@ -146,27 +214,60 @@ class DirectoryStore:
             raise ValueError("a class is written with its memory")
         folder = self._folder(record.name)
         shots_dir = folder / "shots"
-        new_folder = not folder.exists()
-        shots_dir.mkdir(parents=True, exist_ok=True)
-        if new_folder:
-            fsync_dir(self.root)
-        for digest, data in shots.items():
-            atomic_write(shots_dir / f"{digest}.png", lambda tmp, d=data: Path(tmp).write_bytes(d))
         bank = folder / "bank.safetensors"
-        features = record.memory.bank.features.detach().to("cpu").contiguous()
-        atomic_write(bank, lambda tmp: save_file({"features": features}, tmp))
-        manifest = {
-            "format_version": FORMAT_VERSION, "name": record.name, "shots": list(record.shots),
-            "bundle_fingerprint": record.bundle_fingerprint, "bank_sha256": sha256_file(bank),
-            "bank_shots": record.memory.bank.shots, "calibration": asdict(record.memory.calibration),
-            "threshold_override": record.threshold_override, "created": record.created, "updated": record.updated,
-        }
-        atomic_write(folder / "class.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+        kept = folder / _KEPT_BANK
+        first = not (folder / "class.json").is_file()  # no class yet: a failure removes the whole folder
+        added: list[Path] = []
+        try:
+            new_folder = not folder.exists()
+            shots_dir.mkdir(parents=True, exist_ok=True)
+            if new_folder:
+                fsync_dir(self.root)
+            for digest, data in shots.items():
+                path = shots_dir / f"{digest}.png"
+                existed = path.exists()
+                atomic_write(path, lambda tmp, d=data: Path(tmp).write_bytes(d))
+                if not existed:
+                    added.append(path)
+            if bank.is_file() and not first:  # kept until class.json names the new one
+                kept.unlink(missing_ok=True)
+                os.link(bank, kept)
+            features = record.memory.bank.features.detach().to("cpu").contiguous()
+            # written by Python, not safetensors' own writer: a full disk is then an OSError with its errno
+            atomic_write(bank, lambda tmp: Path(tmp).write_bytes(save({"features": features})))
+            manifest = {
+                "format_version": FORMAT_VERSION, "name": record.name, "shots": list(record.shots),
+                "bundle_fingerprint": record.bundle_fingerprint, "bank_sha256": sha256_file(bank),
+                "bank_shots": record.memory.bank.shots, "calibration": asdict(record.memory.calibration),
+                "threshold_override": record.threshold_override, "created": record.created,
+                "updated": record.updated,
+            }
+            atomic_write(folder / "class.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+        except BaseException:
+            self._undo_write(folder, first, added)
+            raise
+        kept.unlink(missing_ok=True)
         self._saw(record.name, _signature(folder / "class.json"))  # our own write: not a change to report
         referenced = set(record.shots)
         for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode, failed attempts)
             if stale.stem not in referenced:
                 stale.unlink(missing_ok=True)
+
+    def _undo_write(self, folder: Path, first: bool, added: list[Path]) -> None:
+        """A failed `write`: remove what it wrote, so the old class (or no class) is what is on disk."""
+        try:
+            if first:
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+            for path in added:
+                path.unlink(missing_ok=True)
+            kept, bank = folder / _KEPT_BANK, folder / "bank.safetensors"
+            if kept.is_file() and bank.is_file() and os.path.samefile(kept, bank):
+                kept.unlink()  # the bank was never replaced (rename() between two links of one file does nothing)
+            elif kept.is_file():
+                os.replace(kept, bank)  # a rename: needs no free space
+        except OSError:
+            log.exception("class %s: cleaning up after a failed write failed; start-up will finish it", folder.name)
 
     def delete(self, name: str) -> bool:
         folder = self._folder(name)
@@ -189,6 +290,12 @@ class DirectoryStore:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _leftovers(folder: Path) -> bool:
+    """Whether a class folder holds what an interrupted write leaves (see `_recover_class`)."""
+    return (not (folder / "class.json").is_file() or (folder / _KEPT_BANK).exists()
+            or any(folder.glob(".*.tmp")) or any(folder.glob("shots/.*.tmp")))
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:

@@ -1,0 +1,101 @@
+"""The OpenAPI document as the server behaves: every error answer with the service's error body, the class-name
+pattern, and API-key security only when a key is set (issue #14, item 7; `tests/test_contract.py` runs
+schemathesis against it).
+
+FastAPI derives the document from the routes; what it cannot know (which errors a route answers, through the
+service's own handlers and middleware) is added here, from one table.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from .settings import Settings
+
+__all__ = ["ERRORS", "install_openapi"]
+
+# status -> (description, response headers it carries)
+ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
+    400: ("invalid_image: not an image, truncated or corrupt; bad_request: malformed multipart body", ()),
+    401: ("unauthorized: X-API-Key missing or wrong", ("WWW-Authenticate",)),
+    404: ("class_not_found: unknown class", ()),
+    409: ("class_damaged: the class is stored but damaged; replace its shots or delete it", ()),
+    413: ("payload_too_large: body over max_request_bytes, or images over the pixel limits", ()),
+    422: ("invalid_request: bad class name, field value, or too many images or shots", ()),
+    429: ("queue_full: more images waiting than max_queue", ("Retry-After",)),
+    503: ("not_ready: loading or shutting down", ("Retry-After",)),
+    504: ("deadline_exceeded: no result within request_timeout_s", ()),
+    507: ("insufficient_storage: the disk is full; nothing was changed", ("Retry-After",)),
+}
+_ANY = (400, 413)  # any request with a body may be malformed or too large
+# (method, path) -> the error statuses its route can answer, besides 401 (with a key) and 503 (not ready)
+_ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
+    ("post", "/predict"): (*_ANY, 404, 409, 422, 429, 504),
+    ("post", "/classes/{name}/shots"): (*_ANY, 409, 422, 507),
+    ("get", "/classes"): (),
+    ("get", "/classes/{name}"): (404, 409, 422),
+    ("patch", "/classes/{name}"): (*_ANY, 404, 409, 422, 507),
+    ("delete", "/classes/{name}"): (404, 422),
+}
+_OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the key, never "not ready"
+
+_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "additionalProperties": False,
+                             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
+}
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    description, headers = ERRORS[status]
+    out: dict[str, Any] = {"description": description,
+                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if headers:
+        out["headers"] = {h: {"schema": {"type": "string"}} for h in headers}
+    return out
+
+
+def describe(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    with warnings.catch_warnings():  # a GET+HEAD route gives both operations one id: made unique below
+        warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    keyed = settings.api_key is not None
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas["Error"] = _ERROR_SCHEMA
+    schemas.pop("HTTPValidationError", None)  # validation errors answer the service's error body
+    schemas.pop("ValidationError", None)
+    if not keyed:
+        components.pop("securitySchemes", None)
+    for path, item in doc.get("paths", {}).items():
+        for method, op in item.items():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            if method == "head" and "operationId" in op:
+                op["operationId"] += "_head"
+            if not keyed:
+                op.pop("security", None)
+            responses = op["responses"]
+            responses.pop("422", None)  # FastAPI's own validation schema: replaced below
+            statuses = set(_ROUTES.get((method, path), ()))
+            if path not in _OPEN:
+                statuses.add(503)
+                if keyed:
+                    statuses.add(401)
+            for status in sorted(statuses):
+                responses[str(status)] = _error_response(status)
+    return doc
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """Serve `describe(app, settings)` at /openapi.json (built once, on first request)."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe(app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
