@@ -35,8 +35,8 @@ if [ -d .whl ] && ! python3 -c "import open_clip, fastapi" 2>/dev/null; then  # 
         .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 if [ $cpu = 1 ]; then
-    arch=sowa-tiny device=cpu dtypes=fp32 model_batches=1,4 compile_batches=1 iters=2
-    serve="--concurrency 1,4 --workers 1,2 --duration 2 --registrations 1 --max-batch-size 8 --dtype fp32"
+    arch=sowa-tiny device=cpu dtypes=fp32 model_batches=1,4 compile_batches=1 iters=1
+    serve="--concurrency 2 --workers 1,2 --duration 1 --registrations 1 --max-batch-size 8 --dtype fp32"
     probe_batch=4 nvjpeg="--size 112 --source-size 256 --count 32"
     limits=(60 90 120 150 60 60)
 else

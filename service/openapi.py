@@ -22,12 +22,14 @@ __all__ = ["ERRORS", "install_openapi"]
 ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
     400: ("invalid_image: not an image, truncated or corrupt; bad_request: malformed multipart body", ()),
     401: ("unauthorized: X-API-Key missing or wrong", ("WWW-Authenticate",)),
-    404: ("class_not_found: unknown class", ()),
+    404: ("class_not_found: unknown class; result_not_found: no kept result with that id; shot_not_found: the "
+          "class has no shot with that hash", ()),
     409: ("class_damaged: the class is stored but damaged; replace its shots or delete it", ()),
     413: ("payload_too_large: body over max_request_bytes, or images over the pixel limits", ()),
     422: ("invalid_request: bad class name, field value, or too many images or shots", ()),
     429: ("queue_full: more images waiting than max_queue", ("Retry-After",)),
-    503: ("not_ready: loading or shutting down", ("Retry-After",)),
+    503: ("not_ready: loading or shutting down; store_unavailable: the class store cannot be reached",
+          ("Retry-After",)),
     504: ("deadline_exceeded: no result within request_timeout_s", ()),
     507: ("insufficient_storage: the disk is full; nothing was changed", ("Retry-After",)),
 }
@@ -40,6 +42,14 @@ _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/classes/{name}"): (404, 409, 422),
     ("patch", "/classes/{name}"): (*_ANY, 404, 409, 422, 507),
     ("delete", "/classes/{name}"): (404, 422),
+    # the console's API (service/routes/results.py)
+    ("get", "/classes/{name}/shots"): (404, 409, 422),
+    ("get", "/classes/{name}/shots/{sha256}"): (404, 409, 422),
+    ("get", "/classes/{name}/results"): (404, 409, 422),
+    ("get", "/classes/{name}/scores"): (404, 409, 422),
+    ("post", "/classes/{name}/shots/from-results"): (*_ANY, 404, 409, 422, 507),
+    ("get", "/results/{result_id}"): (404, 422),
+    ("get", "/results/{result_id}/thumbnail"): (404, 422),
 }
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the key, never "not ready"
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
+from starlette.convertors import Convertor, register_url_convertor
 
 from ..deps import RegistryDep, SettingsDep, require_api_key
 from ..engine import ImageResult
@@ -202,7 +203,22 @@ async def list_shots(name: str, registry: RegistryDep) -> dict:
     return {"class_name": name, "shots": [{"sha256": h} for h in registry.get(name).shots]}
 
 
-@router.get("/classes/{name}/shots/{sha256}", summary="One shot: the stored PNG, or a JPEG thumbnail",
+class _Sha256(Convertor[str]):
+    """A shot's hash in a path: 64 hex digits, so `/classes/{name}/shots/from-results` is never read as one."""
+
+    regex = "[0-9a-f]{64}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("sha256", _Sha256())
+
+
+@router.get("/classes/{name}/shots/{sha256:sha256}", summary="One shot: the stored PNG, or a JPEG thumbnail",
             response_class=Response, responses={200: {"content": {"image/png": {}, "image/jpeg": {}}},
                                                 404: {"description": "unknown class or shot"}})
 async def get_shot(
