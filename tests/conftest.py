@@ -2,13 +2,24 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+from model.checkpoint_import import import_to_bundle
 from model.sowa import SowaModel
-from tests.helpers import perturb_trainables, tiny_config
+from tests.helpers import PARITY, perturb_trainables, tiny_config
 from tests.postgres_server import PostgresServer
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden case's research checkpoint imported as a bundle: a small real model the service, engine and
+    deployment tests share (they only read it; a test that damages a bundle makes its own)."""
+    out = tmp_path_factory.mktemp("parity") / "bundle"
+    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.calibration import calibrate, image_scores
-from model.checkpoint_import import import_to_bundle
 from service.app import create_app
 from service.engine import ImageResult
 from service.results import KeptResult, ResultStore, override_threshold
@@ -33,13 +32,6 @@ HEADERS = {"X-API-Key": KEY}
 
 def _files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("console-api") / "bundle"
-    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
-    return out
 
 
 def _client(bundle: Path, data: Path, **settings: object) -> Iterator[TestClient]:

@@ -16,20 +16,12 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402  (after the skip: both come with schemathesis)
 from schemathesis.config import SchemathesisConfig  # noqa: E402
 
-from model.checkpoint_import import import_to_bundle  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from tests.helpers import PARITY, wait_for  # noqa: E402
+from tests.helpers import wait_for  # noqa: E402
 from tests.in_process import serve_in_process  # noqa: E402
 
 CONFIG = SchemathesisConfig.from_path(Path(__file__).resolve().parents[1] / "schemathesis.toml")
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("contract") / "bundle"
-    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import httpx
 import pytest
 import yaml
 
-from model.checkpoint_import import import_to_bundle
 from service.client import ApiError, SowaClient
 from sowa.server_process import ServerProcess, free_port
 from tests.helpers import PARITY, REPO, wait_for
@@ -100,13 +99,6 @@ def test_grafana_dashboard_covers_the_service() -> None:
     for metric in ("sowa_images_total", "sowa_request_duration_seconds_bucket", "sowa_batch_size_sum",
                    "sowa_queue_depth", "sowa_device_memory_bytes"):
         assert metric in exprs, metric
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("deploy") / "bundle"
-    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
-    return out
 
 
 def test_real_prometheus_scrapes_the_service(bundle: Path, tmp_path: Path) -> None:

@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint_import import import_to_bundle
 from model.preprocess import load_image, resize_uint8
 from service.engine import Engine
 from tests.helpers import PARITY
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("engine") / "parity-bundle"
-    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
-    return out
 
 
 def _images(engine: Engine) -> torch.Tensor:

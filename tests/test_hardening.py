@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.checkpoint_import import import_to_bundle
 from model.preprocess import decode_image
 from service.errors import InvalidImageError
 from service.store import DirectoryStore
@@ -33,13 +32,6 @@ from tests.test_store import _record, _shots
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("hard") / "parity-bundle"
-    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
-    return out
 
 
 def _files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:

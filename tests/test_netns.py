@@ -17,7 +17,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from model.checkpoint_import import import_to_bundle
 from tests.helpers import PARITY, REPO
 from tests.postgres_server import PostgresServer
 
@@ -58,13 +57,6 @@ def namespaces() -> Iterator[dict[str, str]]:
     finally:
         for ns in reversed(made):  # a namespace's links go with it
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("netns") / "bundle"
-    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
-    return out
 
 
 CLIENT_SCRIPT = r"""

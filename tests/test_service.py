@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.checkpoint_import import import_to_bundle
 from model.inference import predict_files
 from service.client import ApiError, SowaClient, decode_raw_heatmap
 from sowa.server_process import ServerProcess
@@ -36,13 +35,6 @@ def _png(size: tuple[int, int] = (64, 64), seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("svc") / "parity-bundle"
-    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
-    return out
 
 
 @pytest.fixture()
@@ -201,21 +193,26 @@ async def test_openapi_and_docs(svc: InProcess) -> None:
     assert (await svc.http.get("/docs")).status_code == 200
 
 
+async def _hold_engine(s: InProcess) -> tuple[threading.Event, asyncio.Future]:
+    """Occupy the engine thread until the returned event is set: what is queued then stays queued."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(60)
+
+    holding = asyncio.ensure_future(s.app.state.engine.call(hold))
+    await wait_for_async(held.is_set, 10, "the engine thread is held")
+    return release, holding
+
+
 @pytest.mark.anyio
 async def test_queue_full_answers_429(bundle: Path, tmp_path: Path) -> None:
     async with serve_in_process(bundle, tmp_path / "data", max_batch_size=1, max_queue=2, max_wait_ms=0,
                                 max_images_per_request=2) as s:
         # the device is held: the first request queued stays counted in the queue, so every later one finds it
         # full, whatever the machine's speed
-        engine = s.app.state.engine
-        held, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            held.set()
-            release.wait(60)
-
-        holding = asyncio.ensure_future(engine.call(hold))
-        await wait_for_async(held.is_set, 10, "the engine thread is held")
+        release, holding = await _hold_engine(s)
         files = [("images", (f"{i}.png", _png(seed=i), "image/png")) for i in range(2)]
         posts = [asyncio.ensure_future(s.http.post("/predict", files=files, data={"heatmap": "none"}))
                  for _ in range(40)]
@@ -237,15 +234,7 @@ async def test_admission_is_decided_before_decoding(bundle: Path, tmp_path: Path
     decoding, so an undecodable file is not even looked at."""
     async with serve_in_process(bundle, tmp_path / "data", max_batch_size=1, max_queue=1, max_wait_ms=0,
                                 max_images_per_request=1) as s:
-        engine = s.app.state.engine
-        held, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            held.set()
-            release.wait(60)
-
-        holding = asyncio.ensure_future(engine.call(hold))
-        await wait_for_async(held.is_set, 10, "the engine thread is held")
+        release, holding = await _hold_engine(s)
         queued = asyncio.ensure_future(s.http.post("/predict", files=[("images", ("0.png", _png(), "image/png"))],
                                                    data={"heatmap": "none"}))
         await wait_for_async(lambda: s.app.state.batcher.queued_images == 1, 10, "one image queued")

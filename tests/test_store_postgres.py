@@ -18,7 +18,6 @@ import numpy as np
 import psycopg
 import pytest
 
-from model.checkpoint_import import import_to_bundle
 from service.client import SowaClient, decode_raw_heatmap
 from service.store import DirectoryStore, open_store
 from service.store.postgres import SCHEMA_VERSION, PostgresStore, SchemaError
@@ -30,13 +29,6 @@ from tests.test_store import _record, _shots
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pg") / "bundle"
-    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
-    return out
 
 
 def _metric(text: str, name: str) -> float:

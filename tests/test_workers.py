@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import pytest
 
-from model.checkpoint_import import import_to_bundle
 from model.inference import predict_files
 from service.client import SowaClient, decode_raw_heatmap
 from sowa.server_process import ServerProcess
@@ -21,13 +20,6 @@ from tests.helpers import PARITY, wait_for
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("workers") / "parity-bundle"
-    import_to_bundle(next(PARITY.glob("*.ckpt")), out, taps=None, text_heads=None, temperature=0.07)
-    return out
 
 
 def _count(metrics: str, endpoint: str, status: str) -> float:
