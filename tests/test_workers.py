@@ -77,3 +77,24 @@ def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: 
         assert not run.exists()
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_workers_go_when_the_engine_is_killed(bundle: Path, tmp_path: Path) -> None:
+    """kill -9 of the engine process leaves no worker holding the port: a new server gets every connection."""
+    srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", ["--workers", "2"]).start()
+    try:
+        wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
+        workers = _worker_pids(srv.pid)
+        srv.kill()
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "spawn_main" in _cmdline(p) for p in workers),
+                 30, "the orphaned workers gone")
+    finally:
+        srv.stop()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,10 @@ log = logging.getLogger("sowa.frontend")
 
 
 class RemoteBackend:
-    def __init__(self, socket_path: str, slots: int, max_queue: int) -> None:
-        self.socket_path, self.slots, self.max_queue = socket_path, slots, max_queue
+    def __init__(self, socket_path: str, slots: int, max_queue: int,
+                 on_lost: Callable[[], None] | None = None) -> None:
+        """`on_lost` is called once the engine connection is gone for good (the worker then stops)."""
+        self.socket_path, self.slots, self.max_queue, self.on_lost = socket_path, slots, max_queue, on_lost
         self.segment: SlotSegment | None = None
         self.description: dict[str, Any] = {}
         self.image_size = 0
@@ -90,6 +93,8 @@ class RemoteBackend:
                 if not future.done():
                     future.set_exception(NotReadyError("the engine process is gone", headers={"Retry-After": "5"}))
             self._pending.clear()
+            if self.on_lost is not None:
+                self.on_lost()
 
     def _send(self, message: Cancel | Predict) -> None:
         if self.lost or self._writer is None:

@@ -29,7 +29,20 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM this process when the engine process (its parent) dies, even by kill -9, so no orphaned
+    worker keeps the port (SO_REUSEPORT would hand it connections it cannot answer)."""
+    import contextlib
+    import ctypes
+    import signal
+
+    # elsewhere the lost engine connection stops the worker (RemoteBackend.on_lost)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_worker(settings: Settings, link: WorkerLink, log_level: str, index: int) -> None:
+    _stop_with_parent()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = link.metrics_dir
     import logging
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -71,7 +73,9 @@ def create_worker_app(settings: Settings, paths: WorkerLink) -> FastAPI:
     app.state.telemetry = Telemetry(engine=False)
     app.state.decode_budget = DecodeBudget(int(settings.decode_memory_mb * 2**20))  # this worker's decodes
     limit_malloc_arenas()
-    app.state.backend = RemoteBackend(paths.engine_socket, paths.slots, settings.max_queue)
+    # without its engine a worker can answer nothing: it stops (its supervisor starts another, or is gone too)
+    app.state.backend = RemoteBackend(paths.engine_socket, paths.slots, settings.max_queue,
+                                      on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
     app.state.proxy = proxy = EngineProxy(paths.engine_http, settings.request_timeout_s + 10)
     install_error_handlers(app)
 
