@@ -10,7 +10,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 rm -rf .whl && mkdir -p .whl
 # the versions this machine tested (its installed ones), for the packages that image lacks
 names="open_clip_torch fastapi starlette pydantic pydantic_core pydantic-settings python-multipart python-dotenv
-       annotated-types typing-inspection ftfy wcwidth uvicorn httptools"
+       annotated-types typing-inspection ftfy wcwidth uvicorn httptools opentelemetry-api"
 # shellcheck disable=SC2086
 pins=$(python3 -m pip show $names | awk '/^Name:/{n=$2} /^Version:/{print n"=="$2}')
 platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch
 from model.checkpoint_import import import_to_bundle
 from model.sowa import SowaModel
 from tests.helpers import PARITY, perturb_trainables, tiny_config
-from tests.postgres_server import PostgresServer
+
+if TYPE_CHECKING:
+    from tests.postgres_server import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +56,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    """One real PostgreSQL server for the whole session (Debian's, on loopback); each test takes a database."""
+    """One real PostgreSQL server for the whole session (Debian's, on loopback); each test takes a database.
+    Imported here, not at the top: the GPU check runs the CUDA tests where psycopg is not installed."""
+    from tests.postgres_server import PostgresServer
     with PostgresServer() as server:
         yield server
 
