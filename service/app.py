@@ -64,6 +64,7 @@ async def _start(app: FastAPI) -> None:
         telemetry.track_store(store)
         link: WorkerLink | None = app.state.workers
         counter = SharedCounter() if link else None  # the queue depth, for the workers' admission
+        app.state.queue_counter = counter
         batcher = DynamicBatcher(engine.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, telemetry,
                                  on_depth=counter.set if counter else None)
         app.state.batcher = batcher
@@ -104,6 +105,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     close_store = getattr(getattr(app.state, "store", None), "close", None)
     if close_store is not None:
         close_store()
+    counter = getattr(app.state, "queue_counter", None)
+    if counter is not None:  # after the batcher: it writes the counter until it stops
+        counter.close()
 
 
 def create_app(settings: Settings, workers: WorkerLink | None = None) -> FastAPI:

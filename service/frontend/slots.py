@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 import torch
@@ -19,14 +19,13 @@ __all__ = ["SharedCounter", "SlotSegment"]
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
-    """Attach without taking ownership: the creator unlinks the segment. Before Python 3.13 the attaching
-    process's resource tracker would unlink it too when that process exits (CPython issue 82300)."""
+    """Attach without taking ownership: the creator unlinks the segment. The processes that attach are the
+    engine and its spawned workers, which share one resource tracker, so an attach registers nothing new there:
+    the creator's unlink unregisters the name once, and what a killed process left is unlinked when the tracker
+    stops (with the server). Unregistering here would drop the creator's registration instead."""
     if sys.version_info >= (3, 13):
         return shared_memory.SharedMemory(name=name, track=False)
-    shm = shared_memory.SharedMemory(name=name)
-    with contextlib.suppress(Exception):
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    return shm
+    return shared_memory.SharedMemory(name=name)
 
 
 class SlotSegment:
