@@ -42,14 +42,19 @@ class Prediction:
     text_scores: torch.Tensor
     scores: ImageScores
 
+    def columns(self) -> torch.Tensor:
+        """(B, 5) float32 where the predictions are: text score, raw score, threshold, score, verdict (0/1), the
+        per-image numbers packed for one copy to the host (float32 holds each exactly, the flags included)."""
+        s = self.scores
+        return torch.stack([self.text_scores.float(), s.raw, s.threshold, s.score, s.is_anomalous.float()], 1)
+
     def to_host(self, maps: bool = True) -> Prediction:
         """The same on the CPU, in one packed device-to-host copy (the only host wait of a batch); `maps=False`
         leaves the maps behind, as an empty (B, 0, 0) tensor."""
-        s = self.scores
         b = self.text_scores.shape[0]
-        columns = torch.stack([self.text_scores.float(), s.raw, s.threshold, s.score, s.is_anomalous.float()], 1)
+        columns = self.columns()
         parts = [self.anomaly_maps.float().flatten(1), columns] if maps else [columns]
-        host = torch.cat(parts, dim=1).cpu()  # float32 holds each part exactly, the 0/1 flags included
+        host = torch.cat(parts, dim=1).cpu()
         c = host[:, -5:]
         size = self.anomaly_maps.shape[-1] if maps else 0
         return Prediction(host[:, :-5].reshape(b, size, size), c[:, 0].clone(),

@@ -156,9 +156,8 @@ class Engine:
         on_device = [None if m is None else ClassMemory(bank, m.calibration) for m, bank in zip(memories, banks,
                                                                                               strict=True)]
         pred = predict_scored(self.model, self._to_device(images), on_device)
-        s = pred.scores
-        columns = torch.stack([pred.text_scores.float(), s.raw, s.threshold, s.score, s.is_anomalous.float(),
-                               pred.anomaly_maps.flatten(1).amax(dim=1).float()], dim=1)  # (B, 6)
+        map_max = pred.anomaly_maps.flatten(1).amax(dim=1).float()[:, None]
+        columns = torch.cat([pred.columns(), map_max], dim=1)  # (B, 6): Prediction.columns, then the map's max
         if self.device.type != "cuda":
             return PendingBatch(pred.anomaly_maps, columns, None, list(memories))
         host = torch.empty(columns.shape, dtype=torch.float32, pin_memory=True)
@@ -183,22 +182,17 @@ class Engine:
 
     def _maps_to_host(self, pending: PendingBatch, rows: list[int]) -> list[np.ndarray]:
         maps = pending.maps
-        if len(rows) < maps.shape[0]:
-            index = torch.tensor(rows)
-            if maps.is_cuda:  # on the copy stream, after this batch's work and not behind the next batch's
-                with torch.cuda.stream(self._copy_stream):
-                    self._copy_stream.wait_event(pending.ready)
-                    maps = maps.index_select(0, index.pin_memory().to(maps.device, non_blocking=True))
-            else:
-                maps = maps.index_select(0, index)
-        if maps.is_cuda:
-            with torch.cuda.stream(self._copy_stream):
-                self._copy_stream.wait_event(pending.ready)
-                host = torch.empty(maps.shape, dtype=torch.float32, pin_memory=True)
-                host.copy_(maps, non_blocking=True)
-                self._copy_stream.synchronize()
-            maps = host
-        return list(maps.float().numpy())
+        index = torch.tensor(rows) if len(rows) < maps.shape[0] else None
+        if not maps.is_cuda:
+            return list((maps if index is None else maps.index_select(0, index)).float().numpy())
+        with torch.cuda.stream(self._copy_stream):  # after this batch's work, not behind the next batch's
+            self._copy_stream.wait_event(pending.ready)
+            if index is not None:
+                maps = maps.index_select(0, index.pin_memory().to(maps.device, non_blocking=True))
+            host = torch.empty(maps.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(maps, non_blocking=True)
+            self._copy_stream.synchronize()
+        return list(host.numpy())
 
     def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None],
             need_maps: Sequence[bool] | bool = True) -> list[ImageResult]:
