@@ -323,16 +323,26 @@ class ClassRegistry:
             loop = asyncio.get_running_loop()
             subscribe(lambda: loop.call_soon_threadsafe(pushed.set))  # called on the store's listener thread
             pushed.set()  # a first look at once: what changed between restore() and now (the warm-up) is found
+        retry = 0.0  # after a failed look: pushed changes are announced once, so look again until one succeeds
         while True:
             if subscribe is None:
                 await asyncio.sleep(interval)
+            elif retry:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(pushed.wait(), retry)
+                pushed.clear()
             else:
                 await pushed.wait()
                 pushed.clear()  # before the sync: a change during it wakes the loop again
             try:
                 await self.sync()
+                retry = 0.0
                 if sweep is not None and time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + sweep_every
                     await asyncio.to_thread(sweep)
+            except StoreUnavailableError as e:
+                retry = min(max(retry * 2, 0.25), 5.0)
+                log.warning("class sync: %s; looking again in %.2f s", e, retry)
             except Exception:  # a failed look must not stop the next one
+                retry = min(max(retry * 2, 0.25), 5.0)
                 log.exception("class sync failed")

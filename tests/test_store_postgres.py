@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -83,6 +84,33 @@ def test_a_store_that_is_down_answers_unavailable_and_catches_up(postgres: Postg
         a.close(), b.close()
 
 
+def test_after_a_long_outage_the_store_answers_as_soon_as_the_server_is_back(postgres: PostgresServer,
+                                                                            pg_url: str) -> None:
+    """psycopg_pool retries a lost connection at 1, 2, 4, 8 ... s: after an outage of 8 s its next attempt is
+    seconds after the server came back. The listener's reconnect renews the pool, so the store answers at once."""
+    from service.errors import StoreUnavailableError
+
+    store = PostgresStore(pg_url, timeout_s=1.0)
+    try:
+        store.recover()
+        store.changes()
+        postgres.stop("immediate")
+        try:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:  # in use during the outage: the pool's backoff grows
+                with contextlib.suppress(StoreUnavailableError):
+                    store.changes()
+                time.sleep(0.2)
+        finally:
+            postgres.start()
+        wait_for(lambda: store.error is None, 10, "the listener reconnected")
+        start = time.monotonic()
+        store.changes()  # raised StoreUnavailableError (PoolTimeout) before the pool was renewed
+        assert time.monotonic() - start < 1.0
+    finally:
+        store.close()
+
+
 def test_a_lock_held_too_long_elsewhere_answers_unavailable(pg_url: str) -> None:
     from service.errors import StoreUnavailableError
 
@@ -144,6 +172,30 @@ async def test_concurrent_appends_from_two_replicas_lose_nothing(bundle: Path, t
         await asyncio.gather(*(s.client.register_shots("gear", [shot], mode="append") for s, shot in appends))
         for s in (a, b):
             await wait_for_async(lambda s=s: _shots_are(s, "gear", 5), 2.0, "every append on both replicas")
+
+
+@pytest.mark.anyio
+async def test_a_catch_up_that_fails_is_tried_again(bundle: Path, tmp_path: Path, pg_url: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change is announced once: when the look it triggers fails (the store dropped the query), the replica
+    looks again rather than waiting for the next announcement, which may never come."""
+    from service.errors import StoreUnavailableError
+
+    async with serve_in_process(bundle, tmp_path / "a", store=pg_url) as a, \
+            serve_in_process(bundle, tmp_path / "b", store=pg_url) as b:
+        store = b.app.state.registry.store
+        real, failures = store.changes, []
+
+        def changes_failing_once() -> object:
+            if not failures:
+                failures.append(1)
+                raise StoreUnavailableError("the class store cannot be reached (injected)")
+            return real()
+
+        monkeypatch.setattr(store, "changes", changes_failing_once)
+        await a.client.register_shots("widget", SHOTS)
+        await wait_for_async(lambda: _shots_are(b, "widget", 3), 2.0, "B has the class after a failed look")
+        assert failures == [1]
 
 
 async def _shots_are(svc: object, name: str, n: int) -> bool:

@@ -131,9 +131,8 @@ class PostgresStore:
                     "keepalives_interval": 2, "keepalives_count": 2, "tcp_user_timeout": 10_000,
                     "application_name": f"sowa-{self.origin[:12]}"}
         self._conninfo = make_conninfo(url, **conninfo)
-        self.pool = ConnectionPool(self._conninfo, min_size=1, max_size=pool_size, open=False, timeout=timeout_s,
-                                   kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
-                                   configure=self._configure, name="sowa-store")
+        self.pool_size = pool_size
+        self.pool = self._new_pool()
         self._open_lock = threading.Lock()
         self._local = threading.local()  # the connection holding this thread's class lock
         self._seen: dict[str, int] = {}  # revisions as last reported or written
@@ -151,6 +150,22 @@ class PostgresStore:
         return f"PostgresStore({redact(self.url)})"
 
     # -- connections ------------------------------------------------------------------------------------------
+    def _new_pool(self) -> ConnectionPool:
+        return ConnectionPool(self._conninfo, min_size=1, max_size=self.pool_size, open=False,
+                              timeout=self.timeout_s, kwargs={"autocommit": True},
+                              check=ConnectionPool.check_connection, configure=self._configure, name="sowa-store")
+
+    def _renew_pool(self) -> None:
+        """A fresh pool once the listener found the server back. The old one may be in psycopg_pool's reconnect
+        backoff (1, 2, 4, 8 ... s between attempts, growing for as long as the outage lasted), so it could go on
+        refusing for as long again after the server is up; connections still in use from it close when returned."""
+        with self._open_lock:
+            if self._stop.is_set():
+                return
+            old, self.pool = self.pool, self._new_pool()
+            self.pool.open(wait=False)
+        threading.Thread(target=old.close, name="sowa-store-old-pool", daemon=True).start()
+
     def _configure(self, conn: psycopg.Connection) -> None:
         # a class lock (or a row) held longer than this by another replica answers 503 rather than hanging
         conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(self.lock_timeout_s * 1000)}ms")))
@@ -218,6 +233,7 @@ class PostgresStore:
                     if self.error is not None:  # back after a loss: what it missed is found by the next diff
                         log.warning("class store reachable again: catching up")
                         self.reconnects += 1
+                        self._renew_pool()
                         self._woken()
                     self.error, backoff = None, 0.2
                     self._listening.set()
