@@ -1,7 +1,7 @@
 """docker/kubernetes/: every manifest Kustomize applies, validated offline against the Kubernetes API schemas
 (kubernetes-validate, strict: unknown fields fail), and what the service needs of them checked by name. KEDA's
-ScaledObject is a CRD whose schema kubernetes-validate does not ship: its structure and queries are checked here
-instead (see test_scaling_queries_use_the_service_metrics)."""
+ScaledObject is a CRD whose schema kubernetes-validate does not ship: it is validated against the openAPIV3Schema
+of KEDA's published CRD (tests/data/crds/, copied from kedacore/keda), strictly too."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -21,6 +22,7 @@ from tests.helpers import REPO
 
 K8S = REPO / "docker" / "kubernetes"
 VERSION = "1.30.0"  # the oldest Kubernetes the manifests support (the preStop `sleep` action is 1.30's)
+CRDS = REPO / "tests" / "data" / "crds"
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -41,8 +43,40 @@ def _pod(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def test_manifests_pass_the_kubernetes_schemas(path: str) -> None:
     for doc in _docs(K8S / path):
         if doc["apiVersion"].startswith("keda.sh/"):
-            continue  # a CRD: kubernetes-validate has no schema for it (checked by the scaling test below)
-        kubernetes_validate.validate(doc, VERSION, strict=True)
+            _validate_custom(doc)  # a CRD: kubernetes-validate has no schema for it
+        else:
+            kubernetes_validate.validate(doc, VERSION, strict=True)
+
+
+def _crd_schema(api_version: str, kind: str) -> dict[str, Any]:
+    group, version = api_version.split("/")
+    for path in CRDS.glob("*.yaml"):
+        for crd in _docs(path):
+            if crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind:
+                (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+                return served["schema"]["openAPIV3Schema"]
+    raise AssertionError(f"no CRD for {api_version} {kind} under {CRDS}")
+
+
+def _unknown_fields(doc: Any, schema: dict[str, Any], where: str = "") -> list[str]:
+    """What the API server's strict field validation refuses: keys that a structural schema does not declare."""
+    if isinstance(doc, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if schema.get("additionalProperties"):
+            return []
+        props = schema["properties"]
+        return [f"{where}.{k}" for k in doc if k not in props and not (where == "" and k in ("apiVersion", "kind"))
+                ] + [u for k, v in doc.items() if k in props for u in _unknown_fields(v, props[k], f"{where}.{k}")]
+    if isinstance(doc, list) and "items" in schema:
+        return [u for i, v in enumerate(doc) for u in _unknown_fields(v, schema["items"], f"{where}[{i}]")]
+    return []
+
+
+def _validate_custom(doc: dict[str, Any]) -> None:
+    schema = _crd_schema(doc["apiVersion"], doc["kind"])
+    jsonschema.Draft7Validator(schema).validate(doc)  # types, required fields, enums
+    unknown = _unknown_fields({k: v for k, v in doc.items() if k != "metadata"}, schema)
+    if unknown:
+        raise jsonschema.ValidationError(f"unknown fields {unknown}")
 
 
 def test_the_validator_bites() -> None:
@@ -50,6 +84,23 @@ def test_the_validator_bites() -> None:
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, VERSION, strict=True)
+
+
+def test_the_crd_validator_bites() -> None:
+    scaled = _applied()["ScaledObject"]
+    _validate_custom(scaled)
+    typo = copy.deepcopy(scaled)
+    typo["spec"]["triggers"][0]["metricTyp"] = "AverageValue"
+    with pytest.raises(jsonschema.ValidationError, match=r"unknown fields \['.spec.triggers\[0\].metricTyp'\]"):
+        _validate_custom(typo)
+    wrong = copy.deepcopy(scaled)
+    wrong["spec"]["minReplicaCount"] = "two"
+    with pytest.raises(jsonschema.ValidationError, match="is not of type 'integer'"):
+        _validate_custom(wrong)
+    wrong = copy.deepcopy(scaled)
+    del wrong["spec"]["scaleTargetRef"]
+    with pytest.raises(jsonschema.ValidationError, match="'scaleTargetRef' is a required property"):
+        _validate_custom(wrong)
 
 
 def test_the_deployment_has_what_the_service_needs() -> None:
