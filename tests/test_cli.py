@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,31 @@ def test_vision_flops_match_the_published_vit_figures() -> None:
     # the well-known 17.6 GMACs
     assert vision_gflops(build_config("ViT-L-14-336", "none").backbone) == pytest.approx(381.9, abs=0.1)
     assert vision_gflops(build_config("ViT-B-16", "none").backbone) / 2 == pytest.approx(17.6, abs=0.1)
+
+
+def test_the_full_path_adds_the_arithmetic_the_spec_gives_and_the_bench_reports_its_bound(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from model.factory import build_config
+    from sowa.bench_model import vision_gflops, vs_open_clip
+
+    cfg, batch, k = build_config(TINY, "none"), 2, 4
+    grid, width, dim = cfg.backbone.grid_size, cfg.backbone.width, cfg.backbone.embed_dim
+    patches, window = grid * grid, min(cfg.adapter.window_size, grid) ** 2
+    # spec section 2 per tap: value, output and FFN projections, the windowed cosine attention's two products,
+    # the raw and adapted tokens through visual.proj; section 6: each patch against the K*L bank; section 5: the
+    # separable 33-tap Gaussian filter of the zero-shot map, along both axes
+    per_tap = 3 * 2 * patches * width**2 + 2 * 2 * patches * window * width + 2 * 2 * patches * width * dim
+    kshot = 2 * patches * k * patches * dim
+    size = cfg.backbone.image_size
+    expected = batch * (len(cfg.taps) * (per_tap + kshot) + 2 * size * size * 33 * 2) / 1e9
+    ratio = vs_open_clip(TINY, "cpu", "fp32", batch, k, rounds=1, iters=1)
+    assert ratio.extra_gflops == pytest.approx(expected, rel=0.01)  # text similarities are the rest: < 1%
+    assert ratio.tower_gflops == pytest.approx(vision_gflops(cfg.backbone) * batch)
+    assert ratio.bound == pytest.approx(ratio.tower_gflops / (ratio.tower_gflops + ratio.extra_gflops))
+    assert 0 < ratio.bound < 1 and len(ratio.ratios) == 1 and ratio.ratios[0] > 0
+    assert main(["bench", "model", "--arch", TINY, "--device", "cpu", "--batch-sizes", "1", "--iters", "1",
+                 "--warmup", "0", "--no-peak", "--vs-open-clip", "2"]) == 0
+    assert re.search(r"full path / bare open_clip vision tower .*arithmetic bound 0\.\d{3}x", capsys.readouterr().out)
 
 
 def test_console_script_is_installed() -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -89,6 +90,52 @@ def test_workers_go_when_the_engine_is_killed(bundle: Path, tmp_path: Path) -> N
         srv.kill()
         wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "spawn_main" in _cmdline(p) for p in workers),
                  30, "the orphaned workers gone")
+    finally:
+        srv.stop()
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+@pytest.mark.slow
+def test_workers_refuse_when_full_drop_leavers_and_drain(bundle: Path, tmp_path: Path) -> None:
+    """What one process does under load holds through the workers: a full queue answers 429 before decoding, a
+    client that leaves while queued never reaches the device, and SIGTERM answers what is queued before exiting.
+    A batch waits 3 s to fill, so a queued request stays queued while the test looks."""
+    flags = ["--workers", "2", "--max-batch-size", "8", "--max-wait-ms", "3000", "--max-queue", "2",
+             "--max-images-per-request", "2"]
+    png = TESTS[0].read_bytes()
+    srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags).start()
+    try:
+        with SowaClient(srv.url) as c:
+            wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
+            with pytest.raises(httpx.ReadTimeout):  # leaves after 0.5 s, long before its batch window closes
+                httpx.post(srv.url + "/predict", files=[("images", ("a.png", png, "image/png"))], timeout=0.5)
+            wait_for(lambda: _count(c.metrics(), "/predict", "499") == 1, 10, "the request counted as client-closed")
+            wait_for(lambda: _metric(c.metrics(), "sowa_queue_depth") == 0, 10, "the dropped request left the queue")
+            assert _metric(c.metrics(), "sowa_images_total") == 0  # it never reached the device
+
+            with ThreadPoolExecutor(2) as pool:
+                two = [("images", (f"{i}.png", png, "image/png")) for i in range(2)]
+                queued = pool.submit(httpx.post, srv.url + "/predict", files=two, data={"heatmap": "none"},
+                                     timeout=30)
+                wait_for(lambda: _metric(c.metrics(), "sowa_queue_depth") == 2, 10, "two images queued")
+                for _ in range(4):  # whichever worker it reaches: the engine's queue is shared
+                    bad = [("images", ("bad.png", b"not an image", "image/png"))]
+                    full = httpx.post(srv.url + "/predict", files=bad, timeout=30)
+                    assert full.status_code == 429, full.text  # 400 invalid_image had it been decoded
+                    assert full.json()["error"]["code"] == "queue_full" and int(full.headers["Retry-After"]) >= 1
+                assert queued.result().status_code == 200
+
+                waiting = pool.submit(httpx.post, srv.url + "/predict", files=two[:1], data={"heatmap": "none"},
+                                      timeout=30)
+                wait_for(lambda: _metric(c.metrics(), "sowa_queue_depth") == 1, 10, "one image queued")
+                srv.proc.send_signal(signal.SIGTERM)  # drains: the queued request is answered, then the exit
+                drained = waiting.result()
+                assert drained.status_code == 200 and len(drained.json()["results"]) == 1
+        assert srv.proc.wait(timeout=60) == 0
     finally:
         srv.stop()
 

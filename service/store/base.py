@@ -9,6 +9,7 @@ or a query unchecked.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -16,7 +17,14 @@ from typing import Protocol, runtime_checkable
 
 from model.inference import ClassMemory
 
-__all__ = ["ClassRecord", "ClassStore", "StoreChanges"]
+__all__ = ["ClassRecord", "ClassStore", "StoreChanges", "checked_shot"]
+
+
+def checked_shot(data: bytes, digest: str) -> bytes:
+    """A stored shot's bytes, once they match the content hash they are stored under (ValueError if not)."""
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"shot {digest[:12]} does not match its hash")
+    return data
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ does the same for classes whose lock is free.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from model.inference import ClassMemory
 from model.memory_bank import MemoryBank
 
 from ..class_names import is_class_name
-from .base import ClassRecord, StoreChanges
+from .base import ClassRecord, StoreChanges, checked_shot
 
 __all__ = ["FORMAT_VERSION", "DirectoryStore"]
 
@@ -202,11 +201,7 @@ class DirectoryStore:
             return None
 
     def read_shot(self, name: str, digest: str) -> bytes:
-        path = self._folder(name) / "shots" / f"{digest}.png"
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise ValueError(f"shot {path.name} does not match its hash")
-        return data
+        return checked_shot((self._folder(name) / "shots" / f"{digest}.png").read_bytes(), digest)
 
     # -- writes (the caller holds `lock(name)`) ----------------------------------------------------------------
     def write(self, record: ClassRecord, shots: Mapping[str, bytes]) -> None:

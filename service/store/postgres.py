@@ -22,7 +22,6 @@ notification missed while it was away is lost.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -49,7 +48,7 @@ from model.memory_bank import MemoryBank
 
 from ..class_names import is_class_name
 from ..errors import StoreUnavailableError
-from .base import ClassRecord, StoreChanges
+from .base import ClassRecord, StoreChanges, checked_shot
 
 __all__ = ["CHANNEL", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "SchemaError"]
 
@@ -333,10 +332,7 @@ class PostgresStore:
                                (name, digest)).fetchone()
         if row is None:
             raise ValueError(f"shot {digest[:12]} of class {name} is missing")
-        data = bytes(row[0])
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise ValueError(f"shot {digest[:12]} does not match its hash")
-        return data
+        return checked_shot(bytes(row[0]), digest)
 
     # -- writes (the caller holds `lock(name)`) ----------------------------------------------------------------
     def write(self, record: ClassRecord, shots: Mapping[str, bytes]) -> None:
