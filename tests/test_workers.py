@@ -104,10 +104,10 @@ def test_workers_refuse_when_full_drop_leavers_and_drain(bundle: Path, tmp_path:
     """What one process does under load holds through the workers: a full queue answers 429 before decoding, a
     client that leaves while queued never reaches the device, and SIGTERM answers what is queued before exiting.
     A batch waits 3 s to fill, so a queued request stays queued while the test looks."""
-    flags = ["--workers", "2", "--max-batch-size", "8", "--max-wait-ms", "3000", "--max-queue", "2",
-             "--max-images-per-request", "2"]
+    flags = ["--workers", "2", "--max-batch-size", "4", "--max-wait-ms", "3000", "--max-queue", "4"]
     png = TESTS[0].read_bytes()
-    srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags).start()
+    srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags,
+                        env={"SOWA_MAX_IMAGES_PER_REQUEST": "2"}).start()
     try:
         with SowaClient(srv.url) as c:
             wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
@@ -117,17 +117,17 @@ def test_workers_refuse_when_full_drop_leavers_and_drain(bundle: Path, tmp_path:
             wait_for(lambda: _metric(c.metrics(), "sowa_queue_depth") == 0, 10, "the dropped request left the queue")
             assert _metric(c.metrics(), "sowa_images_total") == 0  # it never reached the device
 
-            with ThreadPoolExecutor(2) as pool:
+            with ThreadPoolExecutor(3) as pool:
                 two = [("images", (f"{i}.png", png, "image/png")) for i in range(2)]
-                queued = pool.submit(httpx.post, srv.url + "/predict", files=two, data={"heatmap": "none"},
-                                     timeout=30)
-                wait_for(lambda: _metric(c.metrics(), "sowa_queue_depth") == 2, 10, "two images queued")
-                for _ in range(4):  # whichever worker it reaches: the engine's queue is shared
-                    bad = [("images", ("bad.png", b"not an image", "image/png"))]
+                queued = [pool.submit(httpx.post, srv.url + "/predict", files=files, data={"heatmap": "none"},
+                                      timeout=30) for files in (two, two[:1])]
+                wait_for(lambda: _metric(c.metrics(), "sowa_queue_depth") == 3, 10, "three images queued")
+                for _ in range(4):  # whichever worker it reaches: the engine's queue is shared, 3 + 2 > 4
+                    bad = [("images", (f"bad{i}.png", b"not an image", "image/png")) for i in range(2)]
                     full = httpx.post(srv.url + "/predict", files=bad, timeout=30)
                     assert full.status_code == 429, full.text  # 400 invalid_image had it been decoded
                     assert full.json()["error"]["code"] == "queue_full" and int(full.headers["Retry-After"]) >= 1
-                assert queued.result().status_code == 200
+                assert [q.result().status_code for q in queued] == [200, 200]
 
                 waiting = pool.submit(httpx.post, srv.url + "/predict", files=two[:1], data={"heatmap": "none"},
                                       timeout=30)
