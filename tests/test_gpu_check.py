@@ -3,11 +3,15 @@ holds the figures a GPU run would report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from tests.helpers import REPO
 
@@ -35,3 +39,29 @@ def test_gpu_check_cpu_plan(tmp_path: Path) -> None:
     for needle in ("CUDA tests:", "| fp32 | default | 1 |", "| batching | 2 | 2 |", "device JPEG decode"):
         assert needle in summary
     assert "0 step(s) failed" in done.stdout
+
+
+def _gpu_deps() -> object:
+    spec = importlib.util.spec_from_file_location("gpu_deps", REPO / "scripts" / "gpu_deps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_wheels_for_the_gpu_machine_are_what_its_image_lacks() -> None:
+    deps = _gpu_deps()
+    image = deps.image_packages()
+    assert {"torch", "torchvision", "numpy", "pillow", "uvloop", "timm"} <= image
+    needed = deps.missing(deps.project_requirements(), image)
+    assert {"torch", "torchvision", "numpy", "uvloop", "prometheus-client"}.isdisjoint(needed)  # the image's
+    # the service's own dependencies and theirs: opentelemetry-api comes in through FastAPI, psycopg-binary
+    # through the psycopg[binary] extra, pydantic-core through pydantic
+    assert {"fastapi", "open-clip-torch", "uvicorn", "httptools", "opentelemetry-api", "psycopg-binary",
+            "pydantic-core", "starlette"} <= set(needed)
+    assert needed["fastapi"] == version("fastapi")  # the version this suite ran with
+    # markers are read for the target, CPython 3.12 on Linux: uvicorn's typing-extensions is for < 3.11 only
+    assert set(deps.missing([Requirement("uvicorn")], set())) == {"uvicorn", "click", "h11"}
+    assert "psycopg-binary" not in deps.missing([Requirement("psycopg")], image)  # only with the extra
+    printed = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_deps.py")], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert printed == [f"{n}=={v}" for n, v in needed.items()]
