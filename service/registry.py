@@ -298,11 +298,14 @@ class ClassRegistry:
             for name in changes.deleted:
                 self._set(name, None)
                 self.refused.pop(name, None)
-            for name in changes.changed:
+            for i, name in enumerate(changes.changed):
                 try:  # read-only: the replica that changed the class wrote it; rebuilding here writes nothing
                     loaded = await asyncio.to_thread(self._load, name)
                 except StoreUnavailableError:
-                    raise  # the store went away: keep serving what we hold, the reconnect catches up
+                    # the store went away: keep serving what we hold; what is not read yet is reported again, so
+                    # the next look (the retry, or the reconnect's) reads it
+                    self.store.unsee(changes.changed[i:])
+                    raise
                 except Exception as e:  # e.g. caught mid-delete; the next report settles it
                     self.refused[name] = str(e)
                     self._set(name, None)
@@ -323,7 +326,7 @@ class ClassRegistry:
             loop = asyncio.get_running_loop()
             subscribe(lambda: loop.call_soon_threadsafe(pushed.set))  # called on the store's listener thread
             pushed.set()  # a first look at once: what changed between restore() and now (the warm-up) is found
-        retry = 0.0  # after a failed look: pushed changes are announced once, so look again until one succeeds
+        retry = 0.0  # seconds until the next look after one the store could not answer
         while True:
             if subscribe is None:
                 await asyncio.sleep(interval)
@@ -340,9 +343,8 @@ class ClassRegistry:
                 if sweep is not None and time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + sweep_every
                     await asyncio.to_thread(sweep)
-            except StoreUnavailableError as e:
+            except StoreUnavailableError as e:  # pushed changes are announced once: look again until it works
                 retry = min(max(retry * 2, 0.25), 5.0)
                 log.warning("class sync: %s; looking again in %.2f s", e, retry)
             except Exception:  # a failed look must not stop the next one
-                retry = min(max(retry * 2, 0.25), 5.0)
                 log.exception("class sync failed")

@@ -128,7 +128,7 @@ def test_vision_flops_match_the_published_vit_figures() -> None:
     assert vision_gflops(build_config("ViT-B-16", "none").backbone) / 2 == pytest.approx(17.6, abs=0.1)
 
 
-def test_the_full_path_adds_the_arithmetic_the_spec_gives_and_the_bench_reports_its_bound(
+def test_the_full_path_adds_the_arithmetic_the_spec_gives_and_the_bench_reports_it(
         capsys: pytest.CaptureFixture[str]) -> None:
     from model.factory import build_config
     from sowa.bench_model import vision_gflops, vs_open_clip
@@ -146,11 +146,12 @@ def test_the_full_path_adds_the_arithmetic_the_spec_gives_and_the_bench_reports_
     ratio = vs_open_clip(TINY, "cpu", "fp32", batch, k, rounds=1, iters=1)
     assert ratio.extra_gflops == pytest.approx(expected, rel=0.01)  # text similarities are the rest: < 1%
     assert ratio.tower_gflops == pytest.approx(vision_gflops(cfg.backbone) * batch)
-    assert ratio.bound == pytest.approx(ratio.tower_gflops / (ratio.tower_gflops + ratio.extra_gflops))
-    assert 0 < ratio.bound < 1 and len(ratio.ratios) == 1 and ratio.ratios[0] > 0
+    assert ratio.at_tower_rate == pytest.approx(ratio.tower_gflops / (ratio.tower_gflops + ratio.extra_gflops))
+    assert 0 < ratio.at_tower_rate < 1 and len(ratio.ratios) == 1 and ratio.ratios[0] > 0
     assert main(["bench", "model", "--arch", TINY, "--device", "cpu", "--batch-sizes", "1", "--iters", "1",
                  "--warmup", "0", "--no-peak", "--vs-open-clip", "2"]) == 0
-    assert re.search(r"full path / bare open_clip vision tower .*arithmetic bound 0\.\d{3}x", capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert re.search(r"full path / bare open_clip vision tower .*at the tower's rate per FLOP 0\.\d{3}x", printed)
 
 
 def test_console_script_is_installed() -> None:

@@ -103,8 +103,8 @@ def _metric(text: str, name: str) -> float:
 def test_workers_refuse_when_full_drop_leavers_and_drain(bundle: Path, tmp_path: Path) -> None:
     """What one process does under load holds through the workers: a full queue answers 429 before decoding, a
     client that leaves while queued never reaches the device, and SIGTERM answers what is queued before exiting.
-    A batch waits 3 s to fill, so a queued request stays queued while the test looks."""
-    flags = ["--workers", "2", "--max-batch-size", "4", "--max-wait-ms", "3000", "--max-queue", "4"]
+    A batch waits 5 s to fill, so a queued request stays queued while the test looks."""
+    flags = ["--workers", "2", "--max-batch-size", "4", "--max-wait-ms", "5000", "--max-queue", "4"]
     png = TESTS[0].read_bytes()
     srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", flags,
                         env={"SOWA_MAX_IMAGES_PER_REQUEST": "2"}).start()
@@ -112,7 +112,8 @@ def test_workers_refuse_when_full_drop_leavers_and_drain(bundle: Path, tmp_path:
         with SowaClient(srv.url) as c:
             wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
             with pytest.raises(httpx.ReadTimeout):  # leaves after 0.5 s, long before its batch window closes
-                httpx.post(srv.url + "/predict", files=[("images", ("a.png", png, "image/png"))], timeout=0.5)
+                httpx.post(srv.url + "/predict", files=[("images", ("a.png", png, "image/png"))],
+                           timeout=httpx.Timeout(10, read=0.5))
             wait_for(lambda: _count(c.metrics(), "/predict", "499") == 1, 10, "the request counted as client-closed")
             wait_for(lambda: _metric(c.metrics(), "sowa_queue_depth") == 0, 10, "the dropped request left the queue")
             assert _metric(c.metrics(), "sowa_images_total") == 0  # it never reached the device
@@ -122,7 +123,7 @@ def test_workers_refuse_when_full_drop_leavers_and_drain(bundle: Path, tmp_path:
                 queued = [pool.submit(httpx.post, srv.url + "/predict", files=files, data={"heatmap": "none"},
                                       timeout=30) for files in (two, two[:1])]
                 wait_for(lambda: _metric(c.metrics(), "sowa_queue_depth") == 3, 10, "three images queued")
-                for _ in range(4):  # whichever worker it reaches: the engine's queue is shared, 3 + 2 > 4
+                for _ in range(2):  # whichever worker it reaches: the engine's queue is shared, 3 + 2 > 4
                     bad = [("images", (f"bad{i}.png", b"not an image", "image/png")) for i in range(2)]
                     full = httpx.post(srv.url + "/predict", files=bad, timeout=30)
                     assert full.status_code == 429, full.text  # 400 invalid_image had it been decoded

@@ -10,7 +10,7 @@ or a query unchecked.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -61,6 +61,11 @@ class ClassStore(Protocol):
     def changes(self) -> StoreChanges:
         """What changed since the last call; the first call reports every class, as changed. The store's own
         writes and deletes are not reported back, and each change is reported once."""
+        ...
+
+    def unsee(self, names: Iterable[str]) -> None:
+        """Report these classes again, as changed, at the next `changes()`: the caller could not act on them
+        (the store went away while it read them)."""
         ...
 
     def read(self, name: str, fingerprint: str | None) -> ClassRecord | None:

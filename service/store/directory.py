@@ -29,7 +29,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -165,6 +165,11 @@ class DirectoryStore:
             return {}
         return {d.name: _signature(d / "class.json") for d in self.root.iterdir()
                 if is_class_name(d.name) and (d / "class.json").is_file()}
+
+    def unsee(self, names: Iterable[str]) -> None:
+        with self._seen_lock:
+            for name in names:
+                self._seen.pop(name, None)
 
     def _saw(self, name: str, sig: Signature | tuple[()]) -> None:
         with self._seen_lock:

@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from typing import Any
@@ -37,7 +37,7 @@ import psycopg.errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -133,6 +133,7 @@ class PostgresStore:
         self.pool_size = pool_size
         self.pool = self._new_pool()
         self._open_lock = threading.Lock()
+        self._closers: list[threading.Thread] = []  # renewed pools' close(), joined by close()
         self._local = threading.local()  # the connection holding this thread's class lock
         self._seen: dict[str, int] = {}  # revisions as last reported or written
         self._seen_lock = threading.Lock()
@@ -155,15 +156,19 @@ class PostgresStore:
                               check=ConnectionPool.check_connection, configure=self._configure, name="sowa-store")
 
     def _renew_pool(self) -> None:
-        """A fresh pool once the listener found the server back. The old one may be in psycopg_pool's reconnect
-        backoff (1, 2, 4, 8 ... s between attempts, growing for as long as the outage lasted), so it could go on
-        refusing for as long again after the server is up; connections still in use from it close when returned."""
+        """A fresh pool once the listener found the server back, if this one failed to connect meanwhile: it is
+        then in psycopg_pool's reconnect backoff (1, 2, 4, 8 ... s between attempts, growing for as long as the
+        outage lasted), and could go on refusing for as long again after the server is up. Connections in use
+        from the old pool are closed when returned; callers waiting on it retry on the new one (`_conn`)."""
         with self._open_lock:
-            if self._stop.is_set():
+            if self._stop.is_set() or self.pool.closed or not self.pool.get_stats().get("connections_errors"):
                 return
-            old, self.pool = self.pool, self._new_pool()
-            self.pool.open(wait=False)
-        threading.Thread(target=old.close, name="sowa-store-old-pool", daemon=True).start()
+            fresh = self._new_pool()
+            fresh.open(wait=False)
+            old, self.pool = self.pool, fresh
+            closer = threading.Thread(target=old.close, name="sowa-store-old-pool", daemon=True)
+            self._closers.append(closer)
+        closer.start()
 
     def _configure(self, conn: psycopg.Connection) -> None:
         # a class lock (or a row) held longer than this by another replica answers 503 rather than hanging
@@ -175,13 +180,26 @@ class PostgresStore:
         if held is not None:
             yield held
             return
+        pool = self._current_pool()
+        try:
+            conn = pool.getconn()
+        except PoolClosed:  # renewed while this call waited on the old pool: the new one is up
+            if pool is self.pool:
+                raise
+            pool = self._current_pool()
+            conn = pool.getconn()
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
+
+    def _current_pool(self) -> ConnectionPool:
         with self._open_lock:
             if self._stop.is_set():  # closed: a late call (a sync finishing after shutdown) must not reopen
                 raise psycopg.OperationalError("the class store is closed")
-            if self.pool.closed:
+            if self.pool.closed:  # opened on first use
                 self.pool.open(wait=False)
-        with self.pool.connection() as conn:
-            yield conn
+            return self.pool
 
     def close(self) -> None:
         with self._open_lock:
@@ -189,6 +207,8 @@ class PostgresStore:
         if self._listener is not None:
             self._listener.join(timeout=5)
         self.pool.close()
+        for closer in self._closers:
+            closer.join(timeout=5)
 
     # -- start-up: schema and listener ------------------------------------------------------------------------
     def recover(self) -> dict[str, str]:
@@ -291,6 +311,11 @@ class PostgresStore:
             changed = tuple(sorted(n for n, rev in present.items() if self._seen.get(n) != rev))
             self._seen = present
         return StoreChanges(changed, deleted)
+
+    def unsee(self, names: Iterable[str]) -> None:
+        with self._seen_lock:
+            for name in names:
+                self._seen.pop(name, None)
 
     def _saw(self, name: str, revision: int | None) -> None:
         with self._seen_lock:
