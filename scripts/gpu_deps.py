@@ -39,15 +39,18 @@ def _applies(req: Requirement, extras: set[str]) -> bool:
 
 def missing(roots: list[Requirement], image: set[str]) -> dict[str, str]:
     """Every package the roots need on the target, transitively, that the image lacks -> its version here.
-    A package the image has is not followed: its own dependencies are the image's business."""
+    A package the image has is not followed: its own dependencies are the image's business. The image's
+    versions are not known, so they are not checked against the requirements' specifiers."""
     found: dict[str, str] = {}
+    walked: dict[str, set[str]] = {}  # the extras each package's requirements were read with
     todo = [(r, set()) for r in roots]
     while todo:
         req, parent_extras = todo.pop()
         if not _applies(req, parent_extras):
             continue
         name = canonicalize_name(req.name)
-        if name in image or name in found:
+        extras = set(req.extras)
+        if name in image or (name in walked and extras <= walked[name]):
             continue
         try:
             dist = distribution(name)
@@ -55,7 +58,8 @@ def missing(roots: list[Requirement], image: set[str]) -> dict[str, str]:
             raise SystemExit(f"{name} is needed on the GPU machine but not installed here, so no version was "
                              "tested: pip install -e '.[dev]' first") from None
         found[name] = dist.version
-        todo += [(Requirement(r), set(req.extras)) for r in dist.requires or []]
+        walked[name] = walked.get(name, set()) | extras  # reached again with new extras: read again with them
+        todo += [(Requirement(r), walked[name]) for r in dist.requires or []]
     return dict(sorted(found.items()))
 
 

@@ -62,6 +62,8 @@ def test_the_wheels_for_the_gpu_machine_are_what_its_image_lacks() -> None:
     # markers are read for the target, CPython 3.12 on Linux: uvicorn's typing-extensions is for < 3.11 only
     assert set(deps.missing([Requirement("uvicorn")], set())) == {"uvicorn", "click", "h11"}
     assert "psycopg-binary" not in deps.missing([Requirement("psycopg")], image)  # only with the extra
+    both = [Requirement("psycopg[binary]"), Requirement("psycopg")]  # in either order, the extra's wheel comes
+    assert "psycopg-binary" in deps.missing(both, image) and "psycopg-binary" in deps.missing(both[::-1], image)
     printed = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_deps.py")], capture_output=True,
                              text=True, check=True).stdout.split()
     assert printed == [f"{n}=={v}" for n, v in needed.items()]
