@@ -156,12 +156,14 @@ class PostgresStore:
                               check=ConnectionPool.check_connection, configure=self._configure, name="sowa-store")
 
     def _renew_pool(self) -> None:
-        """A fresh pool once the listener found the server back, if this one failed to connect meanwhile: it is
-        then in psycopg_pool's reconnect backoff (1, 2, 4, 8 ... s between attempts, growing for as long as the
-        outage lasted), and could go on refusing for as long again after the server is up. Connections in use
-        from the old pool are closed when returned; callers waiting on it retry on the new one (`_conn`)."""
+        """A fresh pool once the listener found the server back after losing it. The old one is either in
+        psycopg_pool's reconnect backoff (1, 2, 4, 8 ... s between attempts, growing for as long as the outage
+        lasted) or holds idle connections the outage killed, which its check loop discards one at a time with a
+        1 s pause: either way it could go on refusing, or stall a catch-up, for seconds after the server is up
+        (seen: a replica missing a change for over a second). Connections in use from the old pool are closed
+        when returned; callers waiting on it retry on the new one (`_conn`)."""
         with self._open_lock:
-            if self._stop.is_set() or self.pool.closed or not self.pool.get_stats().get("connections_errors"):
+            if self._stop.is_set() or self.pool.closed:
                 return
             fresh = self._new_pool()
             fresh.open(wait=False)
