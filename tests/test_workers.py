@@ -29,6 +29,11 @@ def _count(metrics: str, endpoint: str, status: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _segments() -> set[str]:
+    """Python's shared-memory segments on this machine (the workers' slots, the engine's queue counter)."""
+    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+
+
 def _worker_pids(engine_pid: int) -> list[int]:
     children = Path(f"/proc/{engine_pid}/task/{engine_pid}/children").read_text().split()
     return [int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
@@ -37,6 +42,7 @@ def _worker_pids(engine_pid: int) -> list[int]:
 @pytest.mark.slow
 def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: Path) -> None:
     offline = predict_files(bundle, TESTS, SHOTS, device="cpu", batch_size=len(TESTS))
+    before = _segments()
     srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", ["--workers", "2"]).start()
     try:
         with SowaClient(srv.url) as c:
@@ -76,20 +82,25 @@ def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: 
         srv.proc.send_signal(signal.SIGTERM)  # workers stop first, then the engine; the run's files go
         assert srv.proc.wait(timeout=90) == 0 and time.monotonic() - t0 < 60
         assert not run.exists()
+        assert _segments() - before == set()  # every worker's slots and the queue counter unlinked
     finally:
         srv.stop()
 
 
 @pytest.mark.slow
 def test_workers_go_when_the_engine_is_killed(bundle: Path, tmp_path: Path) -> None:
-    """kill -9 of the engine process leaves no worker holding the port: a new server gets every connection."""
+    """kill -9 of the engine process leaves no worker holding the port (a new server gets every connection), and
+    no shared memory behind: the resource tracker the engine and its workers share unlinks it once they are gone."""
+    before = _segments()
     srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", ["--workers", "2"]).start()
     try:
         wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
         workers = _worker_pids(srv.pid)
+        assert len(_segments() - before) >= 3  # two workers' slots and the engine's queue counter
         srv.kill()
         wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "spawn_main" in _cmdline(p) for p in workers),
                  30, "the orphaned workers gone")
+        wait_for(lambda: not _segments() - before, 30, "the killed server's shared memory unlinked")
     finally:
         srv.stop()
 
