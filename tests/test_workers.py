@@ -34,6 +34,27 @@ def _segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("psm_*")}
 
 
+def _listening(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on `port` (a worker that bound the service's port)."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                listening.add(f"socket:[{fields[9]}]")
+    try:
+        held = {os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:  # gone meanwhile
+        return False
+    return bool(held & listening)
+
+
+def _all_listening(srv: ServerProcess, count: int) -> bool:
+    port = int(srv.url.rsplit(":", 1)[1])
+    pids = _worker_pids(srv.pid)
+    return len(pids) == count and all(_listening(p, port) for p in pids)
+
+
 def _worker_pids(engine_pid: int) -> list[int]:
     children = Path(f"/proc/{engine_pid}/task/{engine_pid}/children").read_text().split()
     return [int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
@@ -46,7 +67,7 @@ def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: 
     srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", ["--workers", "2"]).start()
     try:
         with SowaClient(srv.url) as c:
-            wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
+            wait_for(lambda: _all_listening(srv, 2), 60, "two workers on the port")
             info = c.register_shots("widget", SHOTS)  # forwarded to the engine process
             assert info.shots == 3 and c.get_class("widget").shots == 3
             for _ in range(6):  # requests land on both workers (SO_REUSEPORT spreads connections)
@@ -70,7 +91,7 @@ def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: 
 
             victim = _worker_pids(srv.pid)[0]  # kill -9 a worker: the supervisor starts another
             os.kill(victim, signal.SIGKILL)
-            wait_for(lambda: victim not in _worker_pids(srv.pid) and len(_worker_pids(srv.pid)) == 2, 60,
+            wait_for(lambda: victim not in _worker_pids(srv.pid) and _all_listening(srv, 2), 60,
                      "the killed worker replaced")
             wait_for(lambda: all(c.predict(TESTS[:1], class_name="widget").results for _ in range(4)), 60,
                      "answers after the restart")
@@ -96,7 +117,8 @@ def test_workers_go_when_the_engine_is_killed(bundle: Path, tmp_path: Path) -> N
     try:
         wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
         workers = _worker_pids(srv.pid)
-        assert len(_segments() - before) >= 3  # two workers' slots and the engine's queue counter
+        # two workers' slots and the engine's queue counter (a worker makes its slots once it is up)
+        wait_for(lambda: len(_segments() - before) >= 3, 60, "the workers' shared memory")
         srv.kill()
         wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "spawn_main" in _cmdline(p) for p in workers),
                  30, "the orphaned workers gone")
@@ -121,7 +143,7 @@ def test_workers_refuse_when_full_drop_leavers_and_drain(bundle: Path, tmp_path:
                         env={"SOWA_MAX_IMAGES_PER_REQUEST": "2"}).start()
     try:
         with SowaClient(srv.url) as c:
-            wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
+            wait_for(lambda: _all_listening(srv, 2), 60, "two workers on the port")
             with pytest.raises(httpx.ReadTimeout):  # leaves after 0.5 s, long before its batch window closes
                 httpx.post(srv.url + "/predict", files=[("images", ("a.png", png, "image/png"))],
                            timeout=httpx.Timeout(10, read=0.5))
