@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import multiprocessing
+import os
 import shutil
 import signal
 import tempfile
@@ -57,9 +58,9 @@ def serve_with_workers(settings: Settings, workers: int, log_level: str = "info"
 
 
 async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_level: str) -> None:
-    from .worker import listening_socket
+    from .worker import port_socket
 
-    listening_socket(settings.host, settings.port).close()  # a taken port fails here, in one line, not N times
+    port_socket(settings.host, settings.port).close()  # a taken port fails here, in one line, not N times
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -73,7 +74,7 @@ async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_lev
     ctx = multiprocessing.get_context("spawn")  # no fork: the engine process holds threads and a device
 
     def start(i: int) -> BaseProcess:
-        p = ctx.Process(target=run_worker, args=(settings, link, log_level, i), name=f"sowa-worker-{i}")
+        p = ctx.Process(target=run_worker, args=(settings, link, log_level, i, os.getpid()), name=f"sowa-worker-{i}")
         p.start()
         return p
 

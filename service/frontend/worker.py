@@ -14,22 +14,23 @@ if TYPE_CHECKING:
     from ..settings import Settings
     from .link import WorkerLink
 
-__all__ = ["listening_socket", "run_worker"]
+__all__ = ["port_socket", "run_worker"]
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The service's port, bound by every worker (SO_REUSEPORT): the kernel spreads connections among them."""
+def port_socket(host: str, port: int) -> socket.socket:
+    """The service's port, bound by every worker (SO_REUSEPORT): the kernel spreads connections among the workers
+    listening on it. Bound, not listening: uvicorn listens once the worker's app has started (connected to the
+    engine), so a worker that is starting again after a crash is handed no connection it would sit on."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
-def _stop_with_parent() -> None:
+def _stop_with_parent(engine_pid: int) -> None:
     """Linux: SIGTERM this process when the engine process (its parent) dies, even by kill -9, so no orphaned
     worker keeps the port (SO_REUSEPORT would hand it connections it cannot answer)."""
     import contextlib
@@ -39,10 +40,12 @@ def _stop_with_parent() -> None:
     # elsewhere the lost engine connection stops the worker (RemoteBackend.on_lost)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != engine_pid:  # it died before the line above: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_worker(settings: Settings, link: WorkerLink, log_level: str, index: int) -> None:
-    _stop_with_parent()
+def run_worker(settings: Settings, link: WorkerLink, log_level: str, index: int, engine_pid: int) -> None:
+    _stop_with_parent(engine_pid)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = link.metrics_dir
     import logging
 
@@ -54,6 +57,9 @@ def run_worker(settings: Settings, link: WorkerLink, log_level: str, index: int)
     logging.basicConfig(level=log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded request otherwise
-    # the port is bound here (SO_REUSEPORT), so uvicorn takes the socket rather than host and port
-    config = uvicorn.Config(create_worker_app(settings, link), log_level=log_level, **uvicorn_config(settings))
-    uvicorn.Server(config).run(sockets=[listening_socket(settings.host, settings.port)])
+    # the port is bound here (SO_REUSEPORT), so uvicorn takes the socket rather than host and port; it listens on
+    # it (with its `backlog`) after the app's start-up, which waits for the engine
+    app = create_worker_app(settings, link)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, **uvicorn_config(settings)))
+    app.state.stopping = lambda: server.should_exit  # set by uvicorn's signal handler, also during start-up
+    server.run(sockets=[port_socket(settings.host, settings.port)])

@@ -39,8 +39,15 @@ log = logging.getLogger("sowa.frontend")
 
 
 async def _connect(app: FastAPI, backend: RemoteBackend) -> None:
-    """Connect as soon as the engine takes connections (it does once it is ready), then take traffic."""
+    """Connect as soon as the engine takes connections (it does once it is ready), then take traffic.
+
+    Awaited in the start-up, so uvicorn listens on the port only after it: the kernel hands a worker no connection
+    before it can answer (a worker started again after a crash, while the others serve). A worker told to stop
+    meanwhile (SIGTERM from its supervisor, or PR_SET_PDEATHSIG when the engine died) gives up."""
+    stopping = getattr(app.state, "stopping", lambda: False)
     while True:
+        if stopping():
+            raise RuntimeError("stopped before the engine process took the connection")
         try:
             await backend.connect()
             break
@@ -56,12 +63,13 @@ async def _connect(app: FastAPI, backend: RemoteBackend) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     backend: RemoteBackend = app.state.backend
-    connecting = asyncio.create_task(_connect(app, backend))
-    yield
-    app.state.status.accepting = False
-    connecting.cancel()
-    await backend.close()
-    await app.state.proxy.close()
+    try:
+        await _connect(app, backend)
+        yield
+    finally:
+        app.state.status.accepting = False
+        await backend.close()
+        await app.state.proxy.close()
 
 
 def create_worker_app(settings: Settings, paths: WorkerLink) -> FastAPI:
