@@ -47,16 +47,22 @@ class RemoteBackend:
         self.lost = False
 
     async def connect(self) -> None:
-        """Open the socket, create this worker's slots, and learn the model's geometry from the engine."""
-        reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
-        first = parse(await read_frame(reader))  # the engine speaks first: the image size and the model
-        assert isinstance(first, Reply)
-        self.description = first.result["model"]
-        self.image_size = int(first.result["image_size"])
-        self._queued = SharedCounter(first.result["queue_counter"])
-        self.segment = SlotSegment(self.slots, self.image_size)
-        self._writer.write(to_frame(Hello(self.segment.name, self.slots)))
-        await self._writer.drain()
+        """Open the socket, create this worker's slots, and learn the model's geometry from the engine. A failed
+        attempt leaves nothing open (the caller may try again)."""
+        try:
+            reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+            first = parse(await read_frame(reader))  # the engine speaks first: the image size and the model
+            assert isinstance(first, Reply)
+            self.description = first.result["model"]
+            self.image_size = int(first.result["image_size"])
+            self._queued = SharedCounter(first.result["queue_counter"])
+            self.segment = SlotSegment(self.slots, self.image_size)
+            self._writer.write(to_frame(Hello(self.segment.name, self.slots)))
+            await self._writer.drain()
+        except BaseException:
+            await self.close()
+            self._writer = None
+            raise
         self._reader_task = asyncio.create_task(self._read(reader), name="sowa-remote-reader")
 
     async def close(self) -> None:

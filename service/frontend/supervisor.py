@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -31,6 +32,7 @@ from .worker import run_worker
 __all__ = ["serve_with_workers", "worker_slots"]
 
 log = logging.getLogger("sowa.frontend")
+_RESTART_PAUSE_S = 5.0  # the least time between two starts of one worker
 
 
 def worker_slots(settings: Settings, workers: int) -> int:
@@ -73,9 +75,12 @@ async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_lev
     engine_task = asyncio.create_task(engine.serve())
     ctx = multiprocessing.get_context("spawn")  # no fork: the engine process holds threads and a device
 
+    started: dict[int, float] = {}
+
     def start(i: int) -> BaseProcess:
         p = ctx.Process(target=run_worker, args=(settings, link, log_level, i, os.getpid()), name=f"sowa-worker-{i}")
         p.start()
+        started[i] = time.monotonic()
         return p
 
     procs = [start(i) for i in range(workers)]
@@ -85,7 +90,8 @@ async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_lev
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
         for i, p in enumerate(procs):
-            if not stop.is_set() and not p.is_alive():
+            # one that dies young is started again after a pause, not in a loop that re-imports torch twice a second
+            if not stop.is_set() and not p.is_alive() and time.monotonic() - started[i] >= _RESTART_PAUSE_S:
                 log.error("HTTP worker %d exited (code %s); starting it again", i, p.exitcode)
                 procs[i] = start(i)
     for p in procs:  # workers first: they finish their requests, which need the engine

@@ -14,6 +14,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
@@ -39,19 +40,16 @@ log = logging.getLogger("sowa.frontend")
 
 
 async def _connect(app: FastAPI, backend: RemoteBackend) -> None:
-    """Connect as soon as the engine takes connections (it does once it is ready), then take traffic.
-
-    Awaited in the start-up, so uvicorn listens on the port only after it: the kernel hands a worker no connection
-    before it can answer (a worker started again after a crash, while the others serve). A worker told to stop
-    meanwhile (SIGTERM from its supervisor, or PR_SET_PDEATHSIG when the engine died) gives up."""
+    """Connect as soon as the engine takes connections (it does once it is ready), then take traffic. A worker
+    told to stop meanwhile (SIGTERM from its supervisor, or PR_SET_PDEATHSIG when the engine died) gives up."""
     stopping = getattr(app.state, "stopping", lambda: False)
     while True:
         if stopping():
             raise RuntimeError("stopped before the engine process took the connection")
         try:
-            await backend.connect()
+            await asyncio.wait_for(backend.connect(), 10)
             break
-        except (FileNotFoundError, ConnectionError):
+        except (FileNotFoundError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             await asyncio.sleep(0.2)
     # decoded and resized here, on the host: the engine process owns the device
     backend.stager = ImageStager(torch.device("cpu"), backend.image_size, app.state.settings.image_decoder)
@@ -63,11 +61,20 @@ async def _connect(app: FastAPI, backend: RemoteBackend) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     backend: RemoteBackend = app.state.backend
+    engine_up = Path(backend.socket_path).exists()  # the engine makes its socket once it is ready
+    connecting = asyncio.create_task(_connect(app, backend))
     try:
-        await _connect(app, backend)
+        if engine_up:
+            # a worker started again after a crash (or late): uvicorn listens once the start-up is through, so
+            # connecting first means the kernel hands it no connection before it can answer, while the others
+            # serve. At the first start the engine may load for minutes: the port takes connections meanwhile
+            # (/healthz, /readyz answer; predictions 503 until connected)
+            await connecting
         yield
     finally:
         app.state.status.accepting = False
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
         await backend.close()
         await app.state.proxy.close()
 
