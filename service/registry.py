@@ -330,12 +330,9 @@ class ClassRegistry:
         while True:
             if subscribe is None:
                 await asyncio.sleep(interval)
-            elif retry:
+            else:  # a push, or the retry's time
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(pushed.wait(), retry)
-                pushed.clear()
-            else:
-                await pushed.wait()
+                    await asyncio.wait_for(pushed.wait(), retry or None)
                 pushed.clear()  # before the sync: a change during it wakes the loop again
             try:
                 await self.sync()

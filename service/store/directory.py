@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from model.memory_bank import MemoryBank
 
 from ..class_names import is_class_name
 from .base import ClassRecord, StoreChanges, checked_shot
+from .seen import SeenVersions
 
 __all__ = ["FORMAT_VERSION", "DirectoryStore"]
 
@@ -69,8 +69,7 @@ class DirectoryStore:
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir) / "classes"
         self.locks = Path(data_dir) / "locks"
-        self._seen: dict[str, Signature] = {}  # class.json signatures as last reported or written
-        self._seen_lock = threading.Lock()
+        self._seen: SeenVersions[Signature] = SeenVersions()  # class.json signatures as last reported or written
 
     def _folder(self, name: str) -> Path:
         if not is_class_name(name):  # checked again here: a name never becomes a path unchecked
@@ -153,12 +152,7 @@ class DirectoryStore:
             tmp.unlink(missing_ok=True)
 
     def changes(self) -> StoreChanges:
-        present = self._scan()
-        with self._seen_lock:
-            deleted = tuple(sorted(set(self._seen) - set(present)))
-            changed = tuple(sorted(n for n, sig in present.items() if self._seen.get(n, ()) != sig))
-            self._seen = present
-        return StoreChanges(changed, deleted)
+        return self._seen.diff(self._scan())
 
     def _scan(self) -> dict[str, Signature]:
         if not self.root.is_dir():
@@ -167,16 +161,7 @@ class DirectoryStore:
                 if is_class_name(d.name) and (d / "class.json").is_file()}
 
     def unsee(self, names: Iterable[str]) -> None:
-        with self._seen_lock:
-            for name in names:
-                self._seen.pop(name, None)
-
-    def _saw(self, name: str, sig: Signature | tuple[()]) -> None:
-        with self._seen_lock:
-            if sig == ():
-                self._seen.pop(name, None)
-            else:
-                self._seen[name] = sig
+        self._seen.forget(names)
 
     # -- reads ------------------------------------------------------------------------------------------------
     def read(self, name: str, fingerprint: str | None) -> ClassRecord | None:
@@ -247,7 +232,7 @@ class DirectoryStore:
             self._undo_write(folder, first, added)
             raise
         kept.unlink(missing_ok=True)
-        self._saw(record.name, _signature(folder / "class.json"))  # our own write: not a change to report
+        self._seen.saw(record.name, _signature(folder / "class.json"))  # our own write: not a change to report
         referenced = set(record.shots)
         for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode, failed attempts)
             if stale.stem not in referenced:
@@ -276,7 +261,7 @@ class DirectoryStore:
         trash = self.root / f".trash-{name}-{uuid.uuid4().hex}"
         folder.rename(trash)  # atomic: the class is gone from disk at once
         fsync_dir(self.root)
-        self._saw(name, ())
+        self._seen.forget([name])
         shutil.rmtree(trash, ignore_errors=True)
         return True
 

@@ -49,6 +49,7 @@ from model.memory_bank import MemoryBank
 from ..class_names import is_class_name
 from ..errors import StoreUnavailableError
 from .base import ClassRecord, StoreChanges, checked_shot
+from .seen import SeenVersions
 
 __all__ = ["CHANNEL", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "SchemaError"]
 
@@ -135,8 +136,7 @@ class PostgresStore:
         self._open_lock = threading.Lock()
         self._closers: list[threading.Thread] = []  # renewed pools' close(), joined by close()
         self._local = threading.local()  # the connection holding this thread's class lock
-        self._seen: dict[str, int] = {}  # revisions as last reported or written
-        self._seen_lock = threading.Lock()
+        self._seen: SeenVersions[int] = SeenVersions()  # revisions as last reported or written
         self._wake = threading.Event()  # set by the listener: another replica changed something
         self._subscribers: list[Callable[[], None]] = []
         self._stop = threading.Event()
@@ -307,24 +307,10 @@ class PostgresStore:
     def changes(self) -> StoreChanges:
         with _available("changes"), self._conn() as conn:
             present = dict(conn.execute("SELECT name, revision FROM sowa_classes").fetchall())
-        present = {n: r for n, r in present.items() if is_class_name(n)}
-        with self._seen_lock:
-            deleted = tuple(sorted(set(self._seen) - set(present)))
-            changed = tuple(sorted(n for n, rev in present.items() if self._seen.get(n) != rev))
-            self._seen = present
-        return StoreChanges(changed, deleted)
+        return self._seen.diff({n: r for n, r in present.items() if is_class_name(n)})
 
     def unsee(self, names: Iterable[str]) -> None:
-        with self._seen_lock:
-            for name in names:
-                self._seen.pop(name, None)
-
-    def _saw(self, name: str, revision: int | None) -> None:
-        with self._seen_lock:
-            if revision is None:
-                self._seen.pop(name, None)
-            else:
-                self._seen[name] = revision
+        self._seen.forget(names)
 
     # -- reads ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -390,7 +376,7 @@ class PostgresStore:
                  record.threshold_override, record.created, record.updated)).fetchone()
             self._notify(cur, record.name, "write")
         assert revision is not None
-        self._saw(record.name, int(revision[0]))  # our own write: not a change to report
+        self._seen.saw(record.name, int(revision[0]))  # our own write: not a change to report
 
     def delete(self, name: str) -> bool:
         self._check(name)
@@ -398,7 +384,7 @@ class PostgresStore:
             gone = cur.execute("DELETE FROM sowa_classes WHERE name = %s RETURNING name", (name,)).fetchone()
             if gone is not None:
                 self._notify(cur, name, "delete")
-        self._saw(name, None)
+        self._seen.forget([name])
         return gone is not None
 
     def _notify(self, cur: psycopg.Cursor[Any], name: str, op: str) -> None:
