@@ -55,7 +55,7 @@ def syncs(a: argparse.Namespace) -> dict:
     """Host synchronisations while the engine scores one batch against a class: torch reports each one as a
     warning in sync-debug mode. The answer needs one (the packed device-to-host copy of the results)."""
     from model.bundle import init_bundle
-    from service.engine import Engine
+    from service.core.engine import Engine
 
     with tempfile.TemporaryDirectory(prefix="sowa-syncs-") as tmp:
         bundle = Path(tmp) / "bundle"
@@ -101,7 +101,7 @@ def nvjpeg(a: argparse.Namespace) -> dict:
     """Decode + resize JPEGs with the device decoder (nvJPEG on a GPU) against the PIL reference path."""
     from model.device import resolve_device
     from model.preprocess import decode_image, resize_uint8
-    from service.staging import ImageStager, jpeg_size
+    from service.core.staging import ImageStager, jpeg_size
 
     device = resolve_device(a.device)
     stager = ImageStager(device, a.size, "torchvision")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from model.bundle import init_bundle, read_manifest  # noqa: E402
 from model.device import machine_description  # noqa: E402
-from service.store import open_store  # noqa: E402
+from service.core.store import open_store  # noqa: E402
 from sowa.server_process import ServerProcess  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 import httpx
 import numpy as np
 
-from .schemas import ClassInfo, ClassList, Heatmap, PredictResponse, ReadyInfo
+from .http.schemas import ClassInfo, ClassList, Heatmap, PredictResponse, ReadyInfo
 
 __all__ = ["ApiError", "AsyncSowaClient", "SowaClient", "decode_raw_heatmap"]
 

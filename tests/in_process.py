@@ -14,9 +14,9 @@ import httpx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from service.app import create_app
 from service.client import AsyncSowaClient
-from service.settings import Settings
+from service.core.settings import Settings
+from service.http.app import create_app
 from tests.helpers import wait_for_async
 
 __all__ = ["InProcess", "serve_in_process"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.memory_bank import MemoryBank
-from service.bank_residency import BankResidency, default_budget_bytes
+from service.core.bank_residency import BankResidency, default_budget_bytes
 
 
 def _bank(seed: int, rows: int = 8) -> MemoryBank:  # 2 stages x 8 rows x 4 dims x 4 bytes = 256 bytes

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from service.batcher import DynamicBatcher, WorkItem
-from service.errors import DeadlineExceededError, NotReadyError, QueueFullError
-from service.telemetry import Telemetry
+from service.core.batcher import DynamicBatcher, WorkItem
+from service.core.errors import DeadlineExceededError, NotReadyError, QueueFullError
+from service.core.telemetry import Telemetry
 from tests.helpers import wait_for_async
 
 

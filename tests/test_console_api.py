@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.calibration import calibrate, image_scores
-from service.app import create_app
-from service.engine import ImageResult
-from service.results import KeptResult, ResultStore, override_threshold
-from service.settings import Settings
+from service.core.engine import ImageResult
+from service.core.results import KeptResult, ResultStore, override_threshold
+from service.core.settings import Settings
+from service.http.app import create_app
 from tests.helpers import PARITY
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))

@@ -16,8 +16,8 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402  (after the skip: both come with schemathesis)
 from schemathesis.config import SchemathesisConfig  # noqa: E402
 
-from service.app import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.core.settings import Settings  # noqa: E402
+from service.http.app import create_app  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402
 from tests.in_process import serve_in_process  # noqa: E402
 

@@ -63,7 +63,7 @@ def test_compose_file_is_valid(profile: str) -> None:
     assert any(str(v).endswith(":/bundles:ro") for v in api["volumes"]), api["volumes"]
     assert any(str(v).startswith("sowa-data:/data") for v in api["volumes"]), api["volumes"]
     assert api["restart"] == "unless-stopped" and "readyz" in str(api["healthcheck"]["test"])
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     unknown = set(api["environment"]) - {f"SOWA_{name.upper()}" for name in Settings.model_fields}
     assert not unknown, f"compose sets variables the service does not read: {unknown}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.preprocess import load_image, resize_uint8
-from service.engine import Engine
+from service.core.engine import Engine
 from tests.helpers import PARITY
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))

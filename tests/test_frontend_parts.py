@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from service.engine import ImageResult
-from service.errors import ClassNotFoundError, QueueFullError, SowaError
-from service.frontend.protocol import Cancel, Predict, Reply, parse, read_frame, to_frame
-from service.frontend.slots import SharedCounter, SlotSegment
-from service.frontend.wire import error_from_wire, error_to_wire, results_from_wire, results_to_wire
+from service.core.engine import ImageResult
+from service.core.errors import ClassNotFoundError, QueueFullError, SowaError
+from service.workers.protocol import Cancel, Predict, Reply, parse, read_frame, to_frame
+from service.workers.slots import SharedCounter, SlotSegment
+from service.workers.wire import error_from_wire, error_to_wire, results_from_wire, results_to_wire
 
 
 def test_frames_round_trip_through_a_stream() -> None:
@@ -51,7 +51,7 @@ def test_another_process_sees_the_slots_and_the_counter() -> None:
     try:
         seg.array(1, 2)[:] = np.arange(2 * 3 * 8 * 8, dtype=np.uint8).reshape(2, 3, 8, 8)
         counter.set(41)
-        code = ("import sys; from service.frontend.slots import SlotSegment, SharedCounter;"
+        code = ("import sys; from service.workers.slots import SlotSegment, SharedCounter;"
                 f"s = SlotSegment(4, 8, name='{seg.name}'); c = SharedCounter('{counter.name}');"
                 "print(int(s.view(1, 2).sum()), c.value); s.view(0, 1)[:] = 9; s.close(); c.close()")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -83,8 +83,8 @@ def test_errors_keep_their_class_status_and_headers() -> None:
 
 def test_a_worker_refuses_before_decoding_when_the_engine_queue_is_full() -> None:
     """RemoteBackend.admit reads the engine's queue depth from shared memory: no round trip, no decoding."""
-    from service.errors import NotReadyError
-    from service.frontend.remote import RemoteBackend
+    from service.core.errors import NotReadyError
+    from service.workers.remote import RemoteBackend
 
     counter = SharedCounter()
     try:

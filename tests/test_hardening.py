@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 
 from model.preprocess import decode_image
-from service.errors import InvalidImageError
-from service.store import DirectoryStore
-from service.uploads import DECODE_BYTES_PER_PIXEL, DecodeBudget, decode_upload
+from service.core.errors import InvalidImageError
+from service.core.store import DirectoryStore
+from service.core.uploads import DECODE_BYTES_PER_PIXEL, DecodeBudget, decode_upload
 from sowa.server_process import ServerProcess
 from tests.helpers import PARITY
 from tests.in_process import serve_in_process
@@ -212,7 +212,7 @@ async def test_a_refused_class_answers_409_naming_the_way_out_and_can_be_deleted
 _CRASH = """
 import os, signal, sys, tempfile
 from pathlib import Path
-import service.store.directory as d
+import service.core.store.directory as d
 from tests.test_store import _record, _shots
 
 real = d.atomic_write
@@ -339,9 +339,9 @@ def test_slow_huge_and_too_many_connections_are_refused_cleanly(bundle: Path, tm
 
 
 def test_uvicorn_options_come_from_one_place(tmp_path: Path) -> None:
-    from service.http_guard import GuardedHttpToolsProtocol
-    from service.server import uvicorn_config
-    from service.settings import Settings
+    from service.core.settings import Settings
+    from service.http.guard import GuardedHttpToolsProtocol
+    from service.http.server_config import uvicorn_config
 
     cfg = uvicorn_config(Settings(bundle=tmp_path, header_timeout_s=3, body_timeout_s=4, keep_alive_timeout_s=2,
                                   max_header_bytes=4096, max_connections=100))

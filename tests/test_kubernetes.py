@@ -16,8 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.settings import Settings
-from service.telemetry import Telemetry
+from service.core.settings import Settings
+from service.core.telemetry import Telemetry
 from tests.helpers import REPO
 
 K8S = REPO / "docker" / "kubernetes"

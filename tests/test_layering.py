@@ -1,5 +1,6 @@
-"""The layers' direction, read from the source: model <- training, model <- service <- sowa, and a service core
-that knows no HTTP framework (so it can run under another front end, or none).
+"""The layers' direction, read from the source, by package: model <- training, model <- service <- sowa; inside
+the service, core <- http <- workers <- server, and a core that knows no HTTP framework (so it can run under
+another front end, or none). No import cycle between modules either.
 
 Every import counts, relative ones resolved, inside functions and `if TYPE_CHECKING:` blocks too.
 """
@@ -13,13 +14,17 @@ import pytest
 
 from tests.helpers import REPO
 
-# package -> top-level packages it must not import
-FORBIDDEN = {"model": {"service", "training", "sowa"}, "training": {"service", "sowa"}, "service": {"training", "sowa"}}
-# the service's core: no FastAPI or Starlette, directly or through another service module
-CORE = {"service.batcher", "service.engine", "service.registry", "service.store", "service.codecs", "service.staging",
-        "service.uploads", "service.errors", "service.telemetry", "service.bank_residency", "service.settings",
-        "service.class_names"}
-WEB = {"fastapi", "starlette"}
+PACKAGES = ("model", "training", "service", "sowa")
+# package -> what it must not import; a layer is named by its package, so a new module joins its layer's rules
+FORBIDDEN = {
+    "model": {"service", "training", "sowa"},
+    "training": {"service", "sowa"},
+    "service": {"training", "sowa"},
+    "service.core": {"service.http", "service.workers", "service.server", "service.client", "fastapi", "starlette"},
+    "service.http": {"service.workers", "service.server", "service.client"},
+    "service.workers": {"service.server", "service.client"},
+    "service.client": {"service.core", "service.workers", "service.server"},
+}
 
 
 def _module(path: Path) -> str:
@@ -27,8 +32,14 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _exists(name: str) -> bool:
+    path = REPO / name.replace(".", "/")
+    return path.is_dir() or path.with_suffix(".py").is_file()
+
+
 def imports(path: Path) -> set[str]:
-    """Every module `path` imports, as absolute dotted names (`from a import b` gives `a` and `a.b`)."""
+    """Every module `path` imports, as absolute dotted names: `from a import b` gives `a.b` where that is a
+    module of this repository, else `a`."""
     module = _module(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
@@ -41,41 +52,95 @@ def imports(path: Path) -> set[str]:
                 base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}
+            for a in node.names:
+                found.add(f"{base}.{a.name}" if _exists(f"{base}.{a.name}") else base)
     return found
 
 
 def _files(package: str) -> list[Path]:
-    return sorted((REPO / package.replace(".", "/")).rglob("*.py"))
+    path = REPO / package.replace(".", "/")
+    return sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
 
 
-def _in(name: str, modules: set[str]) -> bool:
-    return any(name == m or name.startswith(m + ".") for m in modules)
+def _in(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def wrong_way(package: str) -> list[str]:
+    return [f"{_module(p)} imports {name}" for p in _files(package) for name in sorted(imports(p))
+            if any(_in(name, f) for f in FORBIDDEN[package])]
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_packages_import_only_downwards(package: str) -> None:
-    offenders = [f"{_module(p)} imports {name}" for p in _files(package) for name in sorted(imports(p))
-                 if name.split(".")[0] in FORBIDDEN[package]]
+    assert _exists(package), f"{package} is gone: update FORBIDDEN"
+    offenders = wrong_way(package)
     assert not offenders, "\n".join(offenders)
 
 
-def _core_files() -> list[Path]:
-    files = []
-    for m in sorted(CORE):
-        path = REPO / m.replace(".", "/")
-        assert path.is_dir() or path.with_suffix(".py").is_file(), f"core module {m} is gone: update CORE"
-        files += sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
-    return files
+def test_every_service_module_sits_in_a_layer() -> None:
+    """A module at the service's top level is a composition root (server) or stands alone (client); anything else
+    belongs in core, http or workers, where the rules above hold it."""
+    top = sorted(p.stem for p in (REPO / "service").glob("*.py") if p.stem != "__init__")
+    assert top == ["client", "server"], top
 
 
-def test_the_service_core_knows_no_web_framework() -> None:
-    offenders = []
-    for path in _core_files():
-        for name in sorted(imports(path)):
-            if name.split(".")[0] in WEB:
-                offenders.append(f"{_module(path)} imports {name}")
-            elif name.split(".")[0] == "service" and name != "service" and not _in(name, CORE):
-                offenders.append(f"{_module(path)} imports {name}, outside the core")
-    assert not offenders, "\n".join(offenders)
+def _graph() -> dict[str, set[str]]:
+    modules = {_module(p): p for pkg in PACKAGES for p in _files(pkg)}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for imported in imports(path):
+            # the longest module of this repository the name is in (a package's __init__ counts as a module)
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                deps.add(imported)
+        graph[name] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    found = cycles(_graph())
+    assert not found, "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_cycle_finder_finds_a_loop_through_function_level_imports() -> None:
+    # the loop issue 19 found: server -> supervisor -> worker -> server
+    graph = {"server": {"supervisor"}, "supervisor": {"worker"}, "worker": {"server"}, "model": set()}
+    assert cycles(graph) == [["server", "supervisor", "worker"]]

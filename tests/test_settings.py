@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 
 def test_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:

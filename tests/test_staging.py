@@ -14,8 +14,8 @@ from PIL import Image
 
 from model.checkpoint_import import import_to_bundle
 from model.preprocess import decode_image, resize_uint8
-from service.engine import Engine
-from service.staging import ImageStager, jpeg_size
+from service.core.engine import Engine
+from service.core.staging import ImageStager, jpeg_size
 from tests.helpers import PARITY
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: nvJPEG decode and streams")
@@ -86,7 +86,7 @@ def test_groups_bound_device_pixels_without_changing_results(monkeypatch: pytest
     datas = [(_jpeg(_photo(60, 40, seed=i)), 2400) for i in range(5)]
     stager = ImageStager(torch.device("cpu"), 32, "torchvision")
     whole = stager.decode_jpegs(datas)
-    monkeypatch.setattr("service.staging._DECODE_GROUP_PIXELS", 5000)  # two images per group
+    monkeypatch.setattr("service.core.staging._DECODE_GROUP_PIXELS", 5000)  # two images per group
     grouped = stager.decode_jpegs(datas)
     assert all(torch.equal(a, b) for a, b in zip(whole, grouped, strict=True))
 
@@ -142,7 +142,7 @@ def test_host_staging_starts_no_thread_pool_per_request_thread() -> None:
     code = """
 import os, threading, time
 import numpy as np, torch
-from service.staging import ImageStager
+from service.core.staging import ImageStager
 torch.set_num_threads(2)
 x = [torch.from_numpy(np.full((3, 224, 224), i, np.uint8)) for i in range(8)]  # above torch's parallel grain
 torch.stack(x)  # the main thread's own pool exists before counting

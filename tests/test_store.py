@@ -18,7 +18,7 @@ import torch
 from model.calibration import Calibration
 from model.inference import ClassMemory
 from model.memory_bank import MemoryBank
-from service.store import ClassRecord, ClassStore, DirectoryStore, StoreChanges, open_store
+from service.core.store import ClassRecord, ClassStore, DirectoryStore, StoreChanges, open_store
 
 
 def _record(name: str, shots: dict[str, bytes], fingerprint: str = "fp-1",
@@ -172,8 +172,8 @@ def test_damage_and_bad_names_are_refused(tmp_path: Path) -> None:
 
 
 def test_store_urls(tmp_path: Path) -> None:
-    from service.settings import Settings
-    from service.store import store_kind
+    from service.core.settings import Settings
+    from service.core.store import store_kind
 
     assert isinstance(open_store(tmp_path / "a"), DirectoryStore)
     assert open_store(f"file://{tmp_path}/b").root == tmp_path / "b" / "classes"

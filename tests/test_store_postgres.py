@@ -20,8 +20,8 @@ import psycopg
 import pytest
 
 from service.client import SowaClient, decode_raw_heatmap
-from service.store import DirectoryStore, open_store
-from service.store.postgres import SCHEMA_VERSION, PostgresStore, SchemaError
+from service.core.store import DirectoryStore, open_store
+from service.core.store.postgres import SCHEMA_VERSION, PostgresStore, SchemaError
 from sowa.server_process import ServerProcess
 from tests.helpers import PARITY, REPO, wait_for, wait_for_async
 from tests.in_process import serve_in_process
@@ -61,7 +61,7 @@ def test_schema_from_an_empty_database_and_a_newer_one_refused(pg_url: str) -> N
 
 
 def test_a_store_that_is_down_answers_unavailable_and_catches_up(postgres: PostgresServer, pg_url: str) -> None:
-    from service.errors import StoreUnavailableError
+    from service.core.errors import StoreUnavailableError
 
     a, b = PostgresStore(pg_url), PostgresStore(pg_url)
     try:
@@ -88,7 +88,7 @@ def test_after_a_long_outage_the_store_answers_as_soon_as_the_server_is_back(pos
                                                                             pg_url: str) -> None:
     """psycopg_pool retries a lost connection at 1, 2, 4, 8 ... s: after an outage of 8 s its next attempt is
     seconds after the server came back. The listener's reconnect renews the pool, so the store answers at once."""
-    from service.errors import StoreUnavailableError
+    from service.core.errors import StoreUnavailableError
 
     store = PostgresStore(pg_url, timeout_s=2.0)
     try:
@@ -112,7 +112,7 @@ def test_after_a_long_outage_the_store_answers_as_soon_as_the_server_is_back(pos
 
 
 def test_a_lock_held_too_long_elsewhere_answers_unavailable(pg_url: str) -> None:
-    from service.errors import StoreUnavailableError
+    from service.core.errors import StoreUnavailableError
 
     a, b = PostgresStore(pg_url), PostgresStore(pg_url, lock_timeout_s=0.5)
     try:
@@ -181,7 +181,7 @@ async def test_a_catch_up_that_fails_is_tried_again(bundle: Path, tmp_path: Path
     """A change is announced once: when the look it triggers fails (the store dropped the query that lists the
     changes, or the one that reads the class), the replica looks again rather than waiting for the next
     announcement, which may never come, and the class it could not read is still reported then."""
-    from service.errors import StoreUnavailableError
+    from service.core.errors import StoreUnavailableError
 
     async with serve_in_process(bundle, tmp_path / "a", store=pg_url) as a, \
             serve_in_process(bundle, tmp_path / "b", store=pg_url) as b:

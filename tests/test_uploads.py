@@ -1,4 +1,4 @@
-"""service.uploads without HTTP: (filename, bytes) pairs in, a staged batch or decoded images out, 4xx errors
+"""service.core.uploads without HTTP: (filename, bytes) pairs in, a staged batch or decoded images out, 4xx errors
 naming the file."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from model.preprocess import decode_image, resize_uint8
-from service.errors import InvalidImageError, PayloadTooLargeError, UnprocessableError
-from service.staging import ImageStager
-from service.uploads import ImageSource, PixelLimits, check_count, decode_batch, stage_batch
+from service.core.errors import InvalidImageError, PayloadTooLargeError, UnprocessableError
+from service.core.staging import ImageStager
+from service.core.uploads import ImageSource, PixelLimits, check_count, decode_batch, stage_batch
 
 LIMITS = PixelLimits(image=10_000, request=15_000)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from service.core.settings import Settings
 
 __all__ = ["add_arguments", "run", "settings_from_args"]
 
@@ -46,7 +46,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     from pydantic import ValidationError
 
     from model.bundle import read_manifest
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     given = {k: getattr(args, k) for k in _FLAGS if getattr(args, k, None) is not None}
     try:

@@ -25,7 +25,7 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
 
 def migrate(source_url: str, target_url: str, replace: bool = False) -> tuple[list[str], dict[str, str]]:
     """Copy every class of `source_url` into `target_url`: (names copied, {name: why skipped})."""
-    from service.store import open_store
+    from service.core.store import open_store
 
     source, target = open_store(source_url), open_store(target_url)
     copied: list[str] = []
@@ -60,7 +60,7 @@ def migrate(source_url: str, target_url: str, replace: bool = False) -> tuple[li
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.errors import SowaError
+    from service.core.errors import SowaError
 
     try:
         copied, skipped = migrate(args.source, args.target, args.replace)

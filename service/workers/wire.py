@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import errors
-from ..engine import ImageResult
+from ..core import errors
+from ..core.engine import ImageResult
 
 __all__ = ["error_from_wire", "error_to_wire", "results_from_wire", "results_to_wire"]
 

@@ -13,25 +13,25 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .backend import LocalBackend
-from .batcher import DynamicBatcher
+from ..core.backend import LocalBackend
+from ..core.batcher import DynamicBatcher
+from ..core.engine import Engine
+from ..core.registry import ClassRegistry
+from ..core.settings import Settings
+from ..core.staging import ImageStager
+from ..core.status import ServiceStatus
+from ..core.store import open_store
+from ..core.telemetry import Telemetry
+from ..core.uploads import DecodeBudget, limit_malloc_arenas
+from ..workers.engine_server import EngineServer
+from ..workers.link import WorkerLink
+from ..workers.slots import SharedCounter
 from .deps import Serving
-from .engine import Engine
-from .frontend.engine_server import EngineServer
-from .frontend.link import WorkerLink
-from .frontend.slots import SharedCounter
 from .handlers import install_error_handlers
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, RouteHeaderMiddleware
 from .openapi import install_openapi
-from .registry import ClassRegistry
 from .routes import classes, health, predict, results
 from .routes.console import mount_console
-from .settings import Settings
-from .staging import ImageStager
-from .status import ServiceStatus
-from .store import open_store
-from .telemetry import Telemetry
-from .uploads import DecodeBudget, limit_malloc_arenas
 
 __all__ = ["create_app"]
 
@@ -112,7 +112,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, workers: WorkerLink | None = None) -> FastAPI:
     """The service's app. With `workers`, this is the engine process behind HTTP worker processes
-    (service/frontend/): they send predictions to its EngineServer and forward every other request here, and
+    (service/workers/): they send predictions to its EngineServer and forward every other request here, and
     they count all requests, so this app counts none and adds theirs to /metrics."""
     app = FastAPI(
         title="SOWA inspection service",

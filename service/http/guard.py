@@ -24,7 +24,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import error_body
+from ..core.errors import error_body
 
 __all__ = ["GuardedHttpToolsProtocol", "guarded_protocol", "raw_error_response"]
 

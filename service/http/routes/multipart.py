@@ -1,10 +1,10 @@
-"""A request's multipart files as plain `(filename, bytes)` pairs, for `service.uploads`."""
+"""A request's multipart files as plain `(filename, bytes)` pairs, for `service.core.uploads`."""
 
 from __future__ import annotations
 
 from fastapi import UploadFile
 
-from ..uploads import Upload, check_count
+from ...core.uploads import Upload, check_count
 
 __all__ = ["read_files"]
 

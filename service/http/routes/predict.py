@@ -9,14 +9,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 
-from ..class_names import CLASS_NAME
-from ..codecs import find_regions, png_heatmap, raw_heatmap
+from ...core.class_names import CLASS_NAME
+from ...core.codecs import find_regions, png_heatmap, raw_heatmap
+from ...core.engine import ImageResult
+from ...core.errors import ClientClosedError, DeadlineExceededError, UnprocessableError
+from ...core.results import override_threshold
+from ...core.uploads import ImageSource, PixelLimits, stage_uploads
 from ..deps import ServingDep, require_api_key
-from ..engine import ImageResult
-from ..errors import ClientClosedError, DeadlineExceededError, UnprocessableError
-from ..results import override_threshold
 from ..schemas import PredictResponse
-from ..uploads import ImageSource, PixelLimits, stage_uploads
 from .multipart import read_files
 from .results import keep_results
 
@@ -67,7 +67,7 @@ def _encode(src: ImageSource, r: ImageResult, heatmap: HeatmapKind) -> dict:
             if r.anomaly_map is not None and r.may_hold_regions else []}
 
 
-@router.post("/predict", response_model=PredictResponse, summary="Score images")  # errors: service/openapi.py
+@router.post("/predict", response_model=PredictResponse, summary="Score images")  # errors: service/http/openapi.py
 async def predict(
     request: Request,
     svc: ServingDep,

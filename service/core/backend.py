@@ -1,7 +1,7 @@
 """Backends: what the predict route calls to turn a staged batch into results.
 
 `LocalBackend` does it in this process: the class's memory from the registry, the batcher, the engine. HTTP
-worker processes (service/frontend/) use `RemoteBackend`, which sends the batch to the engine process's
+worker processes (service/workers/) use `RemoteBackend`, which sends the batch to the engine process's
 LocalBackend; both satisfy `Backend`, so the route is the same code in either process."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """RemoteBackend: what an HTTP worker process calls instead of the engine: the engine process, over a Unix socket.
 
-It implements the same `Backend` interface as the in-process one (service/backend.py), so the routes do not know
+It implements the same `Backend` interface as the in-process one (service/core/backend.py), so the routes do not know
 which they talk to. A request's images are copied into this worker's shared-memory slots (numpy's copy: no torch
 thread pool on the event loop) and the engine reads them there; the run of slots is given back when the engine's
 reply arrives, also for a request whose client left (the engine answers every request exactly once).
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..class_names import check_class_name
-from ..engine import ImageResult
-from ..errors import NotReadyError, QueueFullError, SowaError
-from ..staging import ImageStager
+from ..core.class_names import check_class_name
+from ..core.engine import ImageResult
+from ..core.errors import NotReadyError, QueueFullError, SowaError
+from ..core.staging import ImageStager
 from .protocol import Cancel, Hello, Predict, Reply, parse, read_frame, to_frame
 from .slots import SharedCounter, SlotSegment
 from .wire import error_from_wire, results_from_wire

@@ -13,11 +13,11 @@ from typing import Annotated, Protocol
 from fastapi import Depends, Request, Response
 from fastapi.security import APIKeyHeader
 
-from .backend import Backend
-from .errors import NotReadyError, UnauthorizedError
-from .registry import ClassRegistry
-from .settings import Settings
-from .telemetry import Telemetry
+from ..core.backend import Backend
+from ..core.errors import NotReadyError, UnauthorizedError
+from ..core.registry import ClassRegistry
+from ..core.settings import Settings
+from ..core.telemetry import Telemetry
 
 __all__ = ["RegistryDep", "Serving", "ServingDep", "SettingsDep", "TelemetryDep", "require_api_key"]
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import uvicorn
 
-from ..app import create_app
-from ..settings import Settings
+from ..core.settings import Settings
+from ..http.app import create_app
+from ..http.server_config import uvicorn_config
 from .link import WorkerLink
 from .worker import run_worker
 
@@ -67,9 +68,7 @@ async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_lev
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    from .. import server
-
-    options = {k: v for k, v in server.uvicorn_config(settings).items() if k not in ("host", "port")}
+    options = {k: v for k, v in uvicorn_config(settings).items() if k not in ("host", "port")}
     config = uvicorn.Config(create_app(settings, link), uds=link.engine_http, log_level=log_level, **options)
     engine = _EngineHttp(config)
     engine_task = asyncio.create_task(engine.serve())

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .settings import Settings
+from ..core.settings import Settings
 
 __all__ = ["ERRORS", "install_openapi"]
 
@@ -42,7 +42,7 @@ _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/classes/{name}"): (404, 409, 422),
     ("patch", "/classes/{name}"): (*_ANY, 404, 409, 422, 507),
     ("delete", "/classes/{name}"): (404, 422),
-    # the console's API (service/routes/results.py)
+    # the console's API (service/http/routes/results.py)
     ("get", "/classes/{name}/shots"): (404, 409, 422),
     ("get", "/classes/{name}/shots/{sha256}"): (404, 409, 422),
     ("get", "/classes/{name}/results"): (404, 409, 422),

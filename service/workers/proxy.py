@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..middleware import send_error
+from ..http.middleware import send_error
 
 __all__ = ["EngineProxy"]
 

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     results_max_mb: float = Field(128.0, ge=0, description="bytes of all kept results (thumbnails, uploads)")
     results_max_image_mb: float = Field(4.0, ge=0, description="an upload larger than this is kept without its "
                                         "image (it cannot become a shot by its id)")
-    # the HTTP server's own limits (service/server.py `uvicorn_config`, service/http_guard.py): the service faces
+    # the HTTP server's own limits (service/http/server_config.py, service/http/guard.py): the service faces
     # clients directly when nothing sits in front of it
     header_timeout_s: float = Field(10.0, gt=0, description="time a request has to send its request line and "
                                     "headers (408 after)")

@@ -21,15 +21,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import Mount
 
-from ..deps import Serving
-from ..handlers import install_error_handlers
-from ..middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from ..routes import predict
-from ..settings import Settings
-from ..staging import ImageStager
-from ..status import ServiceStatus
-from ..telemetry import Telemetry
-from ..uploads import DecodeBudget, limit_malloc_arenas
+from ..core.settings import Settings
+from ..core.staging import ImageStager
+from ..core.status import ServiceStatus
+from ..core.telemetry import Telemetry
+from ..core.uploads import DecodeBudget, limit_malloc_arenas
+from ..http.deps import Serving
+from ..http.handlers import install_error_handlers
+from ..http.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from ..http.routes import predict
 from .link import WorkerLink
 from .proxy import EngineProxy
 from .remote import RemoteBackend

@@ -6,10 +6,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
 
-from ..class_names import CLASS_NAME, check_class_name
+from ...core.class_names import CLASS_NAME, check_class_name
+from ...core.uploads import PixelLimits, decode_uploads
 from ..deps import RegistryDep, SettingsDep, require_api_key
 from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
-from ..uploads import PixelLimits, decode_uploads
 from .multipart import read_files
 
 __all__ = ["router"]

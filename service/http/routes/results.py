@@ -13,13 +13,13 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.convertors import Convertor, register_url_convertor
 
+from ...core.engine import ImageResult
+from ...core.errors import UnprocessableError
+from ...core.results import KeptResult, ResultStore, ShotNotFoundError, make_kept, thumbnail_jpeg
+from ...core.settings import Settings
+from ...core.uploads import ImageSource, Upload, decode_upload
 from ..deps import RegistryDep, SettingsDep, require_api_key
-from ..engine import ImageResult
-from ..errors import UnprocessableError
-from ..results import KeptResult, ResultStore, ShotNotFoundError, make_kept, thumbnail_jpeg
 from ..schemas import ClassInfo, Region
-from ..settings import Settings
-from ..uploads import ImageSource, Upload, decode_upload
 
 __all__ = ["ResultsDep", "keep_results", "new_store", "router"]
 

@@ -21,7 +21,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Telemetry:
     """`http`: the request metrics, counted where HTTP is served; `engine`: batching, queue, classes, banks.
 
-    One process serves both by default. With HTTP worker processes (service/frontend/), each worker counts its
+    One process serves both by default. With HTTP worker processes (service/workers/), each worker counts its
     requests in prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`, set before the worker
     imports prometheus_client) and the engine process, which has the rest, adds those files up at scrape time
     (`worker_metrics_dir`): one /metrics, whichever worker a scrape reaches.

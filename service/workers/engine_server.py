@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 
-from ..backend import LocalBackend
-from ..errors import ClientClosedError, SowaError, UnprocessableError
+from ..core.backend import LocalBackend
+from ..core.errors import ClientClosedError, SowaError, UnprocessableError
 from .protocol import Cancel, Hello, Predict, Reply, parse, read_frame, to_frame
 from .slots import SharedCounter, SlotSegment
 from .wire import error_to_wire, results_to_wire

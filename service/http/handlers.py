@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from .errors import SowaError, error_body
+from ..core.errors import SowaError, error_body
 
 __all__ = ["install_error_handlers"]
 

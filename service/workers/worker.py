@@ -11,7 +11,7 @@ import socket
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    from ..core.settings import Settings
     from .link import WorkerLink
 
 __all__ = ["port_socket", "run_worker"]
@@ -51,7 +51,7 @@ def run_worker(settings: Settings, link: WorkerLink, log_level: str, index: int,
 
     import uvicorn
 
-    from ..server import uvicorn_config
+    from ..http.server_config import uvicorn_config
     from .worker_app import create_worker_app
 
     logging.basicConfig(level=log_level.upper(),

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from ...core.telemetry import CONTENT_TYPE_LATEST
 from ..deps import TelemetryDep
 from ..schemas import ReadyInfo
-from ..telemetry import CONTENT_TYPE_LATEST
 
 __all__ = ["router"]
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_body
-from .telemetry import Telemetry
+from ..core.errors import error_body
+from ..core.telemetry import Telemetry
 
 __all__ = ["ROUTE_HEADER", "ApiKeyMiddleware", "BodyLimitMiddleware", "MetricsMiddleware", "RouteHeaderMiddleware"]
 
@@ -118,7 +118,7 @@ class ApiKeyMiddleware:
 
     @staticmethod
     def _console(path: str) -> bool:
-        """The console's static files (service/console/) hold no data; the API they call needs the key."""
+        """The console's static files (service/http/console/) hold no data; the API they call needs the key."""
         return path == "/ui" or path.startswith("/ui/")
 
     def __init__(self, app: ASGIApp, key: str) -> None:

@@ -1,7 +1,7 @@
 """ClassRegistry: the product classes in memory, their banks fitted by the engine, kept durable by a ClassStore.
 
 The registry decides what a class is (its shots, fitted memory, threshold override) and serves snapshots of it;
-the store (`service/store/`) keeps the records and tells what other replicas changed. A 2xx on registration is
+the store (`service/core/store/`) keeps the records and tells what other replicas changed. A 2xx on registration is
 sent only after the store has the class. On start, a class whose bank was computed with another bundle, or whose
 bank is damaged, is rebuilt from its shots; a class whose shots are damaged is refused and reported, never served
 half-right.
