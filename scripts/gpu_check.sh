@@ -62,7 +62,7 @@ step() {  # step NAME LIMIT_S COMMAND...: one timed step, its output into log.tx
 python3 scripts/gpu_probe.py env > "$out/env.json" 2>> "$out/log.txt" || failed=$((failed + 1))
 cat "$out/env.json"
 # only the files that hold CUDA tests: the others import what the GPU image lacks (psycopg, playwright, ...)
-cuda_files=$(grep -l "needs a CUDA device" tests/test_*.py | tr '\n' ' ')
+cuda_files=$(grep -rl "needs a CUDA device" tests --include="test_*.py" | tr '\n' ' ')
 step "CUDA tests" "${limits[0]}" bash -c "python3 -m pytest -m cuda -q -rA -p no:cacheprovider $cuda_files \
     > '$out/cuda_tests.txt' 2>&1; rc=\$?; tail -3 '$out/cuda_tests.txt'; [ \$rc = 0 ] || [ \$rc = 5 ]"
 step "bench model, eager" "${limits[1]}" "${sowa[@]}" bench model --arch "$arch" --device "$device" \

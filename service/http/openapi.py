@@ -1,5 +1,5 @@
 """The OpenAPI document as the server behaves: every error answer with the service's error body, the class-name
-pattern, and API-key security only when a key is set (issue #14, item 7; `tests/test_contract.py` runs
+pattern, and API-key security only when a key is set (issue #14, item 7; `tests/service/http/test_contract.py` runs
 schemathesis against it).
 
 FastAPI derives the document from the routes; what it cannot know (which errors a route answers, through the

@@ -18,10 +18,10 @@ from schemathesis.config import SchemathesisConfig  # noqa: E402
 
 from service.core.settings import Settings  # noqa: E402
 from service.http.app import create_app  # noqa: E402
-from tests.helpers import wait_for  # noqa: E402
+from tests.helpers import REPO, wait_for  # noqa: E402
 from tests.in_process import serve_in_process  # noqa: E402
 
-CONFIG = SchemathesisConfig.from_path(Path(__file__).resolve().parents[1] / "schemathesis.toml")
+CONFIG = SchemathesisConfig.from_path(REPO / "schemathesis.toml")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ API key, a synthetic product registered, inspected and its threshold moved throu
 
 Needs `chromium` (apt) and `playwright` (pip, the dev extra); skipped where either is missing. Screenshots of each
 page go to a temporary folder, or to `SOWA_CONSOLE_SCREENSHOTS` (docs/console/ holds the committed ones):
-`SOWA_CONSOLE_SCREENSHOTS=docs/console python3 -m pytest tests/test_console_browser.py`.
+`SOWA_CONSOLE_SCREENSHOTS=docs/console python3 -m pytest tests/service/http/test_console_browser.py`.
 """
 
 from __future__ import annotations

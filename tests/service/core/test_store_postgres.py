@@ -1,7 +1,7 @@
 """The class store on a real PostgreSQL (Debian's, started by tests/postgres_server.py: one server per session, a
 database per test): its schema versions, replicas that follow each other by LISTEN/NOTIFY, concurrent appends,
 a replica killed -9 mid-registration, the database restarted under load, and the copy from a directory store.
-The behaviour both backends share is in tests/test_store.py."""
+The behaviour both backends share is in tests/service/core/test_store.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from sowa.server_process import ServerProcess
 from tests.helpers import PARITY, REPO, wait_for, wait_for_async
 from tests.in_process import serve_in_process
 from tests.postgres_server import PostgresServer
-from tests.test_store import _record, _shots
+from tests.service.core.test_store import _record, _shots
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))

@@ -26,9 +26,9 @@ from service.core.errors import InvalidImageError
 from service.core.store import DirectoryStore
 from service.core.uploads import DECODE_BYTES_PER_PIXEL, DecodeBudget, decode_upload
 from sowa.server_process import ServerProcess
-from tests.helpers import PARITY
+from tests.helpers import PARITY, REPO
 from tests.in_process import serve_in_process
-from tests.test_store import _record, _shots
+from tests.service.core.test_store import _record, _shots
 
 SHOTS = sorted(PARITY.glob("shots/*.png"))
 TESTS = sorted(PARITY.glob("test/*.png"))
@@ -213,7 +213,7 @@ _CRASH = """
 import os, signal, sys, tempfile
 from pathlib import Path
 import service.core.store.directory as d
-from tests.test_store import _record, _shots
+from tests.service.core.test_store import _record, _shots
 
 real = d.atomic_write
 
@@ -237,7 +237,7 @@ with store.lock(sys.argv[2]):
 
 def _crash_writing(data: Path, name: str, shot: str) -> None:
     r = subprocess.run([os.sys.executable, "-c", _CRASH, str(data), name, shot], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == -9, r.stderr
 
 
