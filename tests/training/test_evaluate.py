@@ -17,12 +17,11 @@ from model.bundle import load_bundle, save_bundle
 from model.inference import fit_class
 from model.sowa import SowaModel
 from sowa.cli import main
+from tests.helpers import perturb_trainables, tiny_config
 from training.datasets import DatasetError, Item, list_items, load_sample
 from training.evaluate import evaluate, run_class, sample_shots, write_report
 from training.plots import plot_vs_k
 from training.report import METRICS, aggregate, markdown
-
-from .helpers import perturb_trainables, tiny_config
 
 CLASSES = {"alpha": (90, 140, 60), "beta": (40, 60, 160)}  # base colour of each class's texture
 TRAIN, NORMAL_TESTS, DEFECT_TESTS = 4, 3, 3

@@ -18,13 +18,12 @@ from safetensors.torch import load_file
 from model.bundle import load_bundle, read_manifest
 from model.sowa import SowaModel, TrainOutput
 from sowa.cli import main
+from tests.helpers import REPO, TINY_CLIP
 from training.checkpoints import CheckpointMismatchError, latest_checkpoint
 from training.evaluate import evaluate
 from training.losses import dice_loss, focal_loss, sowa_loss
 from training.train import TrainOptions, train
 from training.train_data import epoch_order
-
-from .helpers import REPO, TINY_CLIP
 
 
 # -- losses ----------------------------------------------------------------------------------------------------
