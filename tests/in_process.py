@@ -49,8 +49,8 @@ async def serve_in_process(bundle: Path, data_dir: Path, ready_timeout: float = 
         http = _http(manager.app)
         async with AsyncSowaClient(http=http) as client:
             async def ready() -> bool:
-                if app.state.status.error:
-                    raise AssertionError(f"start-up failed: {app.state.status.error}")
+                if app.state.runtime.status.error:
+                    raise AssertionError(f"start-up failed: {app.state.runtime.status.error}")
                 return (await http.get("/readyz")).status_code == 200
 
             await wait_for_async(ready, ready_timeout, "the app is ready")

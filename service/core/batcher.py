@@ -22,7 +22,7 @@ from model.inference import ClassMemory
 from .errors import DeadlineExceededError, NotReadyError, QueueFullError
 from .telemetry import Telemetry
 
-__all__ = ["DynamicBatcher", "WorkItem"]
+__all__ = ["DynamicBatcher", "WorkItem", "admit"]
 
 log = logging.getLogger("sowa.batcher")
 
@@ -47,6 +47,16 @@ class WorkItem:
     @property
     def size(self) -> int:
         return int(self.images.shape[0])
+
+
+def admit(queued: int, images: int, max_queue: int, max_wait_s: float, max_batch_size: int) -> None:
+    """The one admission rule, wherever the queue's depth is read (the batcher itself, or an HTTP worker reading
+    it from shared memory): 429 when `images` more would not fit, with a Retry-After of about the time the
+    queue needs to drain (a batch's wait plus 50 ms a batch, at least 1 s)."""
+    if queued + images > max_queue:
+        retry = max(1, round(max_wait_s + 0.05 * queued / max_batch_size))
+        raise QueueFullError(f"{queued} images are waiting (limit {max_queue}); retry later",
+                             headers={"Retry-After": str(retry)})
 
 
 class DynamicBatcher:
@@ -88,10 +98,7 @@ class DynamicBatcher:
         ask before decoding a request, so overload costs no decoding; `submit` asks again."""
         if self._closing:
             raise NotReadyError("the server is shutting down")
-        if self._queued_images + images > self.max_queue:
-            retry = max(1, round(self.max_wait + 0.05 * self._queued_images / self.max_batch_size))
-            raise QueueFullError(f"{self._queued_images} images are waiting (limit {self.max_queue}); retry later",
-                                 headers={"Retry-After": str(retry)})
+        admit(self._queued_images, images, self.max_queue, self.max_wait, self.max_batch_size)
 
     def submit(self, item: WorkItem) -> WorkItem:
         """Queue an item or refuse it at once (`check_room`)."""

@@ -30,7 +30,7 @@ from model.bundle import load_bundle
 from model.calibration import zero_shot_pixel_threshold
 from model.compiled_vision import CompiledVision, bucket_sizes
 from model.device import resolve_device, resolve_dtype
-from model.inference import ClassMemory, fit_class, predict_scored
+from model.inference import ClassMemory, ScoreColumns, fit_class, predict_scored
 from model.memory_bank import MemoryBank
 from model.preprocess import normalize, resize_uint8
 
@@ -43,16 +43,25 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One image's outputs, on the host."""
+    """One image's outputs, on the host: its map, `ScoreColumns`' numbers under the same names, and the pixel
+    threshold of its class."""
 
     anomaly_map: np.ndarray | None  # (S, S) float32, reference scale; None where it was not sent (workers)
     text_score: float
-    score: float  # online raw score (docs/scoring.md)
+    score: float  # the raw online score (docs/scoring.md), as in the API; `ImageScores.raw` in the model
     threshold: float
     normalized_score: float
     is_anomalous: bool
     pixel_threshold: float  # map level where regions start
     map_max: float | None = None  # the map's highest value: at or below pixel_threshold, it holds no region
+
+    @classmethod
+    def from_columns(cls, columns: ScoreColumns[float], anomaly_map: np.ndarray | None,
+                     pixel_threshold: float) -> ImageResult:
+        return cls(anomaly_map=anomaly_map, pixel_threshold=pixel_threshold, **columns._asdict())
+
+    def columns(self) -> ScoreColumns[float]:
+        return ScoreColumns._make(getattr(self, f) for f in ScoreColumns._fields)
 
     @property
     def may_hold_regions(self) -> bool:
@@ -61,11 +70,11 @@ class ImageResult:
 
 @dataclass(frozen=True)
 class PendingBatch:
-    """A launched batch: its maps on the device, its per-image numbers (text, raw, threshold, score, verdict,
-    map max) on their way to the host, the event that says they are there (None on the CPU)."""
+    """A launched batch: its maps on the device, its per-image numbers (`ScoreColumns`, packed) on their way to
+    the host, the event that says they are there (None on the CPU)."""
 
     maps: torch.Tensor  # (B, S, S)
-    columns: torch.Tensor  # (B, 6) float32
+    columns: torch.Tensor  # (B, len(ScoreColumns._fields)) float32: Prediction.columns
     ready: torch.cuda.Event | None
     memories: list[ClassMemory | None]
 
@@ -156,8 +165,7 @@ class Engine:
         on_device = [None if m is None else ClassMemory(bank, m.calibration) for m, bank in zip(memories, banks,
                                                                                               strict=True)]
         pred = predict_scored(self.model, self._to_device(images), on_device)
-        map_max = pred.anomaly_maps.flatten(1).amax(dim=1).float()[:, None]
-        columns = torch.cat([pred.columns(), map_max], dim=1)  # (B, 6): Prediction.columns, then the map's max
+        columns = pred.columns()
         if self.device.type != "cuda":
             return PendingBatch(pred.anomaly_maps, columns, None, list(memories))
         host = torch.empty(columns.shape, dtype=torch.float32, pin_memory=True)
@@ -172,13 +180,14 @@ class Engine:
         regions. The batch's one wait for the device is here."""
         if pending.ready is not None:
             pending.ready.synchronize()
-        c = pending.columns.tolist()
+        c = [ScoreColumns.unpack(row) for row in pending.columns.tolist()]
         zero_shot_px = zero_shot_pixel_threshold(len(self.model.taps))
         pixel = [m.calibration.pixel_threshold if m else zero_shot_px for m in pending.memories]
-        rows = [i for i, (row, px, need) in enumerate(zip(c, pixel, need_maps, strict=True)) if need or row[5] > px]
+        rows = [i for i, (col, px, need) in enumerate(zip(c, pixel, need_maps, strict=True))
+                if need or col.map_max > px]
         maps = dict(zip(rows, self._maps_to_host(pending, rows), strict=True)) if rows else {}
-        return [ImageResult(maps.get(i), row[0], row[1], row[2], row[3], row[4] > 0.5, px, row[5])
-                for i, (row, px) in enumerate(zip(c, pixel, strict=True))]
+        return [ImageResult.from_columns(col, maps.get(i), px)
+                for i, (col, px) in enumerate(zip(c, pixel, strict=True))]
 
     def _maps_to_host(self, pending: PendingBatch, rows: list[int]) -> list[np.ndarray]:
         maps = pending.maps

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 
 __all__ = [
+    "BY_CODE",
     "DISK_FULL_ERRNOS",
     "ClassDamagedError",
     "ClassNotFoundError",
@@ -19,6 +20,8 @@ __all__ = [
     "NotReadyError",
     "PayloadTooLargeError",
     "QueueFullError",
+    "ResultNotFoundError",
+    "ShotNotFoundError",
     "SowaError",
     "StoreUnavailableError",
     "UnauthorizedError",
@@ -46,6 +49,14 @@ class UnauthorizedError(SowaError):
 
 class ClassNotFoundError(SowaError):
     status, code = 404, "class_not_found"
+
+
+class ResultNotFoundError(SowaError):
+    status, code = 404, "result_not_found"
+
+
+class ShotNotFoundError(SowaError):
+    status, code = 404, "shot_not_found"
 
 
 class ClassDamagedError(SowaError):
@@ -93,3 +104,18 @@ class DeadlineExceededError(SowaError):
 
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
+
+
+
+def _by_code(classes: list[type[SowaError]]) -> dict[str, type[SowaError]]:
+    out: dict[str, type[SowaError]] = {}
+    for cls in classes:
+        if out.setdefault(cls.code, cls) is not cls:
+            raise TypeError(f"{out[cls.code].__name__} and {cls.__name__} share the code '{cls.code}'")
+    return out
+
+
+# Every error class of this module by its code: what a worker rebuilds an engine's error from (workers/wire.py).
+# Taken from this module, not found by `__subclasses__`, which knows only the modules a process happened to
+# import. Keep it last, so that a class defined above joins it (tests/service/core/test_errors.py checks).
+BY_CODE = _by_code([v for v in list(globals().values()) if isinstance(v, type) and issubclass(v, SowaError)])

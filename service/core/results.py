@@ -23,24 +23,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from model.postprocess import heat_colours, with_threshold
+
 from .engine import ImageResult
-from .errors import SowaError
-from .uploads import decode_upload
+from .errors import ResultNotFoundError
+from .uploads import THUMB_SIZE, ImageSource
 
-__all__ = ["THUMB_SIZE", "KeptResult", "ResultNotFoundError", "ResultStore", "ShotNotFoundError", "make_kept",
+__all__ = ["THUMB_SIZE", "KeptResult", "ResultStore", "make_kept",
            "override_threshold", "thumbnail_jpeg"]
-
-THUMB_SIZE = 128
-_HEAT = np.array([[0, 0, 0], [120, 0, 140], [230, 60, 30], [255, 210, 0], [255, 255, 255]], dtype=np.float32)
-
-
-class ResultNotFoundError(SowaError):
-    status, code = 404, "result_not_found"
-
-
-class ShotNotFoundError(SowaError):
-    status, code = 404, "shot_not_found"
-
 
 @dataclass(frozen=True)
 class KeptResult:
@@ -70,30 +60,19 @@ class KeptResult:
                 "time": self.time, "regions": self.regions, "image_kept": self.image is not None}
 
 
-def normalised(raw: float, threshold: float) -> float:
-    """`model.calibration.normalise` for one value."""
-    v = 0.5 * raw / threshold if raw <= threshold else 0.5 + 0.5 * (raw - threshold) / (1.0 - threshold)
-    return min(max(v, 0.0), 1.0)
-
-
 def override_threshold(r: ImageResult, threshold: float | None) -> ImageResult:
-    """The result as if its class's threshold were `threshold` (a per-request override): the score is unchanged,
-    its normalised score and the verdict follow the threshold. No model call needed."""
+    """The result as if its class's threshold were `threshold` (a per-request override): the raw score is
+    unchanged, its normalised score and the verdict follow the threshold (`model.postprocess.with_threshold`)."""
     if threshold is None:
         return r
-    return replace(r, threshold=threshold, normalized_score=normalised(r.score, threshold),
-                   is_anomalous=r.score > threshold)
+    normalized_score, is_anomalous = with_threshold(r.score, threshold)
+    return replace(r, threshold=threshold, normalized_score=normalized_score, is_anomalous=is_anomalous)
 
 
 def _thumbnail(img: Image.Image, anomaly_map: np.ndarray, vmax: float) -> bytes:
     img = img.copy()
     img.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BILINEAR)
-    heat = np.clip(anomaly_map / max(vmax, 1e-12), 0.0, 1.0)
-    pos = heat * (len(_HEAT) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_HEAT) - 2)
-    t = (pos - lo)[..., None]
-    rgb = Image.fromarray((_HEAT[lo] * (1 - t) + _HEAT[lo + 1] * t).astype(np.uint8)).resize(
-        img.size, Image.Resampling.BILINEAR)
+    rgb = Image.fromarray(heat_colours(anomaly_map / max(vmax, 1e-12))).resize(img.size, Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     Image.blend(img.convert("RGB"), rgb, 0.45).save(buf, format="JPEG", quality=80)
     return buf.getvalue()
@@ -109,13 +88,15 @@ def thumbnail_jpeg(png: bytes) -> bytes:
     return buf.getvalue()
 
 
-def make_kept(class_name: str, filename: str, data: bytes, width: int, height: int, r: ImageResult,
-              regions: list[dict], max_pixels: int, max_image_bytes: int) -> KeptResult:
-    """A result to keep: its thumbnail is made from the upload (decoded again: CPU, call from a worker thread)."""
-    img = decode_upload(data, filename, max_pixels)
-    thumb = _thumbnail(img, r.anomaly_map, 2.0 * r.pixel_threshold)
-    return KeptResult(uuid.uuid4().hex, class_name, filename, width, height, r.score, r.normalized_score,
-                      r.text_score, r.threshold, r.is_anomalous, time.time(), regions, thumb,
+def make_kept(class_name: str, source: ImageSource, data: bytes, thumbnail: Image.Image | None, r: ImageResult,
+              regions: list[dict], max_image_bytes: int) -> KeptResult:
+    """A result to keep. `thumbnail` is the upload made small while it was decoded for scoring (uploads.py), so
+    keeping decodes nothing again; the heatmap is blended over it here (CPU: call from a worker thread)."""
+    if thumbnail is None or r.anomaly_map is None:
+        raise ValueError("a kept result needs the image's thumbnail and its anomaly map")
+    thumb = _thumbnail(thumbnail, r.anomaly_map, 2.0 * r.pixel_threshold)
+    return KeptResult(uuid.uuid4().hex, class_name, source.name, source.width, source.height, r.score,
+                      r.normalized_score, r.text_score, r.threshold, r.is_anomalous, time.time(), regions, thumb,
                       data if len(data) <= max_image_bytes else None)
 
 

@@ -32,6 +32,7 @@ from .staging import ImageStager, jpeg_size
 
 __all__ = [
     "DECODE_BYTES_PER_PIXEL",
+    "THUMB_SIZE",
     "DecodeBudget",
     "DecodedImages",
     "ImageSource",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 Upload = tuple[str, bytes]  # (filename, file bytes)
+THUMB_SIZE = 128  # a kept result's thumbnail, px a side at most
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class ImageSource:
 class StagedBatch:
     images: torch.Tensor  # (n, 3, S, S) uint8, resized, on the engine's device
     sources: tuple[ImageSource, ...]
+    # with `thumbnails`: each image at most THUMB_SIZE px a side, RGB, made in the same decode (kept results)
+    thumbnails: tuple[Image.Image | None, ...] = ()
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -222,20 +226,37 @@ def decode_batch(uploads: Sequence[Upload], limits: PixelLimits,
     return DecodedImages(tuple(img for _, img in pairs), tuple(src for src, _ in pairs))
 
 
+def _thumbnail(img: Image.Image) -> Image.Image:
+    """As `Image.thumbnail` would make it, without its full-size copy of the image."""
+    if max(img.size) <= THUMB_SIZE:
+        return img.convert("RGB")
+    return img.resize(_fit(img.size), Image.Resampling.BILINEAR, reducing_gap=2.0).convert("RGB")
+
+
+def _fit(size: tuple[int, int]) -> tuple[int, int]:
+    scale = THUMB_SIZE / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
 def stage_batch(uploads: Sequence[Upload], limits: PixelLimits, stager: ImageStager,
-                memory: DecodeBudget = _UNLIMITED) -> StagedBatch:
-    """Uploads -> the resized (n, 3, S, S) uint8 batch on the engine's device, with each image's source."""
+                memory: DecodeBudget = _UNLIMITED, thumbnails: bool = False) -> StagedBatch:
+    """Uploads -> the resized (n, 3, S, S) uint8 batch on the engine's device, with each image's source, and with
+    `thumbnails` a small copy of each made while it is decoded (so keeping a result decodes nothing again; those
+    requests take PIL's path, not the device decoder)."""
     budget = _PixelBudget(limits.request)
     sources: list[ImageSource] = []
     resized: dict[int, torch.Tensor] = {}  # image index -> (3, S, S) uint8, on the host (PIL) or the device
+    thumbs: list[Image.Image | None] = [None] * len(uploads)
     jpegs: list[int] = []  # indexes left for the device decoder
     for i, (name, data) in enumerate(uploads):
-        wh = jpeg_size(data) if stager.decodes_jpeg else None
+        wh = jpeg_size(data) if stager.decodes_jpeg and not thumbnails else None
         if wh is None:
             with memory.hold(min(header_pixels(data), limits.image)):
                 img = decode_upload(data, name, limits.image)
                 wh = img.size
                 resized[i] = resize_uint8(img, stager.size)
+                if thumbnails:
+                    thumbs[i] = _thumbnail(img)
                 del img
         else:
             check_upload_pixels(name, *wh, limits.image)
@@ -252,13 +273,14 @@ def stage_batch(uploads: Sequence[Upload], limits: PixelLimits, stager: ImageSta
                 with memory.hold(px):
                     x = resize_uint8(decode_upload(data, name, limits.image), stager.size)
             resized[i] = x
-    return StagedBatch(stager.join([resized[i] for i in range(len(uploads))]), tuple(sources))
+    return StagedBatch(stager.join([resized[i] for i in range(len(uploads))]), tuple(sources),
+                       tuple(thumbs) if thumbnails else ())
 
 
 async def stage_uploads(uploads: Sequence[Upload], limits: PixelLimits, stager: ImageStager,
-                        memory: DecodeBudget = _UNLIMITED) -> StagedBatch:
+                        memory: DecodeBudget = _UNLIMITED, thumbnails: bool = False) -> StagedBatch:
     """`stage_batch` in one worker-thread hop."""
-    return await asyncio.to_thread(stage_batch, uploads, limits, stager, memory)
+    return await asyncio.to_thread(stage_batch, uploads, limits, stager, memory, thumbnails)
 
 
 async def decode_uploads(uploads: Sequence[Upload], limits: PixelLimits,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ClassInfo", "ClassList", "Deleted", "Heatmap", "ImageResultOut", "ModelInfo", "PredictResponse",
-           "ReadyInfo", "Region", "ThresholdUpdate"]
+__all__ = ["CalibrationOut", "ClassInfo", "ClassList", "ClassScores", "Deleted", "FromResults",
+           "FromResultsResponse", "Heatmap", "Histogram", "ImageResultOut", "KeptResultList", "KeptResultOut",
+           "ModelInfo", "PredictResponse", "PreviousState", "ReadyInfo", "RecentScore", "Region", "ShotList",
+           "ShotRef", "ShotScore", "ThresholdUpdate"]
 
 
 class Heatmap(BaseModel):
@@ -106,3 +108,104 @@ class ReadyInfo(BaseModel):
     store: str | None = Field(None, description="the class store: directory or postgresql")
     store_error: str | None = Field(None, description="set while the store cannot be reached: predictions are "
                                     "served from what this replica holds, registrations answer 503")
+
+
+# -- the console's API: kept results, shots, the numbers behind a threshold ------------------------------------
+class KeptResultOut(BaseModel):
+    id: str
+    class_name: str
+    filename: str
+    width: int
+    height: int
+    score: float = Field(description="online raw score, as computed with the class's calibration at the time")
+    normalized_score: float
+    text_score: float
+    threshold: float = Field(description="the threshold used for this result (the per-request one if given)")
+    is_anomalous: bool
+    time: float = Field(description="unix time it was scored")
+    regions: list[Region]
+    image_kept: bool = Field(description="the upload is kept, so the result can become a shot by its id")
+    thumbnail: str | None = Field(None, description="base64 JPEG, at most 128 px a side, heatmap blended over "
+                                  "(with thumbnails=true)")
+
+
+class KeptResultList(BaseModel):
+    class_name: str
+    results: list[KeptResultOut] = Field(description="newest first")
+
+
+class ShotScore(BaseModel):
+    score: float = Field(description="the shot's online raw score against the other shots (leave-one-out)")
+    map_max: float = Field(description="maximum of its leave-one-out final map")
+    text_score: float
+
+
+class RecentScore(BaseModel):
+    id: str
+    score: float
+    threshold: float
+    is_anomalous: bool
+    time: float
+
+
+class CalibrationOut(BaseModel):
+    threshold: float = Field(description="calibrated threshold")
+    map_mean: float
+    map_std: float
+    text_mean: float
+    z: float
+    shots: int
+    pixel_threshold: float
+    shots_recorded: bool = Field(description="false for classes calibrated before per-shot scores were kept "
+                                 "(register a shot again to record them)")
+
+    @staticmethod
+    def of(cal: Any) -> dict[str, Any]:
+        """The fields of a `model.calibration.Calibration`."""
+        return {"threshold": cal.threshold, "map_mean": cal.map_mean, "map_std": cal.map_std,
+                "text_mean": cal.text_mean, "z": cal.z, "shots": cal.shots, "pixel_threshold": cal.pixel_threshold,
+                "shots_recorded": len(cal.shot_map_max) == cal.shots}
+
+
+class Histogram(BaseModel):
+    edges: list[float] = Field(description="bins + 1 increasing bin edges over the scores and both thresholds")
+    shots: list[int]
+    recent: list[int]
+
+
+class ClassScores(BaseModel):
+    class_name: str
+    threshold: float = Field(description="the threshold in force (override or calibrated)")
+    calibrated_threshold: float
+    threshold_overridden: bool
+    calibration: CalibrationOut
+    shots: list[ShotScore] = Field(description="the calibration: one leave-one-out score per shot")
+    recent: list[RecentScore] = Field(description="kept results, newest first")
+    histogram: Histogram
+
+
+class ShotRef(BaseModel):
+    sha256: str = Field(description="content hash of the stored PNG: the shot's id")
+
+
+class ShotList(BaseModel):
+    class_name: str
+    shots: list[ShotRef] = Field(description="in registration order")
+
+
+class FromResults(BaseModel):
+    result_ids: list[str] = Field(min_length=1, description="ids of kept results of this class",
+                                  examples=[["3f2a9c0e4b1d4e6f8a7b6c5d4e3f2a1b"]])
+
+
+class PreviousState(BaseModel):
+    shots: int
+    threshold: float
+    calibrated_threshold: float
+
+
+class FromResultsResponse(BaseModel):
+    class_info: ClassInfo = Field(description="the class after the shots were added")
+    previous: PreviousState = Field(description="the class before")
+    calibration: CalibrationOut = Field(description="the new calibration")
+    added: list[str] = Field(description="the result ids added (an image already a shot adds no shot)")

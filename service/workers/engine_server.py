@@ -1,9 +1,11 @@
-"""EngineServer: the engine process's side of the worker socket. It serves the in-process backend's predictions.
+"""EngineServer: the engine process's side of the worker socket. It serves the in-process backend (LocalBackend)
+to the workers' RemoteBackends: class checks, predictions, kept results.
 
 Per connection (one worker): the engine says hello first (image size, the model, its queue counter), the worker
 answers with its slot segment, then requests flow. Each request runs as a task; its one reply is written when
 it ends, whatever the outcome, and only once the batcher is through with its slots. A worker that disconnects
-has its requests cancelled, and its segment is closed once none of them can touch it any more.
+has its requests cancelled, and its segment is removed once none of them can touch it any more: a worker killed
+with kill -9 cannot remove it itself.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import logging
 
 from ..core.backend import LocalBackend
 from ..core.errors import ClientClosedError, SowaError, UnprocessableError
-from .protocol import Cancel, Hello, Predict, Reply, parse, read_frame, to_frame
+from .protocol import Cancel, Check, Hello, Keep, Predict, Reply, parse, read_frame, to_frame
 from .slots import SharedCounter, SlotSegment
-from .wire import error_to_wire, results_to_wire
+from .wire import error_to_wire, kept_from_wire, results_to_wire
 
 __all__ = ["EngineServer"]
 
@@ -47,11 +49,14 @@ class EngineServer:
                 raise ValueError(f"expected hello, got {hello.op}")
             segment = SlotSegment(hello.slots, self.backend.image_size, name=hello.segment)
             while True:
-                message = parse(await read_frame(reader))
+                frame = await read_frame(reader)
+                message = parse(frame)
                 if isinstance(message, Predict):
                     tasks[message.id] = asyncio.create_task(self._predict(message, segment, writer, tasks))
                 elif isinstance(message, Cancel) and message.id in tasks:
                     tasks[message.id].cancel()
+                elif isinstance(message, Check | Keep):
+                    tasks[message.id] = asyncio.create_task(self._answer(message, frame.payload, writer, tasks))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker stopped (or was killed): its requests go with it
         except Exception:
@@ -61,7 +66,7 @@ class EngineServer:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
             if segment is not None:
-                segment.close()
+                segment.close(unlink=True)  # the worker is gone; one that stopped cleanly removed it already
             writer.close()
 
     async def _predict(self, m: Predict, segment: SlotSegment, writer: asyncio.StreamWriter,
@@ -85,3 +90,21 @@ class EngineServer:
             tasks.pop(m.id, None)
         with contextlib.suppress(ConnectionError, RuntimeError):  # the worker may be gone already
             writer.write(to_frame(reply, payload))
+
+    async def _answer(self, m: Check | Keep, payload: bytes, writer: asyncio.StreamWriter,
+                      tasks: dict[int, asyncio.Task]) -> None:
+        try:
+            if isinstance(m, Check):
+                await self.backend.check_class(m.class_name)
+            else:
+                await self.backend.keep(kept_from_wire(m.results, payload))
+            reply = Reply(m.id)
+        except SowaError as e:
+            reply = Reply(m.id, error=error_to_wire(e))
+        except Exception as e:  # a bug: this request answers 500, the connection lives on
+            log.exception("request %d failed", m.id)
+            reply = Reply(m.id, error=error_to_wire(SowaError(f"internal error ({type(e).__name__})")))
+        finally:
+            tasks.pop(m.id, None)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            writer.write(to_frame(reply))

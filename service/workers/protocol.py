@@ -1,7 +1,8 @@
 """Frames between HTTP workers and the engine process: a JSON header and a binary payload, length-prefixed.
 
-Only predictions take this path; everything else a worker forwards to the engine process's own HTTP server
-(frontend/proxy.py). Images never travel in frames: a worker writes them into its shared-memory slots
+The scoring path takes this socket (service/core/scoring.py through RemoteBackend): a class check, the
+prediction, and the results a request keeps; every other route a worker forwards to the engine process's own
+HTTP server (proxy.py). Images never travel in frames: a worker writes them into its shared-memory slots
 (slots.py) and names the slots. The payload carries what does not fit JSON: the anomaly maps (float32) of a
 reply. Every message is one frozen dataclass; `Frame.header["op"]` says which. Both ends are processes of one
 server, started together, so nothing here is untrusted input; sizes are bounded all the same.
@@ -15,8 +16,8 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["MAX_PAYLOAD", "Cancel", "Frame", "Hello", "Predict", "Reply", "encode", "parse", "read_frame",
-           "to_frame"]
+__all__ = ["MAX_PAYLOAD", "Cancel", "Check", "Frame", "Hello", "Keep", "Message", "Predict", "Reply", "encode", "parse",
+           "read_frame", "to_frame"]
 
 _LENGTHS = struct.Struct("!II")  # header bytes, payload bytes
 MAX_HEADER = 16 * 2**20
@@ -67,6 +68,25 @@ class Predict:
 
 
 @dataclass(frozen=True)
+class Check:
+    """Is `class_name` registered? The reply is empty, or the error a single process would raise."""
+
+    id: int
+    class_name: str
+    op: str = "check"
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Keep these results for the console: one row of numbers each; the payload holds each row's thumbnail
+    (`thumbnail_bytes`) then its upload (`image_bytes`, -1 for none), in order."""
+
+    id: int
+    results: list[dict[str, Any]]
+    op: str = "keep"
+
+
+@dataclass(frozen=True)
 class Cancel:
     """The client of request `id` went away: drop it if it has not reached the device."""
 
@@ -84,14 +104,16 @@ class Reply:
     op: str = "reply"
 
 
-_MESSAGES: dict[str, type] = {"hello": Hello, "predict": Predict, "cancel": Cancel, "reply": Reply}
+_MESSAGES: dict[str, type] = {"hello": Hello, "predict": Predict, "check": Check, "keep": Keep, "cancel": Cancel,
+                             "reply": Reply}
+Message = Hello | Predict | Check | Keep | Cancel | Reply
 
 
-def to_frame(message: Hello | Predict | Cancel | Reply, payload: bytes = b"") -> bytes:
+def to_frame(message: Message, payload: bytes = b"") -> bytes:
     return encode(asdict(message), payload)
 
 
-def parse(frame: Frame) -> Hello | Predict | Cancel | Reply:
+def parse(frame: Frame) -> Message:
     cls = _MESSAGES.get(frame.header.get("op"))
     if cls is None:
         raise ValueError(f"unknown message {frame.header.get('op')!r}")

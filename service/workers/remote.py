@@ -1,9 +1,11 @@
 """RemoteBackend: what an HTTP worker process calls instead of the engine: the engine process, over a Unix socket.
 
-It implements the same `Backend` interface as the in-process one (service/core/backend.py), so the routes do not know
-which they talk to. A request's images are copied into this worker's shared-memory slots (numpy's copy: no torch
-thread pool on the event loop) and the engine reads them there; the run of slots is given back when the engine's
-reply arrives, also for a request whose client left (the engine answers every request exactly once).
+It implements the same `Backend` interface as the in-process one (service/core/backend.py), so `scoring.score`
+runs the same steps in either process: the class check and kept results are asked of the engine's own backend,
+and admission reads the engine's queue depth from shared memory, through the batcher's own rule. A request's
+images are copied into this worker's shared-memory slots (numpy's copy: no torch thread pool on the event loop)
+and the engine reads them there; the run of slots is given back when the engine's reply arrives, also for a
+request whose client left (the engine answers every request exactly once).
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..core.batcher import admit
 from ..core.class_names import check_class_name
 from ..core.engine import ImageResult
 from ..core.errors import NotReadyError, QueueFullError, SowaError
+from ..core.results import KeptResult
+from ..core.settings import Settings
 from ..core.staging import ImageStager
-from .protocol import Cancel, Hello, Predict, Reply, parse, read_frame, to_frame
+from .protocol import Cancel, Check, Hello, Keep, Predict, Reply, parse, read_frame, to_frame
 from .slots import SharedCounter, SlotSegment
-from .wire import error_from_wire, results_from_wire
+from .wire import error_from_wire, kept_to_wire, results_from_wire
 
 __all__ = ["RemoteBackend"]
 
@@ -31,16 +36,16 @@ log = logging.getLogger("sowa.frontend")
 
 
 class RemoteBackend:
-    def __init__(self, socket_path: str, slots: int, max_queue: int,
+    def __init__(self, socket_path: str, slots: int, settings: Settings,
                  on_lost: Callable[[], None] | None = None) -> None:
         """`on_lost` is called once the engine connection is gone for good (the worker then stops)."""
-        self.socket_path, self.slots, self.max_queue, self.on_lost = socket_path, slots, max_queue, on_lost
+        self.socket_path, self.slots, self.settings, self.on_lost = socket_path, slots, settings, on_lost
         self.segment: SlotSegment | None = None
         self.description: dict[str, Any] = {}
         self.image_size = 0
         self.stager: ImageStager | None = None  # set by the worker app once the image size is known
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future, tuple[int, int]]] = {}
+        self._pending: dict[int, tuple[asyncio.Future, tuple[int, int] | None]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._queued: Any = None  # the engine's queued-image count, in shared memory (admission before decoding)
@@ -52,7 +57,8 @@ class RemoteBackend:
         try:
             reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
             first = parse(await read_frame(reader))  # the engine speaks first: the image size and the model
-            assert isinstance(first, Reply)
+            if not isinstance(first, Reply):
+                raise ConnectionError(f"the engine opened with {first.op}, not its reply")
             self.description = first.result["model"]
             self.image_size = int(first.result["image_size"])
             self._queued = SharedCounter(first.result["queue_counter"])
@@ -102,23 +108,40 @@ class RemoteBackend:
             if self.on_lost is not None:
                 self.on_lost()
 
-    def _send(self, message: Cancel | Predict) -> None:
+    def _send(self, message: Cancel | Check | Keep | Predict, payload: bytes = b"") -> None:
         if self.lost or self._writer is None:
             raise NotReadyError("the engine process is gone", headers={"Retry-After": "5"})
-        self._writer.write(to_frame(message))
+        self._writer.write(to_frame(message, payload))
 
-    def check_class(self, name: str) -> None:
-        """A malformed name is refused here (422); whether the class exists the engine says (404)."""
+    async def _ask(self, message: Check | Keep, payload: bytes = b"") -> Any:
+        """Send a message that takes one reply, and wait for it (the engine answers every message once)."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending[message.id] = (future, None)
+        try:
+            self._send(message, payload)
+        except SowaError:
+            self._pending.pop(message.id, None)
+            raise
+        result, _ = await future
+        return result
+
+    async def check_class(self, name: str) -> None:
+        """A malformed name is refused here (422); whether the class exists the engine says (404), before this
+        worker reads or decodes anything."""
         check_class_name(name)
+        await self._ask(Check(next(self._ids), name))
 
     def admit(self, count: int) -> None:
         """Refuse a request before its images are decoded when the engine's queue has no room for them."""
-        if self.lost:
+        if self.lost or self._queued is None:
             raise NotReadyError("the engine process is gone", headers={"Retry-After": "5"})
-        queued = self._queued.value
-        if queued + count > self.max_queue:
-            raise QueueFullError(f"{queued} images are waiting (limit {self.max_queue}); retry later",
-                                 headers={"Retry-After": "1"})
+        s = self.settings
+        admit(self._queued.value, count, s.max_queue, s.max_wait_ms / 1000.0, s.max_batch_size)
+
+    async def keep(self, kept: Sequence[KeptResult]) -> None:
+        """Kept results live in the engine process (the console reads them there)."""
+        rows, payload = kept_to_wire(kept)
+        await self._ask(Keep(next(self._ids), rows), payload)
 
     async def predict(self, images: torch.Tensor, class_name: str | None, deadline: float,
                       need_maps: bool = True) -> list[ImageResult]:

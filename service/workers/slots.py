@@ -77,12 +77,14 @@ class SlotSegment:
         """Slots `start`..`start + count` as one (count, 3, S, S) uint8 tensor sharing the segment's memory."""
         return self.images[start:start + count]
 
-    def close(self) -> None:
-        """Detach (and, for the creator, remove the segment). Tensors viewing it must be gone by now."""
+    def close(self, unlink: bool = False) -> None:
+        """Detach, and remove the segment when this is its creator or `unlink` says so (the engine, for a worker
+        that is gone). Tensors viewing it must be gone by now. Removing it also drops its name from the resource
+        tracker the engine and its workers share, so it is reported and removed once."""
         self.images = torch.empty(0, dtype=torch.uint8)
         del self._array
         self._shm.close()
-        if self.owner:
+        if self.owner or unlink:
             with contextlib.suppress(FileNotFoundError):
                 self._shm.unlink()
 

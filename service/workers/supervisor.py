@@ -28,7 +28,8 @@ from ..core.settings import Settings
 from ..http.app import create_app
 from ..http.server_config import uvicorn_config
 from .link import WorkerLink
-from .worker import run_worker
+from .runtime import EngineRuntime
+from .worker import port_socket, run_worker
 
 __all__ = ["serve_with_workers", "worker_slots"]
 
@@ -61,15 +62,14 @@ def serve_with_workers(settings: Settings, workers: int, log_level: str = "info"
 
 
 async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_level: str) -> None:
-    from .worker import port_socket
-
     port_socket(settings.host, settings.port).close()  # a taken port fails here, in one line, not N times
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     options = {k: v for k, v in uvicorn_config(settings).items() if k not in ("host", "port")}
-    config = uvicorn.Config(create_app(settings, link), uds=link.engine_http, log_level=log_level, **options)
+    app = create_app(settings, EngineRuntime(settings, link))
+    config = uvicorn.Config(app, uds=link.engine_http, log_level=log_level, **options)
     engine = _EngineHttp(config)
     engine_task = asyncio.create_task(engine.serve())
     ctx = multiprocessing.get_context("spawn")  # no fork: the engine process holds threads and a device

@@ -51,15 +51,19 @@ def run_worker(settings: Settings, link: WorkerLink, log_level: str, index: int,
 
     import uvicorn
 
+    from ..http.app import create_app
     from ..http.server_config import uvicorn_config
-    from .worker_app import create_worker_app
+    from .proxy import EngineProxy
+    from .runtime import WorkerRuntime
 
     logging.basicConfig(level=log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded request otherwise
     # the port is bound here (SO_REUSEPORT), so uvicorn takes the socket rather than host and port; it listens on
     # it (with its `backlog`) after the app's start-up, which waits for the engine
-    app = create_worker_app(settings, link)
+    proxy = EngineProxy(link.engine_http, settings.request_timeout_s + 10)
+    runtime = WorkerRuntime(settings, link, proxy)
+    app = create_app(settings, runtime, forward=proxy)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, **uvicorn_config(settings)))
-    app.state.stopping = lambda: server.should_exit  # set by uvicorn's signal handler, also during start-up
+    runtime.stop_requested = lambda: server.should_exit  # set by uvicorn's signal handler, also during start-up
     server.run(sockets=[port_socket(settings.host, settings.port)])

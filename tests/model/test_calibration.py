@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from model.calibration import DEFAULT_Z, calibrate, image_scores, normalise
+from model.calibration import DEFAULT_Z, calibrate, image_scores
+from model.postprocess import normalise
 
 
 def test_calibration_from_shot_maxima() -> None:
@@ -40,7 +41,7 @@ def test_scores_mix_zero_shot_and_calibrated_images() -> None:
     assert s.raw[0] == pytest.approx(0.9) and s.threshold[0] == pytest.approx(0.5)
     assert s.raw[1] == pytest.approx(0.5 * (0.3 + 0.5))  # at the normal mean: sigmoid(0) = 0.5
     assert s.is_anomalous.tolist() == [True, False, True]
-    assert ((s.score > 0.5) == s.is_anomalous).all()
+    assert ((s.normalized_score > 0.5) == s.is_anomalous).all()
     with pytest.raises(ValueError):
         image_scores(text, map_max, [None])
 

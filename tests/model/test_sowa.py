@@ -111,7 +111,7 @@ def test_to_host_is_one_copy_of_the_same_numbers(tiny_model: SowaModel) -> None:
     pred = predict_scored(tiny_model, torch.randn(3, 3, 64, 64), [a, None, a])
     host = pred.to_host()
     assert torch.equal(host.anomaly_maps, pred.anomaly_maps) and torch.equal(host.text_scores, pred.text_scores)
-    for name in ("raw", "threshold", "score", "is_anomalous"):
+    for name in ("raw", "threshold", "normalized_score", "is_anomalous"):
         assert torch.equal(getattr(host.scores, name), getattr(pred.scores, name)), name
     assert host.scores.is_anomalous.dtype == torch.bool
     lean = pred.to_host(maps=False)

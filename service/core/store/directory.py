@@ -66,10 +66,16 @@ def _signature(path: Path) -> Signature:
 class DirectoryStore:
     """The `ClassStore` of one data directory (see the module docstring for its layout)."""
 
+    kind = "directory"
+    error: str | None = None  # a local directory is never unreachable: its failures are each call's own
+
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir) / "classes"
         self.locks = Path(data_dir) / "locks"
         self._seen: SeenVersions[Signature] = SeenVersions()  # class.json signatures as last reported or written
+
+    def close(self) -> None:
+        """Nothing held open between calls."""
 
     def _folder(self, name: str) -> Path:
         if not is_class_name(name):  # checked again here: a name never becomes a path unchecked

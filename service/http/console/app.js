@@ -8,10 +8,11 @@
 const KEY_STORE = "sowa-api-key";
 const BASE = location.pathname.replace(/\/ui(\/.*)?$/, "");  // the service's root, also behind a path prefix
 const CLASS_NAME = /^[a-z0-9][a-z0-9_.-]{0,63}$/;
-// the heatmap colour ramp, as the service's thumbnails and `sowa demo` overlays use it
-const RAMP = [[0, 0, 0], [120, 0, 140], [230, 60, 30], [255, 210, 0], [255, 255, 255]];
 
-let config = { api_key_required: false };
+let config = { api_key_required: false, heat_ramp: [] };
+// the heatmap colour ramp's RGB stops, as the service's thumbnails and `sowa demo` use it: from /ui/config.json,
+// read by start() before any page renders
+let RAMP = [];
 let pageCleanup = null;
 
 // -- small helpers ----------------------------------------------------------------------------------------------
@@ -592,6 +593,7 @@ async function route() {
 
 async function start() {
   config = await fetch(`${BASE}/ui/config.json`).then((r) => r.json());
+  RAMP = config.heat_ramp;
   document.getElementById("forget-key").addEventListener("click", () => {
     sessionStorage.removeItem(KEY_STORE);
     location.reload();

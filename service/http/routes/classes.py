@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
 
 from ...core.class_names import CLASS_NAME, check_class_name
-from ...core.uploads import PixelLimits, decode_uploads
-from ..deps import RegistryDep, SettingsDep, require_api_key
+from ...core.uploads import decode_uploads
+from ..deps import LocalDep, RegistryDep, ResultsDep, require_api_key
 from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
 from .multipart import read_files
 
@@ -21,17 +21,16 @@ ClassName = Annotated[str, Path(pattern=CLASS_NAME.pattern, description="1-64 of
 
 @router.post("/{name}/shots", response_model=ClassInfo, summary="Register normal shots of a class")
 async def add_shots(
-    request: Request,
     name: ClassName,
     registry: RegistryDep,
-    settings: SettingsDep,
+    local: LocalDep,
     images: Annotated[list[UploadFile], File(min_length=1, description="1..K normal images of the product")],
     mode: Annotated[Literal["append", "replace"], Form(description="add to the shots or replace them")] = "append",
 ) -> dict:
     """Builds the class's bank and calibration; answers once both are on disk."""
     check_class_name(name)
-    uploads = await read_files(images, settings.max_shots_per_class)
-    decoded = await decode_uploads(uploads, PixelLimits.of(settings), request.app.state.decode_budget)
+    uploads = await read_files(images, local.settings.max_shots_per_class)
+    decoded = await decode_uploads(uploads, local.limits, local.decode_budget)
     entry = await registry.add_shots(name, list(decoded.images), mode)
     return entry.info()
 
@@ -52,7 +51,7 @@ async def set_threshold(name: ClassName, update: ThresholdUpdate, registry: Regi
 
 
 @router.delete("/{name}", response_model=Deleted, summary="Remove a class and its files")
-async def delete_class(name: ClassName, registry: RegistryDep, request: Request) -> dict:
+async def delete_class(name: ClassName, registry: RegistryDep, results: ResultsDep) -> dict:
     await registry.delete(name)
-    request.app.state.results.forget_class(name)  # its kept results go with it
+    results.forget_class(name)  # its kept results go with it
     return {"deleted": name}

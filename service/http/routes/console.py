@@ -1,16 +1,21 @@
 """/ui: the inspection console, static files served by the service itself (no CDN, no build step).
 
-The files hold no data, so they load without the API key; `/ui/config.json` says only whether the API needs one,
-so the page asks for it before its first call instead of after a 401.
+The files hold no data, so they load without the API key; `/ui/config.json` says whether the API needs one, so
+the page asks for it before its first call instead of after a 401, and gives the heatmap colour ramp
+(`model.postprocess.HEAT_RAMP`), so the console colours maps as the thumbnails and `sowa demo` do.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
+
+from model.postprocess import HEAT_RAMP
+
+from ..deps import SettingsDep
 
 __all__ = ["CONSOLE_DIR", "mount_console"]
 
@@ -20,8 +25,8 @@ router = APIRouter(tags=["console"])
 
 
 @router.get("/ui/config.json", summary="What the console needs to know before its first call")
-async def console_config(request: Request) -> dict:
-    return {"api_key_required": request.app.state.settings.api_key is not None}
+async def console_config(settings: SettingsDep) -> dict:
+    return {"api_key_required": settings.api_key is not None, "heat_ramp": [list(rgb) for rgb in HEAT_RAMP]}
 
 
 @router.get("/ui", include_in_schema=False)

@@ -185,7 +185,7 @@ async def test_a_catch_up_that_fails_is_tried_again(bundle: Path, tmp_path: Path
 
     async with serve_in_process(bundle, tmp_path / "a", store=pg_url) as a, \
             serve_in_process(bundle, tmp_path / "b", store=pg_url) as b:
-        store = b.app.state.registry.store
+        store = b.app.state.runtime.store
         real, failures = getattr(store, fails), []
 
         def failing_once_on_widget(*args: object) -> object:

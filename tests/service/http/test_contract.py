@@ -31,8 +31,8 @@ def api_schema(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> object
                               max_image_pixels=200_000, max_request_pixels=300_000,
                               max_request_bytes=2 * 1024 * 1024, max_images_per_request=6, max_shots_per_class=5))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)  # starts the lifespan
-    wait_for(lambda: app.state.status.ready or app.state.status.error, 60, "the app is ready")
-    assert app.state.status.ready, app.state.status.error
+    wait_for(lambda: app.state.runtime.status.ready or app.state.runtime.status.error, 60, "the app is ready")
+    assert app.state.runtime.status.ready, app.state.runtime.status.error
     return schema
 
 

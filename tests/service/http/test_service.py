@@ -201,7 +201,7 @@ async def _hold_engine(s: InProcess) -> tuple[threading.Event, asyncio.Future]:
         held.set()
         release.wait(60)
 
-    holding = asyncio.ensure_future(s.app.state.engine.call(hold))
+    holding = asyncio.ensure_future(s.app.state.runtime.engine.call(hold))
     await wait_for_async(held.is_set, 10, "the engine thread is held")
     return release, holding
 
@@ -237,7 +237,7 @@ async def test_admission_is_decided_before_decoding(bundle: Path, tmp_path: Path
         release, holding = await _hold_engine(s)
         queued = asyncio.ensure_future(s.http.post("/predict", files=[("images", ("0.png", _png(), "image/png"))],
                                                    data={"heatmap": "none"}))
-        await wait_for_async(lambda: s.app.state.batcher.queued_images == 1, 10, "one image queued")
+        await wait_for_async(lambda: s.app.state.runtime.batcher.queued_images == 1, 10, "one image queued")
         refused = await s.http.post("/predict", files=[("images", ("bad.png", b"not an image", "image/png"))])
         release.set()
         assert (await queued).status_code == 200

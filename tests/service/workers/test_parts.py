@@ -81,23 +81,24 @@ def test_errors_keep_their_class_status_and_headers() -> None:
     assert isinstance(odd, SowaError) and (odd.status, odd.code, odd.message) == (418, "teapot", "short and stout")
 
 
-def test_a_worker_refuses_before_decoding_when_the_engine_queue_is_full() -> None:
-    """RemoteBackend.admit reads the engine's queue depth from shared memory: no round trip, no decoding."""
-    from service.core.errors import NotReadyError
-    from service.workers.remote import RemoteBackend
+def test_one_admission_rule_for_the_batcher_and_the_workers() -> None:
+    """A worker reads the engine's queue depth from shared memory and applies the batcher's own rule (`admit`),
+    so both answer a full queue alike: the same 429 and Retry-After. (The real processes are in test_workers.py:
+    a full queue answers 429 before decoding through either worker.)"""
+    from service.core.batcher import DynamicBatcher, admit
 
-    counter = SharedCounter()
-    try:
-        backend = RemoteBackend("/nonexistent.sock", slots=4, max_queue=8)
-        backend._queued = SharedCounter(counter.name)  # what connect() attaches to
-        counter.set(6)
-        backend.admit(2)  # 6 + 2 fits
-        with pytest.raises(QueueFullError) as full:
-            backend.admit(3)
-        assert full.value.headers == {"Retry-After": "1"}
-        backend.lost = True
-        with pytest.raises(NotReadyError):
-            backend.admit(1)
-        backend._queued.close()
-    finally:
-        counter.close()
+    admit(6, 2, max_queue=8, max_wait_s=0.005, max_batch_size=4)  # 6 + 2 fits
+    with pytest.raises(QueueFullError) as full:
+        admit(6, 3, max_queue=8, max_wait_s=0.005, max_batch_size=4)
+    assert full.value.headers == {"Retry-After": "1"}
+    with pytest.raises(QueueFullError) as deep:  # a long queue asks for a longer wait: 2 + 0.05 * 400 / 4 = 7 s
+        admit(400, 1, max_queue=400, max_wait_s=2.0, max_batch_size=4)
+    assert deep.value.headers == {"Retry-After": "7"}
+
+    async def run(_: object) -> None: ...
+
+    batcher = DynamicBatcher(run, max_batch_size=4, max_wait_ms=2000, max_queue=400)  # type: ignore[arg-type]
+    batcher._queued_images = 400  # what 400 queued images leave: the batcher's answer is the rule's
+    with pytest.raises(QueueFullError) as same:
+        batcher.check_room(1)
+    assert same.value.headers == deep.value.headers and same.value.message == deep.value.message

@@ -1,0 +1,151 @@
+"""Runtime: one process's serving state, typed, and its life: start in the background, then close in order.
+
+`LocalRuntime` is a process that holds the model: it loads the bundle, restores the classes, warms up, and owns
+the engine, registry, store, batcher, kept results and the backend that `scoring.score` uses. HTTP worker
+processes have a runtime of their own (service/workers/runtime.py) whose backend is the engine process's. The
+HTTP layer keeps one runtime per app and reaches it only through its dependencies (service/http/deps.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .backend import Backend, LocalBackend
+from .batcher import DynamicBatcher
+from .engine import Engine
+from .errors import NotReadyError
+from .registry import ClassRegistry
+from .results import ResultStore
+from .settings import Settings
+from .staging import ImageStager
+from .status import ServiceStatus
+from .store import ClassStore, open_store
+from .telemetry import Telemetry
+from .uploads import DecodeBudget, PixelLimits, limit_malloc_arenas
+
+__all__ = ["LocalRuntime", "Runtime"]
+
+log = logging.getLogger("sowa.service")
+
+
+class Runtime:
+    """What every serving process has, whether or not it holds the model."""
+
+    def __init__(self, settings: Settings, telemetry: Telemetry) -> None:
+        self.settings, self.telemetry = settings, telemetry
+        self.status = ServiceStatus()
+        self.limits = PixelLimits.of(settings)
+        self.decode_budget = DecodeBudget(int(settings.decode_memory_mb * 2**20))  # this process's decodes
+        limit_malloc_arenas()  # before the worker threads exist, in every process serving the app (uploads.py)
+        self._backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """Where predictions go; 503 until start-up has made it."""
+        if self._backend is None or not self.status.ready:
+            raise NotReadyError("the model is loading or the server is shutting down; see /readyz",
+                                headers={"Retry-After": "5"})
+        return self._backend
+
+    counts_requests = True  # False where HTTP workers in front count them (the engine process behind them)
+
+    async def start(self) -> None:
+        """Bring the process up; failures are recorded in `status.error`, never raised (/healthz says so)."""
+
+    async def before_listening(self, startup: asyncio.Task) -> None:
+        """Awaited before the server takes connections (`startup` is `start()` running): by default nothing,
+        so /healthz and /readyz answer while the model loads."""
+
+    async def ready_info(self) -> dict[str, Any]:
+        """/readyz's body (`ready` decides its status)."""
+        s = self.status
+        return {"ready": s.ready, "model_loaded": s.model_loaded, "warmed_up": s.warmed_up,
+                "classes_restored": s.classes_restored, "classes": 0, "error": s.error}
+
+    async def close(self) -> None:
+        """Refuse new work, finish what is queued, release everything."""
+        self.status.accepting = False
+
+
+class LocalRuntime(Runtime):
+    """A process holding the model: a single server, or the engine process behind HTTP workers."""
+
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+        super().__init__(settings, telemetry or Telemetry())
+        s = settings
+        self.results = ResultStore(s.results_per_class, s.results_max_classes, int(s.results_max_mb * 2**20),
+                                   int(s.results_max_image_mb * 2**20))  # keep=true, in memory, bounded
+        self.engine: Engine | None = None
+        self.store: ClassStore | None = None
+        self._registry: ClassRegistry | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.local: LocalBackend | None = None
+        self._sync: asyncio.Task | None = None
+
+    @property
+    def registry(self) -> ClassRegistry:
+        """The classes; 503 until they are restored."""
+        if self._registry is None or not self.status.ready:
+            raise NotReadyError("the model is loading or the server is shutting down; see /readyz",
+                                headers={"Retry-After": "5"})
+        return self._registry
+
+    async def ready_info(self) -> dict[str, Any]:
+        r, store = self._registry, self.store
+        return {**await super().ready_info(), "classes": len(r) if r is not None else 0,
+                "refused_classes": r.refused if r is not None else {},
+                "store": store.kind if store is not None else None,
+                "store_error": store.error if store is not None else None}
+
+    async def start(self) -> None:
+        s, status = self.settings, self.status
+        try:
+            budget = None if s.bank_device_budget_mb is None else int(s.bank_device_budget_mb * 2**20)
+            engine = self.engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype, budget,
+                                                           s.compile_mode, s.max_batch_size)
+            stager = ImageStager(engine.device, engine.image_size, s.image_decoder)
+            status.model_loaded = True
+            store = self.store = open_store(s.store_url)
+            registry = self._registry = ClassRegistry(store, engine, s.max_shots_per_class)
+            await asyncio.to_thread(registry.restore)
+            status.classes_restored = True
+            if s.warmup:
+                await engine.call(engine.warmup)
+            status.warmed_up = True
+            t = self.telemetry
+            t.model_info.info({k: str(v) for k, v in engine.describe().items()})
+            t.track(lambda: len(registry), registry.bank_bytes, engine.device_memory_bytes)
+            t.track_banks(engine.banks.stats)
+            t.track_store(store)
+            batcher = self.batcher = DynamicBatcher(engine.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, t)
+            self.local = self._backend = LocalBackend(engine, stager, registry, batcher, self.results)
+            batcher.start()
+            if s.sync_interval_s > 0:
+                self._sync = asyncio.create_task(registry.follow(s.sync_interval_s))
+            await self.started()
+            status.accepting = True
+            log.info("ready: %s, %d classes", engine.describe(), len(registry))
+        except Exception as e:
+            status.error = f"{type(e).__name__}: {e}"
+            log.exception("start-up failed")
+
+    async def started(self) -> None:
+        """Called once everything is up, before the process says it is ready (the engine process behind HTTP
+        workers opens their socket here)."""
+
+    async def stopping(self) -> None:
+        """Called first at shutdown, before the queue drains."""
+
+    async def close(self) -> None:
+        await super().close()
+        await self.stopping()
+        if self._sync is not None:
+            self._sync.cancel()
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.engine is not None:
+            self.engine.close()
+        if self.store is not None:
+            self.store.close()
