@@ -8,7 +8,8 @@ normal range, learned from its shots by leave-one-out:
     mu, sigma = mean of a_i, max(std of a_i, 5% of mu)
     raw   = 0.5 * (text_score + sigmoid((map_max - mu) / sigma))            in (0, 1)
     threshold = 0.5 * (mean text_score of the shots + sigmoid(Z))          Z = 3 standard deviations
-    score = piecewise-linear map of raw onto [0, 1] with threshold -> 0.5
+    normalized_score = piecewise-linear map of raw onto [0, 1] with threshold -> 0.5   (postprocess.py)
+    is_anomalous = raw > threshold
 
 Without a class (zero-shot), raw = text_score and the threshold is 0.5. All functions are pure and batched.
 """
@@ -22,9 +23,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .device import to_device
+from .postprocess import normalise, verdict
 
-__all__ = ["DEFAULT_Z", "Calibration", "ImageScores", "calibrate", "image_scores", "normalise",
-           "zero_shot_pixel_threshold"]
+__all__ = ["DEFAULT_Z", "Calibration", "ImageScores", "calibrate", "image_scores", "zero_shot_pixel_threshold"]
 
 DEFAULT_Z = 3.0
 _MIN_REL_SIGMA = 0.05
@@ -68,11 +69,12 @@ class Calibration:
 
 @dataclass(frozen=True)
 class ImageScores:
-    """Per image: `raw` online score, `threshold`, `score` (0..1, threshold at 0.5), `is_anomalous`."""
+    """Per image: `raw` online score (`score` in the API and the service), `threshold`, `normalized_score` (0..1,
+    threshold at 0.5), `is_anomalous`."""
 
     raw: torch.Tensor
     threshold: torch.Tensor
-    score: torch.Tensor
+    normalized_score: torch.Tensor
     is_anomalous: torch.Tensor
 
 
@@ -96,13 +98,6 @@ def zero_shot_pixel_threshold(num_stages: int) -> float:
     return 0.5 * num_stages
 
 
-def normalise(raw: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Monotone map of raw scores in [0, 1] onto [0, 1] sending `threshold` to 0.5."""
-    low = 0.5 * raw / threshold
-    high = 0.5 + 0.5 * (raw - threshold) / (1.0 - threshold)
-    return torch.where(raw <= threshold, low, high).clamp(0.0, 1.0)
-
-
 def image_scores(
     text_scores: torch.Tensor, map_max: torch.Tensor, calibrations: Sequence[Calibration | None]
 ) -> ImageScores:
@@ -120,5 +115,5 @@ def image_scores(
                           for c in calibrations], dtype=torch.float64).reshape(-1, 4)
     has, mean, std, thr = to_device(table, t.device).unbind(dim=1)
     raw = torch.where(has > 0, 0.5 * (t + torch.sigmoid((m - mean) / std)), t)
-    return ImageScores(raw=raw.float(), threshold=thr.float(), score=normalise(raw, thr).float(),
-                       is_anomalous=raw > thr)
+    return ImageScores(raw=raw.float(), threshold=thr.float(), normalized_score=normalise(raw, thr).float(),
+                       is_anomalous=verdict(raw, thr))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -22,7 +23,10 @@ from .memory_bank import MemoryBank, build_bank, leave_one_out_distances
 from .preprocess import load_image, preprocess_batch
 from .sowa import SowaModel
 
-__all__ = ["ClassMemory", "Prediction", "fit_class", "memory_from_outputs", "predict_files", "predict_scored"]
+__all__ = ["ClassMemory", "Prediction", "ScoreColumns", "fit_class", "memory_from_outputs", "predict_files",
+           "predict_scored"]
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,25 @@ class ClassMemory:
 
     bank: MemoryBank
     calibration: Calibration
+
+
+class ScoreColumns(NamedTuple, Generic[V]):
+    """An image's numbers, named once for all who carry them: the columns of `Prediction.columns` in this order
+    (tensors, one per column), one image's row of them (floats), the service's `ImageResult` fields of the same
+    names and its worker wire rows. `score` is the raw online score (`ImageScores.raw`; `score` in the API)."""
+
+    text_score: V
+    score: V
+    threshold: V
+    normalized_score: V
+    is_anomalous: V  # 0.0 or 1.0 when packed (float32 holds it exactly); `unpack` makes it a bool
+    map_max: V  # the final map's highest value: at or below the pixel threshold, it holds no region
+
+    @classmethod
+    def unpack(cls, row: Sequence[float]) -> ScoreColumns[float]:
+        """One image's row of the packed (B, n) tensor, as Python numbers with the verdict a bool."""
+        values = cls._make(row)
+        return values._replace(is_anomalous=values.is_anomalous > 0.5)
 
 
 @dataclass(frozen=True)
@@ -43,22 +66,26 @@ class Prediction:
     scores: ImageScores
 
     def columns(self) -> torch.Tensor:
-        """(B, 5) float32 where the predictions are: text score, raw score, threshold, score, verdict (0/1), the
-        per-image numbers packed for one copy to the host (float32 holds each exactly, the flags included)."""
+        """(B, len(ScoreColumns._fields)) float32 where the predictions are: the per-image numbers packed, in
+        `ScoreColumns` order, for one copy to the host (float32 holds each exactly, the verdict included)."""
         s = self.scores
-        return torch.stack([self.text_scores.float(), s.raw, s.threshold, s.score, s.is_anomalous.float()], 1)
+        return torch.stack(ScoreColumns(
+            text_score=self.text_scores.float(), score=s.raw, threshold=s.threshold,
+            normalized_score=s.normalized_score, is_anomalous=s.is_anomalous.float(),
+            map_max=self.anomaly_maps.flatten(1).amax(dim=1).float()), 1)
 
     def to_host(self, maps: bool = True) -> Prediction:
         """The same on the CPU, in one packed device-to-host copy (the only host wait of a batch); `maps=False`
         leaves the maps behind, as an empty (B, 0, 0) tensor."""
-        b = self.text_scores.shape[0]
+        b, n = self.text_scores.shape[0], len(ScoreColumns._fields)
         columns = self.columns()
         parts = [self.anomaly_maps.float().flatten(1), columns] if maps else [columns]
         host = torch.cat(parts, dim=1).cpu()
-        c = host[:, -5:]
+        c = ScoreColumns._make(host[:, -n:].unbind(1))
         size = self.anomaly_maps.shape[-1] if maps else 0
-        return Prediction(host[:, :-5].reshape(b, size, size), c[:, 0].clone(),
-                          ImageScores(c[:, 1].clone(), c[:, 2].clone(), c[:, 3].clone(), c[:, 4] > 0.5))
+        return Prediction(host[:, :-n].reshape(b, size, size), c.text_score.clone(),
+                          ImageScores(c.score.clone(), c.threshold.clone(), c.normalized_score.clone(),
+                                      c.is_anomalous > 0.5))
 
 
 @torch.inference_mode()
@@ -111,7 +138,7 @@ def predict_files(
         chunks["anomaly_maps"].append(pred.anomaly_maps.numpy())
         chunks["text_scores"].append(pred.text_scores.numpy())
         chunks["scores"].append(pred.scores.raw.numpy())
-        chunks["normalized_scores"].append(pred.scores.score.numpy())
+        chunks["normalized_scores"].append(pred.scores.normalized_score.numpy())
         chunks["thresholds"].append(pred.scores.threshold.numpy())
         chunks["is_anomalous"].append(pred.scores.is_anomalous.numpy())
     return {k: np.concatenate(v).astype(np.float32 if k != "is_anomalous" else bool) for k, v in chunks.items()}

@@ -13,19 +13,12 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from model.postprocess import heat_colours
 from model.preprocess import load_image
 
 __all__ = ["colormap", "heat_overlay", "save_strip", "strip"]
 
-_COLORS = np.array([[0, 0, 0], [120, 0, 140], [230, 60, 30], [255, 210, 0], [255, 255, 255]], dtype=np.float32)
-
-
-def colormap(v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> an inferno-like RGB ramp, uint8 (..., 3)."""
-    pos = np.clip(v, 0, 1) * (len(_COLORS) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_COLORS) - 2)
-    t = (pos - lo)[..., None]
-    return (_COLORS[lo] * (1 - t) + _COLORS[lo + 1] * t).astype(np.uint8)
+colormap = heat_colours  # values in [0, 1] -> RGB uint8 on the ramp the service and the console use too
 
 
 def heat_overlay(image: Image.Image, heat: np.ndarray, vmax: float, alpha: float = 0.5) -> Image.Image:

@@ -200,9 +200,19 @@ def test_api_key_guards_the_new_api_but_not_the_console_files(client: TestClient
     assert client.get("/ui", follow_redirects=False).status_code in (307, 308)
     for asset in ("app.js", "style.css"):
         assert client.get(f"/ui/{asset}").status_code == 200
-    assert client.get("/ui/config.json").json() == {"api_key_required": True}
+    assert client.get("/ui/config.json").json()["api_key_required"] is True
     assert "http" not in "".join(line for line in page.text.splitlines() if "src=" in line or "href=" in line
                                  if "http://www.w3.org" not in line)  # nothing from elsewhere
+
+
+def test_console_colours_maps_with_the_models_ramp(client: TestClient) -> None:
+    """One ramp: the console takes its stops from /ui/config.json (read before its first page), which serves the
+    model's definition, also behind thumbnails and `sowa demo`."""
+    from model.postprocess import HEAT_RAMP
+
+    assert client.get("/ui/config.json").json()["heat_ramp"] == [list(rgb) for rgb in HEAT_RAMP]
+    js = client.get("/ui/app.js").text
+    assert "RAMP = config.heat_ramp" in js and "[120, 0, 140]" not in js  # no second copy of the stops
 
 
 def test_openapi_documents_the_new_api(client: TestClient) -> None:

@@ -102,3 +102,31 @@ def test_one_admission_rule_for_the_batcher_and_the_workers() -> None:
     with pytest.raises(QueueFullError) as same:
         batcher.check_room(1)
     assert same.value.headers == deep.value.headers and same.value.message == deep.value.message
+
+
+def test_result_rows_are_the_score_columns_by_name() -> None:
+    from model.inference import ScoreColumns
+
+    r = ImageResult(None, 0.1, 0.7, 0.6, 0.8, True, 2.0, 15.0)
+    rows, payload = results_to_wire([r], need_maps=False)
+    assert list(rows[0]) == [*ScoreColumns._fields, "pixel_threshold", "has_map"] and payload == b""
+    assert results_from_wire(rows, payload, 4) == [r]
+
+
+def test_a_payload_that_does_not_match_its_rows_is_a_service_error() -> None:
+    a = np.zeros((4, 4), np.float32)
+    rows, payload = results_to_wire([ImageResult(a, 0.1, 0.7, 0.6, 0.8, True, 2.0, 15.0)], need_maps=True)
+    for wrong in (b"", payload[:-4], payload + payload):
+        with pytest.raises(SowaError) as caught:
+            results_from_wire(rows, wrong, 4)
+        assert caught.value.status == 500
+
+
+def test_every_error_class_comes_back_as_itself() -> None:
+    """Found in errors.BY_CODE, not among the subclasses this process happened to import."""
+    from service.core.errors import BY_CODE, ResultNotFoundError, ShotNotFoundError
+
+    assert {ResultNotFoundError, ShotNotFoundError} <= set(BY_CODE.values())
+    for cls in BY_CODE.values():
+        e = error_from_wire(error_to_wire(cls("m")))
+        assert type(e) is cls and (e.status, e.code, e.message) == (cls.status, cls.code, "m")
