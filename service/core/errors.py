@@ -24,6 +24,7 @@ __all__ = [
     "ShotNotFoundError",
     "SowaError",
     "StoreUnavailableError",
+    "TooManyClassesError",
     "UnauthorizedError",
     "UnprocessableError",
     "error_body",
@@ -61,6 +62,12 @@ class ShotNotFoundError(SowaError):
 
 class ClassDamagedError(SowaError):
     status, code = 409, "class_damaged"  # stored but refused at restore: replace its shots, or delete it
+
+
+class TooManyClassesError(SowaError):
+    # 409, not 507: the cap is a setting (max_classes), not a full disk, so retrying later changes nothing; the
+    # request conflicts with the service's state, and deleting a class (or raising the cap) resolves it
+    status, code = 409, "too_many_classes"
 
 
 class PayloadTooLargeError(SowaError):

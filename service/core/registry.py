@@ -10,11 +10,14 @@ half-right.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import io
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -32,8 +35,10 @@ from .errors import (
     ClassNotFoundError,
     InsufficientStorageError,
     StoreUnavailableError,
+    TooManyClassesError,
     UnprocessableError,
 )
+from .results import thumbnail_jpeg
 from .store.base import ClassRecord, ClassStore
 
 __all__ = ["ClassEntry", "ClassRegistry"]
@@ -106,11 +111,15 @@ def _open_png(data: bytes) -> Image.Image:
 
 
 class ClassRegistry:
-    def __init__(self, store: ClassStore, engine: Engine, max_shots: int) -> None:
-        self.store, self.engine, self.max_shots = store, engine, max_shots
+    def __init__(self, store: ClassStore, engine: Engine, max_shots: int, max_classes: int = 10_000) -> None:
+        self.store, self.engine, self.max_shots, self.max_classes = store, engine, max_shots, max_classes
         self._classes: dict[str, ClassEntry] = {}
         self._lock = asyncio.Lock()  # one mutation at a time; reads take snapshots without waiting
         self.refused: dict[str, str] = {}  # stored classes that could not be restored, and why
+        self._names: list[str] | None = None  # sorted names, for paging; None after a change
+        # shot thumbnails by content hash (immutable, so never stale), for the class list: about 4 KiB each
+        self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self._thumbs_lock = threading.Lock()
 
     # -- reads ------------------------------------------------------------------------------------------------
     def get(self, name: str) -> ClassEntry:
@@ -122,7 +131,31 @@ class ClassRegistry:
         return entry
 
     def names(self) -> list[str]:
-        return sorted(self._classes)
+        if self._names is None:
+            self._names = sorted(self._classes)
+        return list(self._names)
+
+    def page(self, after: str | None, limit: int) -> tuple[list[ClassEntry], str | None]:
+        """Up to `limit` classes in name order, from the first after `after` (any string: a class deleted since
+        the previous page needs no care); and the cursor of the next page, None on the last."""
+        names = self._names if self._names is not None else self.names()
+        start = 0 if after is None else bisect.bisect_right(names, after)
+        chosen = names[start:start + limit]
+        entries = [self._classes[n] for n in chosen]
+        return entries, (chosen[-1] if start + limit < len(names) else None)
+
+    def shot_thumbnail(self, name: str, digest: str) -> bytes:
+        """One shot of a class as a JPEG thumbnail (any thread), the last 256 made kept in memory."""
+        with self._thumbs_lock:
+            if digest in self._thumbs:
+                self._thumbs.move_to_end(digest)
+                return self._thumbs[digest]
+        thumb = thumbnail_jpeg(self.shot_png(name, digest))
+        with self._thumbs_lock:
+            self._thumbs[digest] = thumb
+            while len(self._thumbs) > 256:
+                self._thumbs.popitem(last=False)
+        return thumb
 
     def __len__(self) -> int:
         return len(self._classes)
@@ -143,6 +176,7 @@ class ClassRegistry:
     async def add_shots(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
         check_class_name(name)
         async with self._lock:
+            self._check_room(name)  # before any fitting; again under the store lock, where the store has its say
             with _disk_full_is_507(name):
                 entry = await asyncio.to_thread(self._locked, name, self._register, name, images, mode)
             self._remember(entry)
@@ -171,11 +205,21 @@ class ClassRegistry:
             self._set(name, None)
             self.refused.pop(name, None)
 
+    def _check_room(self, name: str) -> None:
+        """TooManyClassesError when `name` would be a class beyond `max_classes` (the caller holds `_lock`, so the
+        count holds still). Counted as this replica holds them: replicas registering new classes at once may each
+        pass the last room, by at most one class each."""
+        if name not in self._classes and name not in self.refused and len(self._classes) >= self.max_classes:
+            raise TooManyClassesError(f"class '{name}' was not registered: the service holds {len(self._classes)} "
+                                      f"classes, its limit (max_classes); delete one first, nothing was changed")
+
     def _set(self, name: str, entry: ClassEntry | None) -> None:
         """The one place `_classes` changes: a replaced or removed bank also leaves the device."""
         old = self._classes.pop(name, None) if entry is None else self._classes.get(name)
         if entry is not None:
             self._classes[name] = entry
+        if (old is None) != (entry is None):
+            self._names = None  # a class came or went
         if old is not None and (entry is None or entry.memory.bank is not old.memory.bank):
             self.engine.banks.forget(old.memory.bank)
             del old
@@ -209,6 +253,8 @@ class ClassRegistry:
             if mode == "append":
                 raise _damaged(name, str(e)) from None
             current = None
+        if current is None:
+            self._check_room(name)
         hashes = list(current.shots) if (current and mode == "append") else []
         new: dict[str, bytes] = {}
         for img in images:
@@ -316,19 +362,18 @@ class ClassRegistry:
     async def follow(self, interval: float, sweep_every: float = 60.0) -> None:
         """The sync loop: replicas share one store, so follow what the others register or delete. A store that
         pushes changes (`subscribe`, PostgreSQL's LISTEN/NOTIFY) wakes it; others are looked at every
-        `interval` s. Every `sweep_every` s it also removes what crashed writes left (stores that have a
-        `sweep`)."""
-        subscribe = getattr(self.store, "subscribe", None)
-        sweep = getattr(self.store, "sweep", None)
+        `interval` s, a look that costs the directory store one small read while nothing changed. Every
+        `sweep_every` s it also has the store remove what crashed writes left."""
         next_sweep = time.monotonic() + sweep_every
         pushed = asyncio.Event()
-        if subscribe is not None:
-            loop = asyncio.get_running_loop()
-            subscribe(lambda: loop.call_soon_threadsafe(pushed.set))  # called on the store's listener thread
+        loop = asyncio.get_running_loop()
+        # called on the store's listener thread
+        pushes = self.store.subscribe(lambda: loop.call_soon_threadsafe(pushed.set))
+        if pushes:
             pushed.set()  # a first look at once: what changed between restore() and now (the warm-up) is found
         retry = 0.0  # seconds until the next look after one the store could not answer
         while True:
-            if subscribe is None:
+            if not pushes:
                 await asyncio.sleep(interval)
             else:  # a push, or the retry's time
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -337,9 +382,9 @@ class ClassRegistry:
             try:
                 await self.sync()
                 retry = 0.0
-                if sweep is not None and time.monotonic() >= next_sweep:
+                if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + sweep_every
-                    await asyncio.to_thread(sweep)
+                    await asyncio.to_thread(self.store.sweep)
             except StoreUnavailableError as e:  # pushed changes are announced once: look again until it works
                 retry = min(max(retry * 2, 0.25), 5.0)
                 log.warning("class sync: %s; looking again in %.2f s", e, retry)

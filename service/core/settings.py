@@ -37,6 +37,8 @@ class Settings(BaseSettings):
                                     "together (16 bytes per header pixel each, docs/service.md); more wait")
     max_images_per_request: int = Field(64, ge=1)
     max_shots_per_class: int = Field(32, ge=1)
+    max_classes: int = Field(10_000, ge=1, description="registered classes at most; a new one beyond it is "
+                             "refused (409 too_many_classes), an existing one can still be changed")
     bank_device_budget_mb: float | None = Field(None, ge=0, description="device memory for class banks; the "
                                                 "least recently used beyond it wait in host memory (default: 40% "
                                                 "of a GPU's memory, no limit on the CPU)")

@@ -11,6 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from .bank_residency import ResidencyStats
+    from .store import ClassStore
 
 __all__ = ["CONTENT_TYPE_LATEST", "Telemetry"]
 
@@ -67,9 +68,9 @@ class Telemetry:
         device, the budget, and the host-to-device loads and evictions so far."""
         self.registry.register(_BankCollector(stats))
 
-    def track_store(self, store: object) -> None:
+    def track_store(self, store: ClassStore) -> None:
         """The class store's reachability, read at scrape time: sowa_store_up (0 while a replica cannot reach
-        it and serves what it holds) and the reconnects and pushed changes so far (stores that push them)."""
+        it and serves what it holds) and the reconnects and pushed changes so far (0 for a directory)."""
         self.registry.register(_StoreCollector(store))
 
     def render(self) -> bytes:
@@ -95,14 +96,14 @@ class _BankCollector:
 
 
 class _StoreCollector:
-    def __init__(self, store: object) -> None:
+    def __init__(self, store: ClassStore) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
-        up = getattr(self.store, "error", None) is None
+        up = self.store.error is None
         yield GaugeMetricFamily("sowa_store_up", "1 while the class store is reachable (a directory store: always)",
                                 value=1.0 if up else 0.0)
         yield CounterMetricFamily("sowa_store_reconnects", "times the class store came back after a loss",
-                                  value=getattr(self.store, "reconnects", 0))
+                                  value=self.store.reconnects)
         yield CounterMetricFamily("sowa_store_notifications", "changes pushed by other replicas",
-                                  value=getattr(self.store, "notifications", 0))
+                                  value=self.store.notifications)

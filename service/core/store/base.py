@@ -1,19 +1,19 @@
 """ClassStore: what the registry needs from persistence, and nothing about how a backend keeps it.
 
 The registry holds classes in memory and decides what to fit; a store keeps their records durable and shared
-between replicas. Today's backend is a directory (`directory.py`); a database backend (rows, advisory locks,
-LISTEN/NOTIFY for changes) implements the same methods. All methods are blocking: the registry calls them on
-worker threads. Names are checked by the registry first, and again by every store: a name never reaches a path
-or a query unchecked.
+between replicas: a directory (`directory.py`) or PostgreSQL (`postgres.py`: rows, advisory locks, LISTEN/NOTIFY
+for changes). Both implement every member of `ClassStore`, each a no-op where a backend has nothing to do, so
+callers never probe for one. All methods are blocking: the registry calls them on worker threads. Names are
+checked by the registry first, and again by every store: a name never reaches a path or a query unchecked.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol
 
 from model.inference import ClassMemory
 
@@ -48,15 +48,29 @@ class StoreChanges:
     deleted: tuple[str, ...] = ()
 
 
-@runtime_checkable
 class ClassStore(Protocol):
+    """What the registry, the runtime and telemetry use of a store. Not runtime-checkable: an isinstance check
+    would compare names only (tests/service/core/test_store.py compares signatures and behaviour instead)."""
+
+    kind: ClassVar[str]  # "directory" or "postgresql", as /readyz names it
+    error: str | None  # why the store cannot be reached now (None while it can, always for a directory)
+    reconnects: int  # times the store came back after a loss (0 for a directory)
+    notifications: int  # changes other replicas pushed (0 for a store that does not push)
+
     def recover(self) -> dict[str, str]:
         """At start: finish what a crash interrupted (an interrupted delete); return stored entries that cannot be
         classes, with the reason (they are refused, never served)."""
         ...
 
-    # Optional: `sweep() -> int`, recover's clean-up while serving, for classes nobody is writing; the registry's
-    # sync loop calls it now and then when a store has it (DirectoryStore does).
+    def sweep(self) -> int:
+        """`recover`'s clean-up while serving, for classes nobody is writing; the sync loop calls it now and then.
+        The number of classes it cleaned (0 for a store whose writes leave nothing behind)."""
+        ...
+
+    def subscribe(self, callback: Callable[[], None]) -> bool:
+        """Have `callback` called (on any thread) whenever another replica changed something. False when this
+        store cannot push changes: the caller then looks at `changes()` every so often instead."""
+        ...
 
     def changes(self) -> StoreChanges:
         """What changed since the last call; the first call reports every class, as changed. The store's own
@@ -88,4 +102,8 @@ class ClassStore(Protocol):
 
     def lock(self, name: str) -> AbstractContextManager[None]:
         """Mutual exclusion per class across every replica sharing this store: held for read-modify-write."""
+        ...
+
+    def close(self) -> None:
+        """Release what the store holds open (connections, threads); later calls fail. Idempotent."""
         ...

@@ -7,11 +7,16 @@ Layout (FORMAT_VERSION 1):
     classes/<name>/shots/<sha256>.png  each shot as decoded RGB (lossless), so banks can be rebuilt for another
                                        bundle
     classes/<name>/bank.safetensors    the bank features (S, K*L, D) for the bundle named in class.json
-    locks/<name>.lock                  the per-class flock replicas take turns on
+    classes/.generation                a random token, replaced after every write and delete: the change marker
+    locks/<name>.lock                  the per-class flock replicas take turns on; removed, under the lock, once
+                                       the class is gone (a lock is taken on the file the path names at the time)
 
 Every file is written to a temporary name, fsynced and renamed; class.json goes last, so a crash at any point
 leaves either the old class or the new one. Deletes rename the folder away first (atomic), then remove it.
-Changes are found by a stat of every class.json: written last, so a changed one means a complete class.
+Changes are found by a stat of every class.json (written last, so a changed one means a complete class), but only
+when the change marker moved since the last look, or `rescan_s` passed (a writer that does not replace the marker:
+an older release, a hand edit): an idle look is one read of one small file, however many classes there are. The
+marker is read before the scan and replaced after the write, so a change is never missed between the two.
 
 A write that fails (a full disk) removes what it wrote: the shots it added, the new bank (the old one is kept as a
 hard link until class.json is written, and put back), the folder of a first registration. What a crash leaves
@@ -27,8 +32,9 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +59,7 @@ log = logging.getLogger("sowa.registry")
 FORMAT_VERSION = 1
 _KEPT_BANK = ".bank.safetensors.kept"  # the previous bank while a write replaces it
 Signature = tuple[int, int, int] | None
+_MARKER = ".generation"
 
 
 def _signature(path: Path) -> Signature:
@@ -68,14 +75,22 @@ class DirectoryStore:
 
     kind = "directory"
     error: str | None = None  # a local directory is never unreachable: its failures are each call's own
+    reconnects = 0
+    notifications = 0  # nothing is pushed: the sync loop looks every sync_interval_s
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, rescan_s: float = 60.0) -> None:
         self.root = Path(data_dir) / "classes"
         self.locks = Path(data_dir) / "locks"
+        self.rescan_s = rescan_s
         self._seen: SeenVersions[Signature] = SeenVersions()  # class.json signatures as last reported or written
+        self._marker: bytes | None = None  # the change marker as the last scan found it (None: scan next time)
+        self._next_scan = 0.0
 
     def close(self) -> None:
         """Nothing held open between calls."""
+
+    def subscribe(self, callback: Callable[[], None]) -> bool:
+        return False  # a file system pushes nothing portable (inotify misses other hosts' NFS writes)
 
     def _folder(self, name: str) -> Path:
         if not is_class_name(name):  # checked again here: a name never becomes a path unchecked
@@ -101,7 +116,8 @@ class DirectoryStore:
 
     def sweep(self) -> int:
         """`recover`'s clean-up while serving, for classes nobody is writing (their lock is free right now): what
-        a crashed replica left goes without a restart. The sync loop calls it now and then; returns the number
+        a crashed replica left goes without a restart, and so do lock files of classes that are gone (left by
+        an older release, or a delete without the lock). The sync loop calls it now and then; returns the number
         of class folders it cleaned."""
         cleaned = 0
         if not self.root.is_dir():
@@ -110,27 +126,23 @@ class DirectoryStore:
             if folder.name.startswith(".trash-"):
                 shutil.rmtree(folder, ignore_errors=True)  # a delete's own rmtree may be at it too: either wins
                 continue
-            if not (folder.is_dir() and is_class_name(folder.name) and _leftovers(folder)):
+            if not (is_class_name(folder.name) and _leftovers(folder)):
                 continue
             with self._try_lock(folder.name) as locked:
                 if locked and _leftovers(folder):
                     self._recover_class(folder)
                     cleaned += 1
+        if self.locks.is_dir():
+            for lock in self.locks.glob("*.lock"):
+                if is_class_name(lock.stem) and not (self.root / lock.stem).exists():
+                    with self._try_lock(lock.stem):
+                        pass  # released with its class gone: the file goes (see `_flock`)
         return cleaned
 
     @contextmanager
     def _try_lock(self, name: str) -> Iterator[bool]:
-        self.locks.mkdir(parents=True, exist_ok=True)
-        with open(self.locks / f"{name}.lock", "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False  # someone is writing this class: its leftovers are its own work in progress
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with self._flock(name, blocking=False) as locked:
+            yield locked
 
     def _recover_class(self, folder: Path) -> None:
         """Remove what a crash in `write` left in one class folder (the caller holds its lock)."""
@@ -158,7 +170,25 @@ class DirectoryStore:
             tmp.unlink(missing_ok=True)
 
     def changes(self) -> StoreChanges:
-        return self._seen.diff(self._scan())
+        marker = self._read_marker()  # before the scan: a write whose marker comes later is found next time
+        if marker is not None and marker == self._marker and time.monotonic() < self._next_scan:
+            return StoreChanges()
+        changes = self._seen.diff(self._scan())
+        self._marker, self._next_scan = marker, time.monotonic() + self.rescan_s
+        return changes
+
+    def _read_marker(self) -> bytes | None:
+        try:
+            return (self.root / _MARKER).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _moved(self) -> None:
+        """Replace the change marker (after a write or a delete): replicas' next look scans. Not fsynced: after a
+        crash every replica's first look scans anyway, and a torn token is still a new one."""
+        tmp = self.root / f".{_MARKER}.{uuid.uuid4().hex}.tmp"
+        tmp.write_bytes(uuid.uuid4().bytes)
+        os.replace(tmp, self.root / _MARKER)
 
     def _scan(self) -> dict[str, Signature]:
         if not self.root.is_dir():
@@ -239,6 +269,7 @@ class DirectoryStore:
             raise
         kept.unlink(missing_ok=True)
         self._seen.saw(record.name, _signature(folder / "class.json"))  # our own write: not a change to report
+        self._moved()
         referenced = set(record.shots)
         for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode, failed attempts)
             if stale.stem not in referenced:
@@ -268,25 +299,69 @@ class DirectoryStore:
         folder.rename(trash)  # atomic: the class is gone from disk at once
         fsync_dir(self.root)
         self._seen.forget([name])
+        self._moved()
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        self._folder(name)
-        self.locks.mkdir(parents=True, exist_ok=True)
-        with open(self.locks / f"{name}.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with self._flock(self._folder(name).name, blocking=True):
+            yield
+
+    @contextmanager
+    def _flock(self, name: str, blocking: bool) -> Iterator[bool]:
+        """Hold locks/<name>.lock (False: it is busy, when not `blocking`). The file is removed on release when the
+        class is gone (deleted, or a first registration that failed), so locks do not outlive classes. A waiter
+        may then hold a file no longer at the path: it checks, once it has the lock, that the path still names
+        the file it locked, and starts again if not; so two holders never lock different files of one name."""
+        path = self.locks / f"{name}.lock"
+        while True:
+            self.locks.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False  # someone is writing this class
+                    return
+                try:
+                    if not _same_file(f.fileno(), path):
+                        continue  # removed (or replaced) while we waited: lock the file there now
+                    try:
+                        yield True
+                    finally:
+                        if not (self.root / name).exists():  # under the lock: nobody can be creating it now
+                            path.unlink(missing_ok=True)
+                    return
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _leftovers(folder: Path) -> bool:
-    """Whether a class folder holds what an interrupted write leaves (see `_recover_class`)."""
-    return (not (folder / "class.json").is_file() or (folder / _KEPT_BANK).exists()
-            or any(folder.glob(".*.tmp")) or any(folder.glob("shots/.*.tmp")))
+    """Whether a class folder holds what an interrupted write leaves (see `_recover_class`): one listing of the
+    folder and one of its shots, as the sweep looks at every class."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if "class.json" not in names or _KEPT_BANK in names or any(_is_tmp(n) for n in names):
+        return True
+    try:
+        return any(_is_tmp(n) for n in os.listdir(folder / "shots"))
+    except FileNotFoundError:
+        return False
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")  # atomic_write's temporary names
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:

@@ -47,7 +47,7 @@ from model.inference import ClassMemory
 from model.memory_bank import MemoryBank
 
 from ..class_names import is_class_name
-from ..errors import StoreUnavailableError
+from ..errors import SowaError, StoreUnavailableError
 from .base import ClassRecord, StoreChanges, checked_shot
 from .seen import SeenVersions
 
@@ -292,10 +292,14 @@ class PostgresStore:
             except Exception:  # a subscriber's trouble (its loop closed) is not the connection's
                 log.exception("class store: change callback failed")
 
-    def subscribe(self, callback: Callable[[], None]) -> None:
+    def subscribe(self, callback: Callable[[], None]) -> bool:
         """Call `callback` (on the listener thread) whenever another replica changed something, or the
         connection came back and a catch-up is due."""
         self._subscribers.append(callback)
+        return True
+
+    def sweep(self) -> int:
+        return 0  # a write is one transaction: a crash leaves nothing to clean
 
     def wait_for_changes(self, timeout: float) -> bool:
         """Block until another replica changed something (or the connection came back), at most `timeout` s."""
@@ -374,8 +378,10 @@ class PostgresStore:
                 (record.name, list(record.shots), record.bundle_fingerprint,
                  Jsonb(asdict(record.memory.calibration)), bank, record.memory.bank.shots,
                  record.threshold_override, record.created, record.updated)).fetchone()
+            if revision is None:  # an upsert RETURNING always has its row: raised inside, so nothing commits
+                raise SowaError(f"class {record.name}: the store returned no revision for its row; nothing was "
+                                "changed")
             self._notify(cur, record.name, "write")
-        assert revision is not None
         self._seen.saw(record.name, int(revision[0]))  # our own write: not a change to report
 
     def delete(self, name: str) -> bool:

@@ -6,10 +6,14 @@ and PostgreSQL's schema versions are tested on their own."""
 from __future__ import annotations
 
 import hashlib
+import inspect
+import io
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from model.calibration import Calibration
 from model.inference import ClassMemory
 from model.memory_bank import MemoryBank
 from service.core.store import ClassRecord, ClassStore, DirectoryStore, StoreChanges, open_store
+from service.core.store.postgres import PostgresStore
 
 
 def _record(name: str, shots: dict[str, bytes], fingerprint: str = "fp-1",
@@ -34,11 +39,11 @@ def _shots(*payloads: bytes) -> dict[str, bytes]:
 
 def test_the_directory_layout_and_manifest_are_format_1(tmp_path: Path) -> None:
     store = DirectoryStore(tmp_path)
-    assert isinstance(store, ClassStore)
     shots = _shots(b"one", b"two")
     store.write(_record("widget", shots, override=0.7), shots)
     folder = tmp_path / "classes" / "widget"
     assert sorted(p.name for p in folder.iterdir()) == ["bank.safetensors", "class.json", "shots"]
+    assert sorted(p.name for p in (tmp_path / "classes").iterdir()) == [".generation", "widget"]
     assert sorted(p.stem for p in (folder / "shots").glob("*.png")) == sorted(shots)
     m = json.loads((folder / "class.json").read_text())
     assert list(m) == ["format_version", "name", "shots", "bundle_fingerprint", "bank_sha256", "bank_shots",
@@ -70,12 +75,41 @@ def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreF
 
     yield make
     for store in made:
-        getattr(store, "close", lambda: None)()
+        store.close()
+
+
+def _protocol_methods() -> dict[str, inspect.Signature]:
+    return {n: inspect.signature(v) for n, v in vars(ClassStore).items() if inspect.isfunction(v)
+            and not n.startswith("_")}
+
+
+@pytest.mark.parametrize("backend", [DirectoryStore, PostgresStore])
+def test_every_backend_has_each_member_of_the_protocol_with_its_signature(backend: type) -> None:
+    methods = _protocol_methods()
+    assert {"recover", "sweep", "subscribe", "changes", "unsee", "read", "read_shot", "write", "delete", "lock",
+            "close"} == set(methods)
+    for name, want in methods.items():
+        got = inspect.signature(getattr(backend, name))
+        assert list(got.parameters.values()) == list(want.parameters.values()), f"{backend.__name__}.{name}{got}"
+        wrapped = hasattr(getattr(backend, name), "__wrapped__")  # @contextmanager: a generator, documented
+        assert wrapped or got.return_annotation == want.return_annotation, f"{backend.__name__}.{name}{got}"
+    assert set(ClassStore.__annotations__) == {"kind", "error", "reconnects", "notifications"}
+
+
+def test_the_protocol_members_behave_on_both_backends(new_store: StoreFactory) -> None:
+    store = new_store()
+    assert store.kind in ("directory", "postgresql") and store.error is None
+    assert (store.reconnects, store.notifications) == (0, 0)
+    assert store.subscribe(lambda: None) is (store.kind == "postgresql")  # only PostgreSQL pushes
+    assert store.sweep() == 0
+    assert isinstance(store.lock("gear"), AbstractContextManager)
+    store.close()
+    store.close()  # twice is no error
 
 
 def test_round_trip(new_store: StoreFactory) -> None:
     store = new_store()
-    assert isinstance(store, ClassStore) and store.changes() == StoreChanges()
+    assert store.changes() == StoreChanges()
     shots = _shots(b"one", b"two")
     store.write(_record("widget", shots, override=0.7), shots)
     back = store.read("widget", "fp-1")
@@ -187,3 +221,84 @@ def test_store_urls(tmp_path: Path) -> None:
     settings = Settings(bundle=tmp_path, data_dir=tmp_path / "d")
     assert settings.store_url == str(tmp_path / "d") and "secret" not in repr(Settings(bundle=tmp_path,
                                                                                          store=pg.url))
+
+
+def test_a_deleted_class_leaves_no_lock_file(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    store.recover()
+    shots = _shots(b"x")
+    for name in ("gear", "belt"):
+        with store.lock(name):
+            store.write(_record(name, shots), shots)
+    with store.lock("gear"):  # as the registry deletes: under the class's lock
+        assert store.delete("gear")
+    with store.lock("ghost"):  # a first registration that failed: no class, so no lock either
+        pass
+    assert sorted(p.name for p in (tmp_path / "locks").iterdir()) == ["belt.lock"]
+    (tmp_path / "locks" / "old.lock").touch()  # left by a delete without the lock, or an older release
+    assert store.sweep() == 0 and sorted(p.name for p in (tmp_path / "locks").iterdir()) == ["belt.lock"]
+
+
+def test_a_waiter_on_a_removed_lock_file_takes_the_new_one(tmp_path: Path) -> None:
+    """A replica waits on a class's lock while another deletes the class (and its lock file): once it has the
+    lock, a third replica must not get it too by creating a fresh file under the same name."""
+    a, b, c = (DirectoryStore(tmp_path) for _ in range(3))
+    shots = _shots(b"x")
+    a.write(_record("gear", shots), shots)
+    b_inside, b_release = threading.Event(), threading.Event()
+
+    def register_again() -> None:
+        with b.lock("gear"):
+            b.write(_record("gear", shots), shots)
+            b_inside.set()
+            b_release.wait(30)
+
+    with a.lock("gear"):
+        waiter = threading.Thread(target=register_again)
+        waiter.start()
+        time.sleep(0.2)  # b is blocked on the lock file a is about to remove
+        assert a.delete("gear") and not b_inside.is_set()
+    assert b_inside.wait(30)
+    with c._try_lock("gear") as locked:
+        assert not locked  # b holds the lock of the file now at the path
+    b_release.set()
+    waiter.join(30)
+    assert c.read("gear", None) is not None and (tmp_path / "locks" / "gear.lock").exists()
+
+
+def _count_fs_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the file-system calls a directory store makes (stat, listings, opens), the real ones still made."""
+    counts = dict.fromkeys(("stat", "listdir", "scandir", "open"), 0)
+    for module, name, key in ((os, "stat", "stat"), (os, "listdir", "listdir"), (os, "scandir", "scandir"),
+                              (io, "open", "open")):
+        real = getattr(module, name)
+
+        def counted(*args: object, _real: Callable = real, _key: str = key, **kw: object) -> object:
+            counts[_key] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
+@pytest.mark.parametrize("rescan_s", [60.0, 0.0])
+def test_an_idle_look_costs_the_same_for_1_and_200_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            rescan_s: float) -> None:
+    shots = _shots(b"x")
+    calls = {}
+    for n in (1, 200):
+        writer = DirectoryStore(tmp_path / str(n))
+        for i in range(n):
+            writer.write(_record(f"c{i:03d}", shots), shots)
+        follower = DirectoryStore(tmp_path / str(n), rescan_s=rescan_s)  # another replica, following
+        assert len(follower.changes().changed) == n
+        with monkeypatch.context() as m:
+            counts = _count_fs_calls(m)
+            assert all(follower.changes() == StoreChanges() for _ in range(5))  # five idle ticks
+        calls[n] = sum(counts.values())
+        writer.write(_record("c000", shots, override=0.5), {})  # a change is still found at the next look
+        assert follower.changes() == StoreChanges(changed=("c000",))
+    if rescan_s:
+        assert calls[1] == calls[200] <= 5 * 2, calls  # one read of the change marker a tick
+    else:  # a scan every look (the counting sees it): what the marker saves
+        assert calls[200] > 50 * calls[1], calls
