@@ -1,7 +1,7 @@
 """Runtime: one process's serving state, typed, and its life: start in the background, then close in order.
 
 `LocalRuntime` is a process that holds the model: it loads the bundle, restores the classes, warms up, and owns
-the engine, registry, store, batcher, kept results and the backend that `scoring.score` uses. HTTP worker
+the engine, registry, store, batcher, kept results and the backend whose `score` predictions take. HTTP worker
 processes have a runtime of their own (service/workers/runtime.py) whose backend is the engine process's. The
 HTTP layer keeps one runtime per app and reaches it only through its dependencies (service/http/deps.py).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from .backend import Backend, LocalBackend
@@ -20,14 +21,28 @@ from .registry import ClassRegistry
 from .results import ResultStore
 from .settings import Settings
 from .staging import ImageStager
-from .status import ServiceStatus
 from .store import ClassStore, open_store
 from .telemetry import Telemetry
 from .uploads import DecodeBudget, PixelLimits, limit_malloc_arenas
 
-__all__ = ["LocalRuntime", "Runtime"]
+__all__ = ["LocalRuntime", "Runtime", "ServiceStatus"]
 
 log = logging.getLogger("sowa.service")
+
+
+@dataclass
+class ServiceStatus:
+    """Where start-up and shutdown stand; /readyz and every route's readiness check read it."""
+
+    model_loaded: bool = False
+    classes_restored: bool = False
+    warmed_up: bool = False
+    accepting: bool = False
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.model_loaded and self.classes_restored and self.warmed_up and self.accepting
 
 
 class Runtime:

@@ -1,6 +1,6 @@
 """Frames between HTTP workers and the engine process: a JSON header and a binary payload, length-prefixed.
 
-The scoring path takes this socket (service/core/scoring.py through RemoteBackend): a class check, the
+The scoring path takes this socket (`Backend.score` through RemoteBackend): a class check, the
 prediction, and the results a request keeps; every other route a worker forwards to the engine process's own
 HTTP server (proxy.py). Images never travel in frames: a worker writes them into its shared-memory slots
 (slots.py) and names the slots. The payload carries what does not fit JSON: the anomaly maps (float32) of a

@@ -1,6 +1,6 @@
 """RemoteBackend: what an HTTP worker process calls instead of the engine: the engine process, over a Unix socket.
 
-It implements the same `Backend` interface as the in-process one (service/core/backend.py), so `scoring.score`
+It implements the same `Backend` interface as the in-process one (service/core/backend.py), so `Backend.score`
 runs the same steps in either process: the class check and kept results are asked of the engine's own backend,
 and admission reads the engine's queue depth from shared memory, through the batcher's own rule. A request's
 images are copied into this worker's shared-memory slots (numpy's copy: no torch thread pool on the event loop)
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.backend import Backend
 from ..core.batcher import admit
 from ..core.class_names import check_class_name
 from ..core.engine import ImageResult
@@ -35,7 +36,7 @@ __all__ = ["RemoteBackend"]
 log = logging.getLogger("sowa.frontend")
 
 
-class RemoteBackend:
+class RemoteBackend(Backend):
     def __init__(self, socket_path: str, slots: int, settings: Settings,
                  on_lost: Callable[[], None] | None = None) -> None:
         """`on_lost` is called once the engine connection is gone for good (the worker then stops)."""

@@ -1,7 +1,7 @@
 """POST /predict: score images, zero-shot or against a registered class.
 
-The route parses the form, hands it to `service.core.scoring.score` (the same path in a single process and in an
-HTTP worker), and encodes the answer; it watches for the client leaving meanwhile.
+The route parses the form, hands it to `Backend.score` (service/core/backend.py: the same path in a single process
+and in an HTTP worker), and encodes the answer; it watches for the client leaving meanwhile.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
+from ...core.backend import ScoredImage, ScoreOptions
 from ...core.class_names import CLASS_NAME
 from ...core.codecs import png_heatmap, raw_heatmap
 from ...core.errors import ClientClosedError
-from ...core.scoring import ScoredImage, ScoreOptions, score
 from ..deps import ServingDep, require_api_key
 from ..schemas import PredictResponse
 from .multipart import read_files
@@ -82,9 +82,9 @@ async def predict(
     """Anomaly score, decision, regions and heatmap for every image."""
     s = runtime.settings
     options = ScoreOptions(class_name, threshold, need_maps=heatmap != "none", keep=keep)
-    scored = await _unless_client_leaves(request, score(
-        runtime.backend, lambda: read_files(images, s.max_images_per_request), options, s.request_timeout_s,
-        runtime.limits, runtime.decode_budget, int(s.results_max_image_mb * 2**20)))
+    scored = await _unless_client_leaves(request, runtime.backend.score(
+        lambda: read_files(images, s.max_images_per_request), options, s.request_timeout_s, runtime.limits,
+        runtime.decode_budget, int(s.results_max_image_mb * 2**20)))
     body = await asyncio.to_thread(lambda: [_encode(image, heatmap) for image in scored.images])
     runtime.telemetry.images.inc(len(body))
     return {"class_name": class_name, "results": body, "model": scored.model}
