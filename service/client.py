@@ -62,6 +62,10 @@ def decode_raw_heatmap(heatmap: Heatmap) -> np.ndarray:
     return np.frombuffer(base64.b64decode(heatmap.data), dtype="<f4").reshape(heatmap.shape)
 
 
+def _page(limit: int, after: str | None) -> dict[str, str | int]:
+    return {"limit": limit} if after is None else {"limit": limit, "after": after}
+
+
 def _predict_form(class_name: str | None, heatmap: str, threshold: float | None, keep: bool) -> dict[str, str]:
     """/predict's form fields: `threshold` overrides the class's for this request, `keep` keeps the results for the
     console (each then has a `result_id`)."""
@@ -100,7 +104,19 @@ class SowaClient:
         return ClassInfo.model_validate(_check(r).json())
 
     def list_classes(self) -> list[ClassInfo]:
-        return ClassList.model_validate(_check(self._http.get("/classes")).json()).classes
+        """Every class, in name order, a page at a time."""
+        out: list[ClassInfo] = []
+        after: str | None = None
+        while True:
+            page = self.class_page(limit=1000, after=after)
+            out += page.classes
+            if page.next is None:
+                return out
+            after = page.next
+
+    def class_page(self, limit: int = 100, after: str | None = None) -> ClassList:
+        """One page of `GET /classes`: up to `limit` classes after the name `after`, the total and the next cursor."""
+        return ClassList.model_validate(_check(self._http.get("/classes", params=_page(limit, after))).json())
 
     def get_class(self, name: str) -> ClassInfo:
         return ClassInfo.model_validate(_check(self._http.get(f"/classes/{name}")).json())
@@ -160,7 +176,20 @@ class AsyncSowaClient:
         return ClassInfo.model_validate(_check(r).json())
 
     async def list_classes(self) -> list[ClassInfo]:
-        return ClassList.model_validate(_check(await self._http.get("/classes")).json()).classes
+        """Every class, in name order, a page at a time."""
+        out: list[ClassInfo] = []
+        after: str | None = None
+        while True:
+            page = await self.class_page(limit=1000, after=after)
+            out += page.classes
+            if page.next is None:
+                return out
+            after = page.next
+
+    async def class_page(self, limit: int = 100, after: str | None = None) -> ClassList:
+        """One page of `GET /classes`: up to `limit` classes after the name `after`, the total and the next cursor."""
+        r = await self._http.get("/classes", params=_page(limit, after))
+        return ClassList.model_validate(_check(r).json())
 
     async def get_class(self, name: str) -> ClassInfo:
         return ClassInfo.model_validate(_check(await self._http.get(f"/classes/{name}")).json())

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CalibrationOut", "ClassInfo", "ClassList", "ClassScores", "Deleted", "FromResults",
+__all__ = ["CalibrationOut", "ClassInfo", "ClassList", "ClassListItem", "ClassScores", "Deleted", "FromResults",
            "FromResultsResponse", "Heatmap", "Histogram", "ImageResultOut", "KeptResultList", "KeptResultOut",
            "ModelInfo", "PredictResponse", "PreviousState", "ReadyInfo", "RecentScore", "Region", "ShotList",
            "ShotRef", "ShotScore", "ThresholdUpdate"]
@@ -84,8 +84,24 @@ class ClassInfo(BaseModel):
     updated: float
 
 
+class ClassListItem(ClassInfo):
+    first_shot: str | None = Field(None, description="sha256 of the class's first shot")
+    first_shot_thumbnail: str | None = Field(None, description="base64 JPEG of the first shot, at most 128 px a "
+                                             "side (with thumbnails=true)")
+    recent_results: list[KeptResultOut] | None = Field(None, description="the last kept results, newest first "
+                                                       "(with recent=N)")
+
+
 class ClassList(BaseModel):
-    classes: list[ClassInfo]
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "classes": [{"name": "widget", "shots": 4, "bank_vectors": 2304, "bank_bytes": 28311552, "threshold": 0.74,
+                     "calibrated_threshold": 0.74, "threshold_overridden": False, "pixel_threshold": 3.2,
+                     "created": 1763940000.0, "updated": 1763940000.0, "first_shot": "9c1e" + "0" * 60}],
+        "total": 120, "next": "widget"}]})
+
+    classes: list[ClassListItem] = Field(description="one page, in name order")
+    total: int = Field(description="classes registered, on every page")
+    next: str | None = Field(description="pass as `after` for the next page; null on the last")
 
 
 class ThresholdUpdate(BaseModel):

@@ -133,8 +133,20 @@ function dropZone(id, label, onFiles) {
   return el("div", { class: "drop-wrap" }, input, zone);
 }
 
+// every class (name order), a page of GET /classes at a time
+async function allClasses() {
+  const classes = [];
+  let after = null;
+  do {
+    const page = await api(`/classes?limit=1000${after === null ? "" : `&after=${encodeURIComponent(after)}`}`);
+    classes.push(...page.classes);
+    after = page.next;
+  } while (after !== null);
+  return classes;
+}
+
 async function classSelect(current, onChange, zeroShot = false) {
-  const { classes } = await api("/classes");
+  const classes = await allClasses();
   const select = el("select", { id: "class-select", onchange: () => onChange(select.value) },
                     zeroShot ? el("option", { value: "", text: "(none: zero-shot)" }) : null,
                     classes.map((c) => el("option", { value: c.name, text: c.name, selected: c.name === current })));
@@ -143,6 +155,8 @@ async function classSelect(current, onChange, zeroShot = false) {
 }
 
 // -- page: classes --------------------------------------------------------------------------------------------------
+const CLASS_PAGE = 50;  // rows per request: thumbnails included, a page is about 50 * 4 KiB of JSON
+
 async function pageClasses(main) {
   main.append(el("h2", { text: "Classes" }));
   const name = el("input", { id: "new-class", autocomplete: "off", placeholder: "e.g. widget-a", required: true,
@@ -153,29 +167,49 @@ async function pageClasses(main) {
     location.hash = `#/class/${name.value}`;
   } }, el("label", { for: "new-class", text: "New class" }), name, el("button", { type: "submit", text: "Open" }),
   el("small", { id: "new-class-help", text: "then register a few good parts as its shots" })));
-  const { classes } = await api("/classes");
-  if (!classes.length) { main.append(el("p", { text: "No class is registered yet." })); return; }
-  const recent = await Promise.all(classes.map((c) =>
-    api(`/classes/${c.name}/results?limit=4&thumbnails=true`).then((r) => r.results).catch(() => [])));
-  const firstShots = await Promise.all(classes.map((c) => shotThumbs(c.name, 1).catch(() => [])));
-  const rows = classes.map((c, i) => el("tr", { dataset: { class: c.name } },
+  // one request per page of CLASS_PAGE classes: the list carries each row's first shot and last kept results
+  const page = (after) => api(`/classes?limit=${CLASS_PAGE}&recent=4&thumbnails=true` +
+                              (after === null ? "" : `&after=${encodeURIComponent(after)}`));
+  const first = await page(null);
+  if (!first.classes.length) { main.append(el("p", { text: "No class is registered yet." })); return; }
+  const tbody = el("tbody", {});
+  const count = el("span", { id: "classes-count" });
+  const more = el("button", { type: "button", id: "more-classes", class: "secondary", text: "Show more classes" });
+  let next = null;
+  const show = (body) => {
+    tbody.append(...body.classes.map(classRow));
+    next = body.next;
+    count.textContent = `${tbody.rows.length} of ${body.total} shown`;
+    more.hidden = next === null;
+  };
+  more.addEventListener("click", async () => {
+    more.disabled = true;
+    try { show(await page(next)); } finally { more.disabled = false; }
+  });
+  main.append(el("table", { class: "classes" },
+    el("caption", { text: "Registered classes, each with its first shot; the last results are the last kept ones, heatmap over them" }),
+    el("thead", {}, el("tr", {}, ["Class", "Shots", "Threshold", "Calibrated", "Bank (vectors · bytes)", "Last results", ""]
+      .map((h) => el("th", { scope: "col", text: h })))),
+    tbody),
+    el("p", { class: "more" }, count, " ", more));
+  show(first);
+}
+
+function classRow(c) {
+  const recent = c.recent_results || [];
+  return el("tr", { dataset: { class: c.name } },
     el("th", { scope: "row" }, el("a", { href: `#/class/${c.name}`, class: "class-link" },
-      firstShots[i].map(({ url }) => el("img", { src: url, alt: "", width: 40, height: 40, class: "shot-thumb" })),
+      c.first_shot_thumbnail ? el("img", { src: `data:image/jpeg;base64,${c.first_shot_thumbnail}`, alt: "", width: 40, height: 40, class: "shot-thumb" }) : null,
       el("span", { text: c.name }))),
     el("td", { class: "num shots", text: c.shots }),
     el("td", { class: "num" }, fmt(c.threshold), c.threshold_overridden ? el("span", { class: "tag", text: "override" }) : null),
     el("td", { class: "num", text: fmt(c.calibrated_threshold) }),
     el("td", { class: "num", text: `${c.bank_vectors} · ${bytes(c.bank_bytes)}` }),
-    el("td", {}, el("div", { class: "thumbs" }, recent[i].length ? recent[i].map((r) => el("figure", {},
+    el("td", {}, el("div", { class: "thumbs" }, recent.length ? recent.map((r) => el("figure", {},
       el("img", { src: `data:image/jpeg;base64,${r.thumbnail}`, alt: `${r.filename}: ${r.is_anomalous ? "anomalous" : "normal"}`, width: 48, height: 48 }),
       el("figcaption", {}, verdictBadge(r.is_anomalous)))) : el("span", { class: "muted", text: "none kept" }))),
     el("td", {}, el("a", { href: `#/inspect/${c.name}`, text: "Inspect" }), " ",
-       el("a", { href: `#/threshold/${c.name}`, text: "Threshold" }))));
-  main.append(el("table", { class: "classes" },
-    el("caption", { text: "Registered classes, each with its first shot; the last results are the last kept ones, heatmap over them" }),
-    el("thead", {}, el("tr", {}, ["Class", "Shots", "Threshold", "Calibrated", "Bank (vectors · bytes)", "Last results", ""]
-      .map((h) => el("th", { scope: "col", text: h })))),
-    el("tbody", {}, rows)));
+       el("a", { href: `#/threshold/${c.name}`, text: "Threshold" })));
 }
 
 // -- shots ---------------------------------------------------------------------------------------------------------------
@@ -201,7 +235,8 @@ async function pageClass(main, name) {
   main.append(el("h2", {}, "Class ", el("code", { text: name })));
   const factsBox = el("div", { id: "facts-box" });
   main.append(factsBox);
-  const known = (await api("/classes")).classes.find((c) => c.name === name);  // a new one is no error (404)
+  // from the list, not GET /classes/NAME: a class not registered yet is no error (a 404 would log one)
+  const known = (await allClasses()).find((c) => c.name === name);
   factsBox.append(known ? classFacts(known) : el("p", { text: "Not registered yet: register its first shots below." }));
   const gallery = el("div", { class: "shots", id: "shots" });
   const remove = el("button", { type: "button", id: "delete-shots", class: "secondary", disabled: true,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import asyncio
+import base64
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 
 from ...core.class_names import CLASS_NAME, check_class_name
+from ...core.registry import ClassRegistry
 from ...core.uploads import decode_uploads
 from ..deps import LocalDep, RegistryDep, ResultsDep, require_api_key
 from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
@@ -35,9 +38,47 @@ async def add_shots(
     return entry.info()
 
 
-@router.get("", response_model=ClassList, summary="List classes")
-async def list_classes(registry: RegistryDep) -> dict:
-    return {"classes": [registry.get(n).info() for n in registry.names()]}
+PAGE_DEFAULT, PAGE_MAX = 100, 1000  # 1000 plain items are about 250 KiB of JSON
+
+
+@router.get("", response_model=ClassList, summary="List classes, a page at a time")
+async def list_classes(
+    registry: RegistryDep,
+    results: ResultsDep,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX, description="classes per page")] = PAGE_DEFAULT,
+    after: Annotated[str | None, Query(max_length=64, description="the previous page's `next`: this page starts "
+                                       "after that name")] = None,
+    recent: Annotated[int, Query(ge=0, le=8, description="with each class, its last N kept results")] = 0,
+    thumbnails: Annotated[bool, Query(description="with each class, its first shot as a JPEG thumbnail (and the "
+                                      "recent results' thumbnails)")] = False,
+) -> dict:
+    """Classes in name order; a class registered or deleted between two pages does not move the others. What the
+    console's class table shows comes in the one request (`recent`, `thumbnails`)."""
+    entries, next_name = registry.page(after, limit)
+    items: list[dict[str, Any]] = []
+    for entry in entries:
+        item = {**entry.info(), "first_shot": entry.shots[0] if entry.shots else None}
+        if recent:
+            item["recent_results"] = [
+                {**r.summary(), "thumbnail": base64.b64encode(r.thumbnail).decode("ascii") if thumbnails else None}
+                for r in results.recent(entry.name, recent)]
+        items.append(item)
+    if thumbnails:
+        thumbs = await asyncio.to_thread(_first_thumbnails, registry, items)
+        for item, thumb in zip(items, thumbs, strict=True):
+            item["first_shot_thumbnail"] = thumb
+    return {"classes": items, "total": len(registry), "next": next_name}
+
+
+def _first_thumbnails(registry: ClassRegistry, items: list[dict[str, Any]]) -> list[str | None]:
+    out: list[str | None] = []
+    for item in items:
+        try:
+            jpeg = registry.shot_thumbnail(item["name"], item["first_shot"]) if item["first_shot"] else None
+        except Exception:  # deleted meanwhile, or a damaged shot: the row shows no picture, the list still answers
+            jpeg = None
+        out.append(None if jpeg is None else base64.b64encode(jpeg).decode("ascii"))
+    return out
 
 
 @router.get("/{name}", response_model=ClassInfo, summary="One class")
