@@ -40,13 +40,25 @@ def test_fp32_on_cuda_turns_tf32_off_in_matmuls_and_convolutions() -> None:
     assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
 
 
+def _flags() -> tuple[str, str]:
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
 @pytest.mark.usefixtures("_precision_flags")
-def test_to_inference_asks_for_fp32_precision(tiny_model: SowaModel,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple] = []
-    monkeypatch.setattr("model.sowa.set_fp32_precision", lambda *a: calls.append(a))
-    tiny_model.to_inference("cpu", torch.float32)
-    assert calls == [("cpu", torch.float32)]  # it asks; set_fp32_precision itself decides (above)
+def test_to_inference_sets_the_fp32_precision_flags(tiny_model: SowaModel) -> None:
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = "tf32", "tf32"
+    tiny_model.to_inference("cpu", torch.float32)  # the CPU: torch's flags are left alone
+    assert _flags() == ("tf32", "tf32") and tiny_model.text_features.dtype == torch.float32
+    tiny_model.to_inference("cpu", torch.bfloat16)
+    assert _flags() == ("tf32", "tf32") and tiny_model.clip.visual.conv1.weight.dtype == torch.bfloat16
+    assert tiny_model.text_features.dtype == torch.float32  # the cached text vectors stay fp32
+    # fp32 on CUDA: the flags are set before the weights move, so without a GPU (where the move fails) they are
+    # still what a GPU run gets
+    try:
+        tiny_model.to_inference("cuda", torch.float32)
+    except (RuntimeError, AssertionError):
+        assert not torch.cuda.is_available()
+    assert _flags() == ("ieee", "ieee")
 
 
 def test_to_device_on_the_cpu_is_the_same_tensor_values() -> None:

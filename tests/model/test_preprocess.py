@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-import contextlib
 import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transform import image_transform
 from PIL import Image
 
 from model.preprocess import (
@@ -27,17 +28,29 @@ def _encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
     return buf.getvalue()
 
 
-def test_reference_preprocessing_is_squash_bicubic_and_clip_norm() -> None:
+def test_reference_preprocessing_is_open_clips_squash_transform() -> None:
+    """The same tensor, bit for bit, as open_clip's own eval transform in `squash` mode with bicubic resizing and
+    the OpenAI mean/std (torchvision's Resize, ToTensor and Normalize): not a re-derivation of our own code."""
+    squash = image_transform(64, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD,
+                             resize_mode="squash", interpolation="bicubic")
+    crop = image_transform(64, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
     rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
-    x = preprocess(img, 64)
-    resized = np.asarray(img.resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32) / 255
-    expected = (torch.from_numpy(resized).permute(2, 0, 1) - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(
-        CLIP_STD).view(3, 1, 1)
-    assert x.shape == (3, 64, 64) and torch.allclose(x, expected, atol=1e-6)
-    same = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    assert torch.allclose(preprocess(same, 64)[0], (torch.from_numpy(np.asarray(same)[..., 0] / 255.0).float()
-                                                    - CLIP_MEAN[0]) / CLIP_STD[0], atol=1e-6)
+    for h, w in ((30, 50), (300, 170), (64, 64)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        x = preprocess(img, 64)
+        assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+        assert torch.equal(x, squash(img)), (h, w)
+        if h != w:  # open_clip's default (shortest side, then a centre crop) is deliberately not what we do
+            assert not torch.allclose(x, crop(img), atol=0.1)
+    assert (CLIP_MEAN, CLIP_STD) == (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+
+
+def test_preprocessing_of_a_flat_colour_is_known_exactly() -> None:
+    # any size squashes a flat colour to the same flat colour: (v / 255 - mean) / std, per channel
+    x = preprocess(Image.new("RGB", (37, 11), (255, 0, 128)), 64)
+    expected = [(1 - 0.48145466) / 0.26862954, (0 - 0.4578275) / 0.26130258, (128 / 255 - 0.40821073) / 0.27577711]
+    assert torch.allclose(x, torch.tensor(expected).view(3, 1, 1).expand(3, 64, 64), atol=1e-6)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([1.9303, -1.7521, 0.3399]), atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
@@ -72,12 +85,20 @@ def test_bad_bytes(data: bytes, message: str) -> None:
 def test_damaged_bytes_never_escape_as_other_errors() -> None:
     tiff = bytearray(_encode(Image.new("RGB", (16, 16), (9, 9, 9)), "TIFF"))
     rng = np.random.default_rng(0)
+    assert np.array_equal(np.asarray(decode_image(bytes(tiff))), np.full((16, 16, 3), 9, np.uint8))
+    refused = decoded = 0
     for _ in range(200):  # random byte damage: PIL raises many exception types, callers see one
         data = bytearray(tiff)
         for i in rng.integers(0, len(data), 4):
             data[i] = int(rng.integers(0, 256))
-        with contextlib.suppress(ImageDecodeError):  # any other exception fails the test
-            decode_image(bytes(data))
+        try:  # any other exception fails the test
+            out = decode_image(bytes(data))
+        except ImageDecodeError:
+            refused += 1
+            continue
+        decoded += 1
+        assert out.mode == "RGB" and out.width * out.height > 0  # what is returned is an image
+    assert refused and decoded, (refused, decoded)  # both ways out were taken
 
 
 def test_truncated_and_oversized_images(tmp_path: Path) -> None:

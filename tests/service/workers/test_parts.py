@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from service.core.engine import ImageResult
 from service.core.errors import ClassNotFoundError, QueueFullError, SowaError
@@ -85,7 +86,7 @@ def test_one_admission_rule_for_the_batcher_and_the_workers() -> None:
     """A worker reads the engine's queue depth from shared memory and applies the batcher's own rule (`admit`),
     so both answer a full queue alike: the same 429 and Retry-After. (The real processes are in test_workers.py:
     a full queue answers 429 before decoding through either worker.)"""
-    from service.core.batcher import DynamicBatcher, admit
+    from service.core.batcher import DynamicBatcher, WorkItem, admit
 
     admit(6, 2, max_queue=8, max_wait_s=0.005, max_batch_size=4)  # 6 + 2 fits
     with pytest.raises(QueueFullError) as full:
@@ -97,11 +98,24 @@ def test_one_admission_rule_for_the_batcher_and_the_workers() -> None:
 
     async def run(_: object) -> None: ...
 
-    batcher = DynamicBatcher(run, max_batch_size=4, max_wait_ms=2000, max_queue=400)  # type: ignore[arg-type]
-    batcher._queued_images = 400  # what 400 queued images leave: the batcher's answer is the rule's
-    with pytest.raises(QueueFullError) as same:
-        batcher.check_room(1)
-    assert same.value.headers == deep.value.headers and same.value.message == deep.value.message
+    async def queue_400() -> tuple[QueueFullError, QueueFullError]:
+        # 400 images submitted (the loop not started, so they stay queued): what a worker reads is what it told
+        depths: list[int] = []
+        batcher = DynamicBatcher(run, max_batch_size=4, max_wait_ms=2000, max_queue=400,  # type: ignore[arg-type]
+                                 on_depth=depths.append)
+        for _ in range(4):
+            batcher.submit(WorkItem(torch.zeros(100, 3, 1, 1, dtype=torch.uint8), [None] * 100, deadline=1e12))
+        assert batcher.queued_images == 400 and depths[-1] == 400
+        with pytest.raises(QueueFullError) as checked:
+            batcher.check_room(1)
+        with pytest.raises(QueueFullError) as submitted:
+            batcher.submit(WorkItem(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), [None], deadline=1e12))
+        assert batcher.queued_images == 400  # the refused item was not queued
+        return checked.value, submitted.value
+
+    checked, submitted = asyncio.run(queue_400())
+    for same in (checked, submitted):  # the batcher's answer is the rule's
+        assert same.headers == deep.value.headers and same.message == deep.value.message
 
 
 def test_result_rows_are_the_score_columns_by_name() -> None:
