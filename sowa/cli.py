@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "procedural anomaly benchmark: two disjoint families, MVTec layout + meta.json"),
     "info": ("info", "print a bundle's manifest summary"),
     "store": ("store", "class store tools: migrate a directory store into PostgreSQL"),
+    "keys": ("keys", "API keys with roles: add (printed once), list, revoke"),
     "bench": ("bench", "benchmarks: the offline engine (model) and the service (serve)"),
 }
 

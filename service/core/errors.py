@@ -15,8 +15,11 @@ __all__ = [
     "ClassNotFoundError",
     "ClientClosedError",
     "DeadlineExceededError",
+    "ForbiddenError",
     "InsufficientStorageError",
     "InvalidImageError",
+    "KeyExistsError",
+    "KeyNotFoundError",
     "NotReadyError",
     "PayloadTooLargeError",
     "QueueFullError",
@@ -48,6 +51,10 @@ class UnauthorizedError(SowaError):
     status, code = 401, "unauthorized"
 
 
+class ForbiddenError(SowaError):
+    status, code = 403, "forbidden"  # a known key whose role (or class pattern) does not reach this
+
+
 class ClassNotFoundError(SowaError):
     status, code = 404, "class_not_found"
 
@@ -58,6 +65,14 @@ class ResultNotFoundError(SowaError):
 
 class ShotNotFoundError(SowaError):
     status, code = 404, "shot_not_found"
+
+
+class KeyNotFoundError(SowaError):
+    status, code = 404, "key_not_found"
+
+
+class KeyExistsError(SowaError):
+    status, code = 409, "key_exists"
 
 
 class ClassDamagedError(SowaError):

@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from .access.keys import KeyRing
+from .access.store import AccessStore, open_access
 from .backend import Backend, LocalBackend
 from .batcher import DynamicBatcher
 from .engine import Engine
@@ -22,6 +24,7 @@ from .results import ResultStore
 from .settings import Settings
 from .staging import ImageStager
 from .store import ClassStore, open_store
+from .store.open import is_postgres_url
 from .telemetry import Telemetry
 from .uploads import DecodeBudget, PixelLimits, limit_malloc_arenas
 
@@ -55,6 +58,19 @@ class Runtime:
         self.decode_budget = DecodeBudget(int(settings.decode_memory_mb * 2**20))  # this process's decodes
         limit_malloc_arenas()  # before the worker threads exist, in every process serving the app (uploads.py)
         self._backend: Backend | None = None
+        # who may call: the configured key now, the stored keys once `open_access` has loaded them
+        self.keys = KeyRing(settings.api_key.get_secret_value() if settings.api_key is not None else None)
+        self.access: AccessStore | None = None
+        if not is_postgres_url(settings.store_url):  # a local SQLite file: open at once, so keys hold from the start
+            self.access = open_access(settings.store_url)
+            self.keys.attach(self.access)
+
+    async def open_access(self) -> None:
+        """Open the keys' and audit trail's store beside the class store, and load the keys (PostgreSQL: during
+        start-up, when the database is reached; until then only the open paths answer)."""
+        if self.access is None:
+            self.access = await asyncio.to_thread(open_access, self.settings.store_url)
+            await asyncio.to_thread(self.keys.attach, self.access)
 
     @property
     def backend(self) -> Backend:
@@ -82,6 +98,8 @@ class Runtime:
     async def close(self) -> None:
         """Refuse new work, finish what is queued, release everything."""
         self.status.accepting = False
+        if self.access is not None:
+            self.access.close()
 
 
 class LocalRuntime(Runtime):
@@ -117,13 +135,14 @@ class LocalRuntime(Runtime):
     async def start(self) -> None:
         s, status = self.settings, self.status
         try:
+            await self.open_access()
             budget = None if s.bank_device_budget_mb is None else int(s.bank_device_budget_mb * 2**20)
             engine = self.engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype, budget,
                                                            s.compile_mode, s.max_batch_size)
             stager = ImageStager(engine.device, engine.image_size, s.image_decoder)
             status.model_loaded = True
             store = self.store = open_store(s.store_url)
-            registry = self._registry = ClassRegistry(store, engine, s.max_shots_per_class)
+            registry = self._registry = ClassRegistry(store, engine, s.max_shots_per_class, s.max_classes)
             await asyncio.to_thread(registry.restore)
             status.classes_restored = True
             if s.warmup:

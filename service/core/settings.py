@@ -29,7 +29,12 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill up")
     max_queue: int = Field(256, ge=1, description="images waiting for the device before 429")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a prediction request")
-    api_key: SecretStr | None = Field(None, description="when set, required as X-API-Key on all but health/metrics")
+    api_key: SecretStr | None = Field(None, description="an admin key, required as X-API-Key on all but health and "
+                                      "metrics; stored keys (`sowa keys add`) are required too once one exists")
+    auth_failures_per_minute: int = Field(20, ge=1, description="wrong API keys one client address may send in a "
+                                          "minute; beyond, its requests answer 429 until the minute has passed")
+    metrics_need_key: bool = Field(False, description="/metrics needs a key (any role) instead of being open")
+    audit_retention_days: float = Field(730, gt=0, description="audit events older than this are removed")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard, per image")
     max_request_pixels: int = Field(160_000_000, ge=1, description="decoded pixels of all images of a request")

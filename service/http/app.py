@@ -18,16 +18,17 @@ from starlette.types import ASGIApp
 
 from ..core.runtime import LocalRuntime, Runtime
 from ..core.settings import Settings
+from .auth import AuthMiddleware
 from .forward import ForwardMiddleware
 from .handlers import install_error_handlers
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, RouteHeaderMiddleware
+from .middleware import BodyLimitMiddleware, MetricsMiddleware, RouteHeaderMiddleware
 from .openapi import install_openapi
-from .routes import classes, console, health, metrics, predict, results, scores, shots
+from .routes import classes, console, health, keys, metrics, predict, results, scores, shots
 
 __all__ = ["create_app"]
 
 # the routes whose state (classes, kept results, the engine's metrics) lives where the model is
-ENGINE_ROUTERS = (classes.router, shots.router, scores.router, results.router, metrics.router)
+ENGINE_ROUTERS = (classes.router, shots.router, scores.router, results.router, keys.router, metrics.router)
 
 
 @asynccontextmanager
@@ -58,16 +59,20 @@ def create_app(settings: Settings, runtime: Runtime | None = None, forward: ASGI
     )
     app.state.runtime = runtime
     install_error_handlers(app)
-    for router in (health.router, predict.router, *ENGINE_ROUTERS):
+    routers = (health.router, predict.router, keys.me_router, console.router, *ENGINE_ROUTERS)
+    for router in routers:
         app.include_router(router)
+    routes = [r for router in routers for r in router.routes]  # as declared (the app holds them wrapped)
     console.mount_console(app)
-    install_openapi(app, settings)
+    install_openapi(app, settings, runtime, routes)
     if forward is not None:  # innermost: the key and the body limit below hold first
         app.add_middleware(ForwardMiddleware, forward=forward,
                            routes=[r for router in ENGINE_ROUTERS for r in router.routes])
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
-    if settings.api_key is not None:  # outside the body limit: a request without the key is never read
-        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
+    # outside the body limit: a request without a key, or for a route its role does not reach, is never read
+    app.add_middleware(AuthMiddleware, runtime=runtime, routes=routes,
+                       failures_per_minute=settings.auth_failures_per_minute,
+                       metrics_open=not settings.metrics_need_key)
     if runtime.counts_requests:
         app.add_middleware(MetricsMiddleware, telemetry=runtime.telemetry)
     else:  # behind HTTP workers, which count: label their counts with the route template matched here

@@ -7,13 +7,11 @@ than the whole rest of the request handling.
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader
 
-from ..core.errors import SowaError, UnauthorizedError
+from ..core.errors import SowaError
 from ..core.registry import ClassRegistry
 from ..core.results import ResultStore
 from ..core.runtime import LocalRuntime, Runtime
@@ -21,9 +19,8 @@ from ..core.settings import Settings
 from ..core.telemetry import Telemetry
 
 __all__ = ["LocalDep", "RegistryDep", "ResultsDep", "RuntimeDep", "ServingDep", "SettingsDep", "TelemetryDep",
-           "require_api_key", "runtime_of"]
+           "runtime_of"]
 
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the server has one")
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -62,14 +59,6 @@ async def _registry(local: Annotated[LocalRuntime, Depends(_local)]) -> ClassReg
 
 async def _results(local: Annotated[LocalRuntime, Depends(_local)]) -> ResultStore:
     return local.results
-
-
-async def require_api_key(request: Request, key: Annotated[str | None, Depends(_api_key_header)]) -> None:
-    expected = request.app.state.runtime.settings.api_key
-    if expected is None:
-        return
-    if key is None or not hmac.compare_digest(key.encode(), expected.get_secret_value().encode()):
-        raise UnauthorizedError("missing or wrong X-API-Key", headers={"WWW-Authenticate": "APIKey"})
 
 
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..core.errors import error_body
 from ..core.telemetry import Telemetry
 
-__all__ = ["ROUTE_HEADER", "ApiKeyMiddleware", "BodyLimitMiddleware", "MetricsMiddleware", "RouteHeaderMiddleware"]
+__all__ = ["ROUTE_HEADER", "BodyLimitMiddleware", "MetricsMiddleware", "RouteHeaderMiddleware"]
 
 ROUTE_HEADER = b"x-sowa-route"  # engine -> worker: the route template a forwarded request matched
 
@@ -105,33 +104,6 @@ class MetricsMiddleware:
             endpoint = (forwarded[0] if forwarded else None) or getattr(route, "path", None) or "unmatched"
             self.telemetry.requests.labels(endpoint, str(status["code"])).inc()
             self.telemetry.request_duration.labels(endpoint).observe(time.perf_counter() - start)
-
-
-class ApiKeyMiddleware:
-    """401 before the body is read: without the key nobody can make the server parse an upload.
-
-    Everything but health, metrics and the console's files (/ui) needs the key (the routes also declare it, for
-    the OpenAPI document).
-    """
-
-    OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
-
-    @staticmethod
-    def _console(path: str) -> bool:
-        """The console's static files (service/http/console/) hold no data; the API they call needs the key."""
-        return path == "/ui" or path.startswith("/ui/")
-
-    def __init__(self, app: ASGIApp, key: str) -> None:
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.OPEN and not self._console(scope["path"]):
-            given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
-            if not hmac.compare_digest(given, self.key):
-                await send_error(send, 401, "unauthorized", "missing or wrong X-API-Key",
-                                 [(b"www-authenticate", b"APIKey")])
-                return
-        await self.app(scope, receive, send)
 
 
 class RouteHeaderMiddleware:

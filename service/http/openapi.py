@@ -1,6 +1,7 @@
 """The OpenAPI document as the server behaves: every error answer with the service's error body, the class-name
-pattern, and API-key security only when a key is set (issue #14, item 7; `tests/service/http/test_contract.py` runs
-schemathesis against it).
+pattern, the role each operation needs (`x-sowa-role`, and in its description), and API-key security only while
+keys are required (a key configured or stored: the document follows the server as keys come and go;
+`tests/service/http/test_contract.py` runs schemathesis against it).
 
 FastAPI derives the document from the routes; what it cannot know (which errors a route answers, through the
 service's own handlers and middleware) is added here, from one table.
@@ -9,25 +10,32 @@ service's own handlers and middleware) is added here, from one table.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 
+from ..core.runtime import Runtime
 from ..core.settings import Settings
+from .auth import required_role
 
 __all__ = ["ERRORS", "install_openapi"]
 
 # status -> (description, response headers it carries)
 ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
     400: ("invalid_image: not an image, truncated or corrupt; bad_request: malformed multipart body", ()),
-    401: ("unauthorized: X-API-Key missing or wrong", ("WWW-Authenticate",)),
+    401: ("unauthorized: X-API-Key missing, wrong or revoked", ("WWW-Authenticate",)),
+    403: ("forbidden: the key's role does not reach this operation, or the class is outside its pattern", ()),
     404: ("class_not_found: unknown class; result_not_found: no kept result with that id; shot_not_found: the "
           "class has no shot with that hash", ()),
     409: ("class_damaged: the class is stored but damaged; replace its shots or delete it", ()),
     413: ("payload_too_large: body over max_request_bytes, or images over the pixel limits", ()),
     422: ("invalid_request: bad class name, field value, or too many images or shots", ()),
-    429: ("queue_full: more images waiting than max_queue", ("Retry-After",)),
+    429: ("queue_full: more images waiting than max_queue; too_many_failed_keys: this address sent too many wrong "
+          "keys in the last minute", ("Retry-After",)),
     503: ("not_ready: loading or shutting down; store_unavailable: the class store cannot be reached",
           ("Retry-After",)),
     504: ("deadline_exceeded: no result within request_timeout_s", ()),
@@ -38,7 +46,7 @@ _ANY = (400, 413)  # any request with a body may be malformed or too large
 _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/predict"): (*_ANY, 404, 409, 422, 429, 504),
     ("post", "/classes/{name}/shots"): (*_ANY, 409, 422, 507),
-    ("get", "/classes"): (),
+    ("get", "/classes"): (422,),
     ("get", "/classes/{name}"): (404, 409, 422),
     ("patch", "/classes/{name}"): (*_ANY, 404, 409, 422, 507),
     ("delete", "/classes/{name}"): (404, 422),
@@ -50,6 +58,10 @@ _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/classes/{name}/shots/from-results"): (*_ANY, 404, 409, 422, 507),
     ("get", "/results/{result_id}"): (404, 422),
     ("get", "/results/{result_id}/thumbnail"): (404, 422),
+    ("get", "/auth/me"): (),
+    ("get", "/keys"): (),
+    ("post", "/keys"): (*_ANY, 409, 422, 507),
+    ("delete", "/keys/{name}"): (404, 422),
 }
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the key, never "not ready"
 
@@ -69,11 +81,14 @@ def _error_response(status: int) -> dict[str, Any]:
     return out
 
 
-def describe(app: FastAPI, settings: Settings) -> dict[str, Any]:
+def describe(app: FastAPI, settings: Settings, keyed: bool, routes: Sequence[BaseRoute]) -> dict[str, Any]:
+    """The document; `keyed`: requests need a key now (security, 401 and 403 are then part of it); `routes` as
+    declared, for the role each needs."""
     with warnings.catch_warnings():  # a GET+HEAD route gives both operations one id: made unique below
         warnings.filterwarnings("ignore", message="Duplicate Operation ID")
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    keyed = settings.api_key is not None
+    roles = {(m.lower(), r.path): required_role(r) for r in routes if isinstance(r, APIRoute) for m in r.methods}
+    open_paths = _OPEN if not settings.metrics_need_key else _OPEN - {"/metrics"}
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas["Error"] = _ERROR_SCHEMA
@@ -87,25 +102,33 @@ def describe(app: FastAPI, settings: Settings) -> dict[str, Any]:
                 continue
             if method == "head" and "operationId" in op:
                 op["operationId"] += "_head"
+            role = roles.get((method, path))
+            if role is not None:
+                op["x-sowa-role"] = role.value
+                op["description"] = (op.get("description", "") + f"\n\nNeeds the `{role.value}` role.").strip()
             if not keyed:
                 op.pop("security", None)
             responses = op["responses"]
             responses.pop("422", None)  # FastAPI's own validation schema: replaced below
             statuses = set(_ROUTES.get((method, path), ()))
-            if path not in _OPEN:
+            if path not in open_paths:
                 statuses.add(503)
                 if keyed:
-                    statuses.add(401)
+                    statuses.update((401, 429) if role is None else (401, 403, 429))
             for status in sorted(statuses):
                 responses[str(status)] = _error_response(status)
     return doc
 
 
-def install_openapi(app: FastAPI, settings: Settings) -> None:
-    """Serve `describe(app, settings)` at /openapi.json (built once, on first request)."""
+def install_openapi(app: FastAPI, settings: Settings, runtime: Runtime, routes: Sequence[BaseRoute]) -> None:
+    """Serve `describe(app, settings, keyed)` at /openapi.json, `keyed` as the runtime's keys say now (each
+    variant built once)."""
+    built: dict[bool, dict[str, Any]] = {}
+
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = describe(app, settings)
-        return app.openapi_schema
+        keyed = runtime.keys.required
+        if keyed not in built:
+            built[keyed] = describe(app, settings, keyed, routes)
+        return built[keyed]
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["CalibrationOut", "ClassInfo", "ClassList", "ClassListItem", "ClassScores", "Deleted", "FromResults",
            "FromResultsResponse", "Heatmap", "Histogram", "ImageResultOut", "KeptResultList", "KeptResultOut",
-           "ModelInfo", "PredictResponse", "PreviousState", "ReadyInfo", "RecentScore", "Region", "ShotList",
-           "ShotRef", "ShotScore", "ThresholdUpdate"]
+           "KeyCreated", "KeyInfo", "KeyList", "KeyRequest", "Me", "ModelInfo", "PredictResponse", "PreviousState",
+           "ReadyInfo", "RecentScore", "Region", "ShotList", "ShotRef", "ShotScore", "ThresholdUpdate"]
 
 
 class Heatmap(BaseModel):
@@ -225,3 +225,41 @@ class FromResultsResponse(BaseModel):
     previous: PreviousState = Field(description="the class before")
     calibration: CalibrationOut = Field(description="the new calibration")
     added: list[str] = Field(description="the result ids added (an image already a shot adds no shot)")
+
+
+# -- keys ------------------------------------------------------------------------------------------------------------
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, description="what the audit trail will call its holder",
+                      examples=["line1-camera"])
+    role: Literal["inspect", "operate", "admin"] = Field(description="inspect: score parts and read; operate: also "
+                                                         "register shots and set thresholds; admin: everything")
+    classes: str | None = Field(None, max_length=64, description="a shell-style pattern of the class names this key "
+                                "may touch (`line1-*`); omit for all", examples=["line1-*"])
+
+
+class KeyInfo(BaseModel):
+    name: str
+    role: str
+    classes: str | None
+    created: float
+    created_by: str
+    revoked: float | None = None
+    revoked_by: str | None = None
+
+
+class KeyCreated(KeyInfo):
+    key: str = Field(description="the key itself: shown this once, stored only as a hash")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyInfo] = Field(description="oldest first, revoked ones included")
+
+
+class Me(BaseModel):
+    name: str = Field(description="the key's name (anonymous while no key is configured or stored)")
+    role: str
+    classes: str | None
+    keys_required: bool = Field(description="whether requests must carry a key")
+    may: dict[str, bool] = Field(description="for each role, whether this key has it")

@@ -77,6 +77,7 @@ class WorkerRuntime(Runtime):
         worker told to stop meanwhile (SIGTERM from its supervisor, or PR_SET_PDEATHSIG when the engine died)
         gives up."""
         backend = self.remote
+        await self.open_access()  # keys are checked here too, before anything is forwarded
         while True:
             if self.stop_requested():
                 raise RuntimeError("stopped before the engine process took the connection")

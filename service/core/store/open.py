@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 from .base import ClassStore
 from .directory import DirectoryStore
 
-__all__ = ["is_postgres_url", "open_store", "store_kind"]
+__all__ = ["directory_of", "is_postgres_url", "open_store", "store_kind"]
 
 
 def is_postgres_url(url: str) -> bool:
@@ -27,12 +27,18 @@ def open_store(url: str | Path) -> ClassStore:
         from .postgres import PostgresStore
 
         return PostgresStore(text)
+    return DirectoryStore(directory_of(text))
+
+
+def directory_of(url: str | Path) -> Path:
+    """The data directory a directory store's URL names (a plain path or file://DIR); ValueError otherwise."""
+    text = str(url)
     if text.startswith("file://"):
         parts = urlsplit(text)
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"file:// store URLs name a local directory, not host {parts.netloc!r}")
-        return DirectoryStore(Path(unquote(parts.path)))
+        return Path(unquote(parts.path))
     if "://" in text:
         raise ValueError(f"unknown store URL scheme {text.split('://')[0]!r}: use a directory, file:// or "
                          "postgresql://")
-    return DirectoryStore(Path(text))
+    return Path(text)

@@ -1,6 +1,7 @@
 """PostgresStore: classes as rows in PostgreSQL, shared by replicas on any host, changes pushed by LISTEN/NOTIFY.
 
-Schema (SCHEMA_VERSION 1, created and migrated by the service on start, see `MIGRATIONS`):
+Schema (SCHEMA_VERSION 2, created and migrated by the service on start, see `MIGRATIONS`; version 2 adds the keys
+and the audit trail, service/core/access/postgres.py):
 
     sowa_meta(key, value)          'schema_version' -> the version the tables are at
     sowa_classes                   name (primary key), shots (sha256 array, registration order), bundle
@@ -51,7 +52,7 @@ from ..errors import SowaError, StoreUnavailableError
 from .base import ClassRecord, StoreChanges, checked_shot
 from .seen import SeenVersions
 
-__all__ = ["CHANNEL", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "SchemaError"]
+__all__ = ["CHANNEL", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "SchemaError", "migrate", "redact"]
 
 log = logging.getLogger("sowa.registry")
 
@@ -80,6 +81,19 @@ MIGRATIONS: dict[int, str] = {
             PRIMARY KEY (class_name, digest)
         );
     """,
+    # keys and the audit trail (service/core/access/postgres.py), beside the classes
+    2: """
+        CREATE TABLE sowa_keys (
+            name text PRIMARY KEY, key_id text NOT NULL UNIQUE, secret_sha256 text NOT NULL, role text NOT NULL,
+            classes text, created double precision NOT NULL, created_by text NOT NULL,
+            revoked double precision, revoked_by text
+        );
+        CREATE TABLE sowa_audit (
+            id text PRIMARY KEY, time double precision NOT NULL, actor text NOT NULL, action text NOT NULL,
+            target text NOT NULL, before jsonb, after jsonb
+        );
+        CREATE INDEX sowa_audit_time ON sowa_audit (time);
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
@@ -89,6 +103,27 @@ LOCK_TIMEOUT_S = 30
 
 class SchemaError(RuntimeError):
     """The database's schema is not one this code can use (a newer version, say)."""
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Create or upgrade the schema to SCHEMA_VERSION, under a lock so one replica (or store) does it at a time;
+    the version it is at. SchemaError when the database is at a version this code does not know."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS sowa_meta (key text PRIMARY KEY, value text NOT NULL)")
+        row = conn.execute("SELECT value FROM sowa_meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"the class store's schema is version {version}, newer than this service knows "
+                              f"({SCHEMA_VERSION}): a newer release migrated it; run that release (or restore a "
+                              "backup taken before the upgrade)")
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute(MIGRATIONS[v])
+            log.info("class store: schema migrated to version %d", v)
+        if version != SCHEMA_VERSION:
+            conn.execute("INSERT INTO sowa_meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE "
+                         "SET value = EXCLUDED.value", (str(SCHEMA_VERSION),))
+    return SCHEMA_VERSION
 
 
 def redact(url: str) -> str:
@@ -228,22 +263,8 @@ class PostgresStore:
     def migrate(self) -> int:
         """Create or upgrade the schema to SCHEMA_VERSION (one replica at a time); the version it is at.
         SchemaError when the database is at a version this code does not know."""
-        with self._conn() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
-            conn.execute("CREATE TABLE IF NOT EXISTS sowa_meta (key text PRIMARY KEY, value text NOT NULL)")
-            row = conn.execute("SELECT value FROM sowa_meta WHERE key = 'schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise SchemaError(f"the class store's schema is version {version}, newer than this service knows "
-                                  f"({SCHEMA_VERSION}): a newer release migrated it; run that release (or "
-                                  "restore a backup taken before the upgrade)")
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                conn.execute(MIGRATIONS[v])
-                log.info("class store: schema migrated to version %d", v)
-            if version != SCHEMA_VERSION:
-                conn.execute("INSERT INTO sowa_meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE "
-                             "SET value = EXCLUDED.value", (str(SCHEMA_VERSION),))
-        return SCHEMA_VERSION
+        with self._conn() as conn:
+            return migrate(conn)
 
     def _listen(self) -> None:
         backoff = 0.2

@@ -8,21 +8,24 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 
+from ...core.access.roles import Role
 from ...core.class_names import CLASS_NAME, check_class_name
 from ...core.registry import ClassRegistry
 from ...core.uploads import decode_uploads
-from ..deps import LocalDep, RegistryDep, ResultsDep, require_api_key
+from ..auth import Requires
+from ..deps import LocalDep, RegistryDep, ResultsDep
 from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
 from .multipart import read_files
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/classes", tags=["classes"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/classes", tags=["classes"], dependencies=[Depends(Requires(Role.INSPECT))])
 
 ClassName = Annotated[str, Path(pattern=CLASS_NAME.pattern, description="1-64 of a-z, 0-9, '_', '.', '-'")]
 
 
-@router.post("/{name}/shots", response_model=ClassInfo, summary="Register normal shots of a class")
+@router.post("/{name}/shots", response_model=ClassInfo, summary="Register normal shots of a class",
+             dependencies=[Depends(Requires(Role.OPERATE))])
 async def add_shots(
     name: ClassName,
     registry: RegistryDep,
@@ -86,12 +89,14 @@ async def get_class(name: ClassName, registry: RegistryDep) -> dict:
     return registry.get(name).info()
 
 
-@router.patch("/{name}", response_model=ClassInfo, summary="Override the class threshold")
+@router.patch("/{name}", response_model=ClassInfo, summary="Override the class threshold",
+              dependencies=[Depends(Requires(Role.OPERATE))])
 async def set_threshold(name: ClassName, update: ThresholdUpdate, registry: RegistryDep) -> dict:
     return (await registry.set_threshold(name, update.threshold)).info()
 
 
-@router.delete("/{name}", response_model=Deleted, summary="Remove a class and its files")
+@router.delete("/{name}", response_model=Deleted, summary="Remove a class and its files",
+               dependencies=[Depends(Requires(Role.ADMIN))])
 async def delete_class(name: ClassName, registry: RegistryDep, results: ResultsDep) -> dict:
     await registry.delete(name)
     results.forget_class(name)  # its kept results go with it

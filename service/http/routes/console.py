@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from model.postprocess import HEAT_RAMP
 
-from ..deps import SettingsDep
+from ..deps import RuntimeDep
 
 __all__ = ["CONSOLE_DIR", "mount_console"]
 
@@ -25,8 +25,8 @@ router = APIRouter(tags=["console"])
 
 
 @router.get("/ui/config.json", summary="What the console needs to know before its first call")
-async def console_config(settings: SettingsDep) -> dict:
-    return {"api_key_required": settings.api_key is not None, "heat_ramp": [list(rgb) for rgb in HEAT_RAMP]}
+async def console_config(runtime: RuntimeDep) -> dict:
+    return {"api_key_required": runtime.keys.required, "heat_ramp": [list(rgb) for rgb in HEAT_RAMP]}
 
 
 @router.get("/ui", include_in_schema=False)
@@ -35,5 +35,5 @@ async def console_root() -> RedirectResponse:
 
 
 def mount_console(app: FastAPI) -> None:
-    app.include_router(router)
+    """The console's files at /ui (its router, /ui/config.json, is included with the others)."""
     app.mount("/ui", StaticFiles(directory=CONSOLE_DIR, html=True), name="console")

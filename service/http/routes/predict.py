@@ -12,17 +12,19 @@ from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
+from ...core.access.roles import Role
 from ...core.backend import ScoredImage, ScoreOptions
 from ...core.class_names import CLASS_NAME
 from ...core.codecs import png_heatmap, raw_heatmap
-from ...core.errors import ClientClosedError
-from ..deps import ServingDep, require_api_key
+from ...core.errors import ClientClosedError, ForbiddenError
+from ..auth import PrincipalDep, Requires
+from ..deps import ServingDep
 from ..schemas import PredictResponse
 from .multipart import read_files
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["predict"], dependencies=[Depends(Requires(Role.INSPECT))])
 
 HeatmapKind = Literal["none", "png", "raw"]
 T = TypeVar("T")
@@ -70,6 +72,7 @@ def _encode(image: ScoredImage, heatmap: HeatmapKind) -> dict:
 async def predict(
     request: Request,
     runtime: ServingDep,
+    principal: PrincipalDep,
     images: Annotated[list[UploadFile], File(min_length=1, description="1..N image files (any format PIL reads)")],
     class_name: Annotated[str | None, Form(pattern=CLASS_NAME.pattern,
                                            description="registered class; omit for zero-shot")] = None,
@@ -81,6 +84,9 @@ async def predict(
 ) -> dict:
     """Anomaly score, decision, regions and heatmap for every image."""
     s = runtime.settings
+    if class_name is not None and not principal.may_touch(class_name):
+        raise ForbiddenError(f"key '{principal.name}' may touch classes matching '{principal.classes}' only, not "
+                             f"'{class_name}'")
     options = ScoreOptions(class_name, threshold, need_maps=heatmap != "none", keep=keep)
     scored = await _unless_client_leaves(request, runtime.backend.score(
         lambda: read_files(images, s.max_images_per_request), options, s.request_timeout_s, runtime.limits,

@@ -7,13 +7,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
 
+from ...core.access.roles import Role
 from ...core.results import KeptResult
-from ..deps import RegistryDep, ResultsDep, require_api_key
+from ..auth import Requires
+from ..deps import RegistryDep, ResultsDep
 from ..schemas import KeptResultList, KeptResultOut
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["results"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["results"], dependencies=[Depends(Requires(Role.INSPECT))])
 
 
 def _kept_out(r: KeptResult, thumbnails: bool) -> dict:

@@ -7,12 +7,14 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Query
 
-from ..deps import RegistryDep, ResultsDep, require_api_key
+from ...core.access.roles import Role
+from ..auth import Requires
+from ..deps import RegistryDep, ResultsDep
 from ..schemas import CalibrationOut, ClassScores
 
 __all__ = ["histogram", "router"]
 
-router = APIRouter(tags=["results"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["results"], dependencies=[Depends(Requires(Role.INSPECT))])
 
 
 def histogram(shots: list[float], recent: list[float], thresholds: list[float], bins: int) -> dict:

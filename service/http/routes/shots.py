@@ -8,15 +8,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response
 from starlette.convertors import Convertor, register_url_convertor
 
+from ...core.access.roles import Role
 from ...core.errors import ShotNotFoundError, UnprocessableError
 from ...core.results import thumbnail_jpeg
 from ...core.uploads import check_count, decode_uploads
-from ..deps import LocalDep, RegistryDep, ResultsDep, require_api_key
+from ..auth import Requires
+from ..deps import LocalDep, RegistryDep, ResultsDep
 from ..schemas import CalibrationOut, FromResults, FromResultsResponse, ShotList
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["results"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["results"], dependencies=[Depends(Requires(Role.INSPECT))])
 
 
 class _Sha256(Convertor[str]):
@@ -59,7 +61,7 @@ async def get_shot(
 
 
 @router.post("/classes/{name}/shots/from-results", response_model=FromResultsResponse,
-             summary="Add kept results of the class as shots, by id",
+             summary="Add kept results of the class as shots, by id", dependencies=[Depends(Requires(Role.OPERATE))],
              responses={404: {"description": "unknown class or result"},
                         422: {"description": "a result of another class, or kept without its image"}})
 async def shots_from_results(name: str, request: FromResults, registry: RegistryDep, store: ResultsDep,

@@ -44,7 +44,8 @@ def test_schema_from_an_empty_database_and_a_newer_one_refused(pg_url: str) -> N
         with psycopg.connect(pg_url) as conn:
             tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
             version = conn.execute("SELECT value FROM sowa_meta WHERE key = 'schema_version'").fetchone()
-        assert tables == {"sowa_meta", "sowa_classes", "sowa_shots"} and version == (str(SCHEMA_VERSION),)
+        assert tables == {"sowa_meta", "sowa_classes", "sowa_shots", "sowa_keys", "sowa_audit"}
+        assert version == (str(SCHEMA_VERSION),)
         assert store.migrate() == SCHEMA_VERSION  # again: nothing to do
         shots = _shots(b"a")
         store.write(_record("gear", shots), shots)
@@ -60,6 +61,7 @@ def test_schema_from_an_empty_database_and_a_newer_one_refused(pg_url: str) -> N
         newer.close()
 
 
+@pytest.mark.slow
 def test_a_store_that_is_down_answers_unavailable_and_catches_up(postgres: PostgresServer, pg_url: str) -> None:
     from service.core.errors import StoreUnavailableError
 
@@ -84,6 +86,7 @@ def test_a_store_that_is_down_answers_unavailable_and_catches_up(postgres: Postg
         a.close(), b.close()
 
 
+@pytest.mark.slow
 def test_after_a_long_outage_the_store_answers_as_soon_as_the_server_is_back(postgres: PostgresServer,
                                                                             pg_url: str) -> None:
     """psycopg_pool retries a lost connection at 1, 2, 4, 8 ... s: after an outage of 8 s its next attempt is
@@ -211,6 +214,7 @@ async def _shots_are(svc: object, name: str, n: int) -> bool:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_the_database_restarted_under_load(bundle: Path, tmp_path: Path, postgres: PostgresServer,
                                                  pg_url: str) -> None:
     async with serve_in_process(bundle, tmp_path / "a", store=pg_url) as a, \
@@ -259,6 +263,7 @@ async def _store_ok(svc: object) -> bool:
     return (await svc.http.get("/readyz")).json()["store_error"] is None
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_registration_leaves_the_old_class(bundle: Path, tmp_path: Path, pg_url: str) -> None:
     env = {"SOWA_STORE": pg_url}
     srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "a.log", env=env).start()
@@ -301,6 +306,7 @@ def _post_quietly(url: str, shots: list[Path]) -> None:
                    files=[("images", (p.name, p.read_bytes(), "image/png")) for p in shots])
 
 
+@pytest.mark.slow
 def test_sowa_store_migrate_copies_a_directory_store(tmp_path: Path, pg_url: str) -> None:
     directory = DirectoryStore(tmp_path / "data")
     directory.recover()

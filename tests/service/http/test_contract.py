@@ -22,6 +22,8 @@ from tests.helpers import REPO, wait_for  # noqa: E402
 from tests.in_process import serve_in_process  # noqa: E402
 
 CONFIG = SchemathesisConfig.from_path(REPO / "schemathesis.toml")
+# keyed, as a deployment is: /keys can add a key, which turns keys on for an open server mid-run
+KEY = "contract-admin-key"
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,10 @@ def api_schema(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> object
     work = tmp_path_factory.mktemp("contract-data")
     app = create_app(Settings(bundle=bundle, data_dir=Path(work / "data"), device="cpu", max_wait_ms=5,
                               max_image_pixels=200_000, max_request_pixels=300_000,
-                              max_request_bytes=2 * 1024 * 1024, max_images_per_request=6, max_shots_per_class=5))
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)  # starts the lifespan
+                              max_request_bytes=2 * 1024 * 1024, max_images_per_request=6, max_shots_per_class=5,
+                              api_key=KEY, auth_failures_per_minute=10_000))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG,  # starts the lifespan
+                                            headers={"X-API-Key": KEY})
     wait_for(lambda: app.state.runtime.status.ready or app.state.runtime.status.error, 60, "the app is ready")
     assert app.state.runtime.status.ready, app.state.runtime.status.error
     return schema
@@ -41,8 +45,9 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@pytest.mark.slow
 def test_the_api_does_what_its_openapi_says(case: schemathesis.Case) -> None:
-    case.call_and_validate()
+    case.call_and_validate(headers={"X-API-Key": KEY})
 
 
 @pytest.mark.anyio

@@ -1,0 +1,151 @@
+"""API keys: made once, stored hashed, looked up in constant time, revoked everywhere within a second.
+
+A key reads `sowa_<id>_<secret>`: the id (public, 8 bytes of hex) finds the stored record, whose SHA-256 of the
+secret is compared in constant time. The secret is 32 random bytes, so a plain hash is enough (no password
+stretching: nothing about it can be guessed), and it is shown once, when the key is made. `KeyRing` keeps the
+active keys in memory and reloads them when the store says they changed: pushed by PostgreSQL, or seen in
+SQLite's data version, looked at no more often than every `recheck_s`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from .roles import LEGACY_KEY_NAME, Principal, Role
+
+__all__ = ["KEY_NAME", "KeyRecord", "KeyRing", "new_key", "parse_key"]
+
+KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")  # a key's name: what the audit trail shows
+_KEY = re.compile(r"^sowa_([0-9a-f]{16})_([A-Za-z0-9_\-]{43})$")
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A key as stored: never its secret, only the secret's hash."""
+
+    name: str
+    key_id: str
+    secret_sha256: str
+    role: Role
+    classes: str | None  # a class-name pattern, or None for all classes
+    created: float
+    created_by: str
+    revoked: float | None = None
+    revoked_by: str | None = None
+
+    @property
+    def principal(self) -> Principal:
+        return Principal(self.name, self.role, self.classes)
+
+    def public(self) -> dict[str, object]:
+        """What listing a key shows (no hash either)."""
+        return {"name": self.name, "role": self.role.value, "classes": self.classes, "created": self.created,
+                "created_by": self.created_by, "revoked": self.revoked, "revoked_by": self.revoked_by}
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key(name: str, role: Role, classes: str | None, created_by: str) -> tuple[str, KeyRecord]:
+    """A fresh key: the text to hand out (shown once) and the record to store."""
+    if not KEY_NAME.match(name):
+        raise ValueError(f"key name {name[:80]!r}: use 1-64 of a-z, 0-9, '_', '.', '-', starting with a letter "
+                         "or digit")
+    key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    return (f"sowa_{key_id}_{secret}",
+            KeyRecord(name, key_id, _sha256(secret), role, classes, time.time(), created_by))
+
+
+def parse_key(text: str) -> tuple[str, str] | None:
+    """(id, secret) of a well-formed key, else None."""
+    m = _KEY.match(text)
+    return (m.group(1), m.group(2)) if m else None
+
+
+class KeySource(Protocol):
+    """What a KeyRing reads of an KeySource (store.py)."""
+
+    def list_keys(self) -> list[KeyRecord]: ...
+
+    def keys_version(self) -> object: ...
+
+    def subscribe_keys(self, callback: Callable[[], None]) -> None: ...
+
+
+class KeyRing:
+    """The keys a request may present: the stored active ones, and the configured `SOWA_API_KEY` (an admin).
+
+    `authenticate` runs on the event loop: it reloads from the store only when the store's version moved, which
+    costs one cheap look at most every `recheck_s` (SQLite's data version; PostgreSQL pushes instead)."""
+
+    def __init__(self, legacy_key: str | None = None, recheck_s: float = 0.25) -> None:
+        self.store: KeySource | None = None
+        self.recheck_s = recheck_s
+        self._legacy = legacy_key.encode() if legacy_key else None
+        self._by_id: dict[str, KeyRecord] = {}
+        self._version: object = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def attach(self, store: KeySource) -> None:
+        """Take keys from `store` from now on (blocking: call from a worker thread)."""
+        store.subscribe_keys(self.invalidate)
+        self.store = store
+        self.reload()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the stored keys are known: until then no request but the open ones can be answered."""
+        return self.store is not None
+
+    @property
+    def required(self) -> bool:
+        """Whether requests must carry a key: one is configured, or any active key is stored."""
+        self._refresh()
+        return self._legacy is not None or bool(self._by_id)
+
+    def invalidate(self) -> None:
+        """The store says keys changed (a push): look again at the next request."""
+        self._checked = 0.0
+        self._version = None
+
+    def reload(self) -> None:
+        if self.store is None:
+            return
+        with self._lock:
+            version = self.store.keys_version()
+            self._by_id = {k.key_id: k for k in self.store.list_keys() if k.revoked is None}
+            self._version, self._checked = version, time.monotonic()
+
+    def _refresh(self) -> None:
+        if self.store is None or time.monotonic() - self._checked < self.recheck_s:
+            return
+        self._checked = time.monotonic()
+        if self._version is None or self.store.keys_version() != self._version:
+            self.reload()
+
+    def authenticate(self, presented: str) -> Principal | None:
+        """The principal a presented key stands for, or None (unknown, malformed or revoked)."""
+        self._refresh()
+        if self._legacy is not None and hmac.compare_digest(presented.encode(), self._legacy):
+            return Principal(LEGACY_KEY_NAME, Role.ADMIN)
+        parsed = parse_key(presented)
+        if parsed is None:
+            return None
+        record = self._by_id.get(parsed[0])
+        if record is None or not hmac.compare_digest(_sha256(parsed[1]), record.secret_sha256):
+            return None
+        return record.principal
+
+
+def revoked(record: KeyRecord, by: str) -> KeyRecord:
+    return replace(record, revoked=time.time(), revoked_by=by)

@@ -1,0 +1,186 @@
+"""PostgresAccessStore: keys and the audit trail as tables in the class store's database (sowa_keys, sowa_audit,
+created by its schema migrations), key changes pushed to every replica by NOTIFY on `sowa_keys`.
+
+A listener thread LISTENs on its own connection and tells the KeyRing at once; after a lost connection it tells
+it again, so a revocation made meanwhile is picked up as soon as the database is back. A key and its audit event
+are one transaction. Trouble reaching the database is a StoreUnavailableError (503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..errors import KeyExistsError, KeyNotFoundError, StoreUnavailableError
+from ..store.postgres import migrate, redact
+from .audit import AuditEvent, AuditQuery
+from .keys import KeyRecord
+from .roles import Role
+
+__all__ = ["KEYS_CHANNEL", "PostgresAccessStore"]
+
+log = logging.getLogger("sowa.access")
+KEYS_CHANNEL = "sowa_keys"
+_KEY_COLUMNS = "name, key_id, secret_sha256, role, classes, created, created_by, revoked, revoked_by"
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+def _key(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(row[0], row[1], row[2], Role(row[3]), *row[4:])
+
+
+class PostgresAccessStore:
+    kind = "postgresql"
+
+    def __init__(self, url: str, timeout_s: float = 3.0, listen: bool = True) -> None:
+        self.url, self.timeout_s = url, timeout_s
+        self._conninfo = make_conninfo(url, connect_timeout=max(1, int(timeout_s)), keepalives=1,
+                                       keepalives_idle=5, keepalives_interval=2, keepalives_count=2)
+        self.pool = ConnectionPool(self._conninfo, min_size=1, max_size=2, timeout=timeout_s, open=True,
+                                   kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
+                                   name="sowa-access")
+        self._version = 0  # bumped by every key change this replica makes or hears of
+        self._subscribers: list[Callable[[], None]] = []
+        self._stop = threading.Event()
+        with self._conn("opening") as conn:
+            migrate(conn)
+        self._listener: threading.Thread | None = None
+        if listen:
+            self._listening = threading.Event()
+            self._listener = threading.Thread(target=self._listen, name="sowa-access-listener", daemon=True)
+            self._listener.start()
+            self._listening.wait(timeout_s * 3)
+
+    def __repr__(self) -> str:
+        return f"PostgresAccessStore({redact(self.url)})"
+
+    @contextmanager
+    def _conn(self, what: str) -> Iterator[psycopg.Connection]:
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except _UNAVAILABLE as e:
+            raise StoreUnavailableError(f"the access store cannot be reached ({what}: {str(e).strip()[:200]}); "
+                                        "nothing was changed, try again", headers={"Retry-After": "5"}) from None
+
+    def _listen(self) -> None:
+        backoff, lost = 0.2, False
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {KEYS_CHANNEL}")
+                    if lost:  # whatever changed meanwhile: look again
+                        self._changed()
+                    lost, backoff = False, 0.2
+                    self._listening.set()
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=0.5):
+                            self._changed()
+                        conn.execute("SELECT 1")  # a quiet line can be a dead one
+            except Exception as e:
+                if self._stop.is_set():
+                    return
+                if not lost:
+                    log.error("access store: lost the key-change listener (%s); retrying", str(e).strip()[:200])
+                lost = True
+                self._listening.set()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _changed(self) -> None:
+        self._version += 1
+        for callback in list(self._subscribers):
+            try:
+                callback()
+            except Exception:
+                log.exception("access store: key-change callback failed")
+
+    # -- keys ----------------------------------------------------------------------------------------------------
+    def list_keys(self) -> list[KeyRecord]:
+        with self._conn("reading keys") as conn:
+            return [_key(r) for r in conn.execute(f"SELECT {_KEY_COLUMNS} FROM sowa_keys ORDER BY created")]
+
+    def keys_version(self) -> object:
+        return self._version
+
+    def subscribe_keys(self, callback: Callable[[], None]) -> None:
+        self._subscribers.append(callback)
+
+    def add_key(self, record: KeyRecord, event: AuditEvent) -> None:
+        with self._conn(f"key {record.name}") as conn, conn.transaction():
+            try:
+                conn.execute(f"INSERT INTO sowa_keys ({_KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                             (record.name, record.key_id, record.secret_sha256, record.role.value, record.classes,
+                              record.created, record.created_by, record.revoked, record.revoked_by))
+            except psycopg.errors.UniqueViolation:
+                raise KeyExistsError(f"a key named '{record.name}' exists (names are never reused, revoked "
+                                     "included); choose another name") from None
+            self._insert(conn, [event])
+            conn.execute("SELECT pg_notify(%s, %s)", (KEYS_CHANNEL, record.name))
+        self._changed()
+
+    def revoke_key(self, name: str, by: str, event: AuditEvent) -> KeyRecord:
+        with self._conn(f"revoking key {name}") as conn, conn.transaction():
+            row = conn.execute(f"UPDATE sowa_keys SET revoked = %s, revoked_by = %s WHERE name = %s AND revoked IS "
+                               f"NULL RETURNING {_KEY_COLUMNS}", (event.time, by, name)).fetchone()
+            if row is None:
+                raise KeyNotFoundError(f"no active key named '{name[:64]}'")
+            self._insert(conn, [event])
+            conn.execute("SELECT pg_notify(%s, %s)", (KEYS_CHANNEL, name))
+        self._changed()
+        return _key(row)
+
+    # -- audit ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _insert(conn: psycopg.Connection, events: Sequence[AuditEvent]) -> None:
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO sowa_audit (id, time, actor, action, target, before, after) VALUES "
+                            "(%s, %s, %s, %s, %s, %s, %s)",
+                            [(e.id, e.time, e.actor, e.action, e.target,
+                              None if e.before is None else Jsonb(e.before),
+                              None if e.after is None else Jsonb(e.after)) for e in events])
+
+    def append(self, events: Sequence[AuditEvent]) -> None:
+        if events:
+            with self._conn("the audit trail") as conn, conn.transaction():
+                self._insert(conn, events)
+
+    def query(self, q: AuditQuery) -> list[AuditEvent]:
+        clause, params = q.where("%s")
+        with self._conn("reading the audit trail") as conn:
+            rows = conn.execute(f"SELECT id, time, actor, action, target, before, after FROM sowa_audit{clause} "
+                                "ORDER BY id DESC LIMIT %s", (*params, q.limit)).fetchall()
+        return [AuditEvent(actor=r[2], action=r[3], target=r[4], before=_json(r[5]), after=_json(r[6]), time=r[1],
+                           id=r[0]) for r in rows]
+
+    def iter_events(self, q: AuditQuery, batch: int = 1000) -> Iterator[AuditEvent]:
+        after = q.after
+        while True:
+            page = self.query(AuditQuery(q.actor, q.action, q.target, q.since, q.until, after, batch))
+            yield from page
+            if len(page) < batch:
+                return
+            after = page[-1].id
+
+    def prune(self, before: float) -> int:
+        with self._conn("pruning the audit trail") as conn:
+            return conn.execute("DELETE FROM sowa_audit WHERE time < %s", (before,)).rowcount
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(timeout=5)
+        self.pool.close()
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value

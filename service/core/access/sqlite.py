@@ -1,0 +1,180 @@
+"""SqliteAccessStore: keys and the audit trail in one SQLite database in the data directory (WAL mode).
+
+Replicas sharing the data directory share the database: SQLite locks it for each write, and `PRAGMA data_version`
+tells a connection that another one committed, which is how a revocation reaches every replica (KeyRing looks
+at it at most every quarter second). A key and its audit event are written in one transaction. A full disk is
+an `InsufficientStorageError` (507) and leaves nothing half-written: the transaction rolls back.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import InsufficientStorageError, KeyExistsError, KeyNotFoundError, StoreUnavailableError
+from .audit import AuditEvent, AuditQuery
+from .keys import KeyRecord
+from .roles import Role
+
+__all__ = ["SCHEMA_VERSION", "SqliteAccessStore"]
+
+# version -> statements bringing the schema from version-1 to it; append, never edit a released one
+MIGRATIONS = {
+    1: """
+        CREATE TABLE keys (
+            name TEXT PRIMARY KEY, key_id TEXT NOT NULL UNIQUE, secret_sha256 TEXT NOT NULL, role TEXT NOT NULL,
+            classes TEXT, created REAL NOT NULL, created_by TEXT NOT NULL, revoked REAL, revoked_by TEXT
+        );
+        CREATE TABLE audit (
+            id TEXT PRIMARY KEY, time REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+            target TEXT NOT NULL, before TEXT, after TEXT
+        );
+        CREATE INDEX audit_time ON audit (time);
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+_KEY_COLUMNS = "name, key_id, secret_sha256, role, classes, created, created_by, revoked, revoked_by"
+
+
+def _key(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(row[0], row[1], row[2], Role(row[3]), *row[4:])
+
+
+def _event(row: Sequence[Any]) -> AuditEvent:
+    return AuditEvent(actor=row[2], action=row[3], target=row[4], before=json.loads(row[5]) if row[5] else None,
+                      after=json.loads(row[6]) if row[6] else None, time=row[1], id=row[0])
+
+
+class SqliteAccessStore:
+    kind = "sqlite"
+
+    def __init__(self, path: Path, timeout_s: float = 10.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # one connection, used under a lock: every call is short, and data_version is per connection
+        self._db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        self._writes = 0  # this connection's own commits: data_version counts only the others'
+        with self._guard("opening"):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a returned write survives a power loss
+            self._migrate()
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.OperationalError as e:
+                text = str(e)
+                if "full" in text or "disk I/O" in text:
+                    raise InsufficientStorageError(f"the access store could not record {what}: the disk is full; "
+                                                   "nothing was changed") from None
+                if "locked" in text or "busy" in text:
+                    raise StoreUnavailableError(f"the access store is busy ({what}); nothing was changed, try "
+                                                "again", headers={"Retry-After": "1"}) from None
+                raise
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._guard(what) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            self._writes += 1
+
+    def _migrate(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: schema version {version} is newer than this service knows "
+                                   f"({SCHEMA_VERSION})")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[v].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {v}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- keys ----------------------------------------------------------------------------------------------------
+    def list_keys(self) -> list[KeyRecord]:
+        with self._guard("reading keys") as db:
+            return [_key(r) for r in db.execute(f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created")]
+
+    def keys_version(self) -> object:
+        with self._guard("reading the keys' version") as db:
+            return db.execute("PRAGMA data_version").fetchone()[0], self._writes
+
+    def subscribe_keys(self, callback: Callable[[], None]) -> None:
+        """No push: KeyRing looks at `keys_version`."""
+
+    def add_key(self, record: KeyRecord, event: AuditEvent) -> None:
+        with self._transaction(f"key {record.name}") as db:
+            if db.execute("SELECT 1 FROM keys WHERE name = ?", (record.name,)).fetchone():
+                raise KeyExistsError(f"a key named '{record.name}' exists (names are never reused, revoked "
+                                     "included); choose another name")
+            db.execute(f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (record.name, record.key_id, record.secret_sha256, record.role.value, record.classes,
+                        record.created, record.created_by, record.revoked, record.revoked_by))
+            self._insert(db, [event])
+
+    def revoke_key(self, name: str, by: str, event: AuditEvent) -> KeyRecord:
+        with self._transaction(f"revoking key {name}") as db:
+            row = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE name = ? AND revoked IS NULL",
+                             (name,)).fetchone()
+            if row is None:
+                raise KeyNotFoundError(f"no active key named '{name[:64]}'")
+            db.execute("UPDATE keys SET revoked = ?, revoked_by = ? WHERE name = ?", (event.time, by, name))
+            self._insert(db, [event])
+        return _key(row)
+
+    # -- audit ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _insert(db: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
+        db.executemany("INSERT INTO audit (id, time, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, "
+                       "?, ?)", [(e.id, e.time, e.actor, e.action, e.target,
+                                  None if e.before is None else json.dumps(e.before),
+                                  None if e.after is None else json.dumps(e.after)) for e in events])
+
+    def append(self, events: Sequence[AuditEvent]) -> None:
+        if events:
+            with self._transaction("the audit trail") as db:
+                self._insert(db, events)
+
+    def query(self, q: AuditQuery) -> list[AuditEvent]:
+        clause, params = q.where("?")
+        with self._guard("reading the audit trail") as db:
+            rows = db.execute(f"SELECT id, time, actor, action, target, before, after FROM audit{clause} "
+                              "ORDER BY id DESC LIMIT ?", (*params, q.limit)).fetchall()
+        return [_event(r) for r in rows]
+
+    def iter_events(self, q: AuditQuery, batch: int = 1000) -> Iterator[AuditEvent]:
+        after = q.after
+        while True:
+            page = self.query(AuditQuery(q.actor, q.action, q.target, q.since, q.until, after, batch))
+            yield from page
+            if len(page) < batch:
+                return
+            after = page[-1].id
+
+    def prune(self, before: float) -> int:
+        with self._transaction("pruning the audit trail") as db:
+            return db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
