@@ -135,14 +135,18 @@ class ClassRegistry:
             self._names = sorted(self._classes)
         return list(self._names)
 
-    def page(self, after: str | None, limit: int) -> tuple[list[ClassEntry], str | None]:
+    def page(self, after: str | None, limit: int,
+             visible: Callable[[str], bool] | None = None) -> tuple[list[ClassEntry], str | None, int]:
         """Up to `limit` classes in name order, from the first after `after` (any string: a class deleted since
-        the previous page needs no care); and the cursor of the next page, None on the last."""
+        the previous page needs no care); the cursor of the next page, None on the last; and how many classes
+        there are. `visible`: only the names it accepts (a key limited to some classes)."""
         names = self._names if self._names is not None else self.names()
+        if visible is not None:
+            names = [n for n in names if visible(n)]
         start = 0 if after is None else bisect.bisect_right(names, after)
         chosen = names[start:start + limit]
         entries = [self._classes[n] for n in chosen]
-        return entries, (chosen[-1] if start + limit < len(names) else None)
+        return entries, (chosen[-1] if start + limit < len(names) else None), len(names)
 
     def shot_thumbnail(self, name: str, digest: str) -> bytes:
         """One shot of a class as a JPEG thumbnail (any thread), the last 256 made kept in memory."""

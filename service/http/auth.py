@@ -2,10 +2,11 @@
 
 Every route declares the least role it needs with `Depends(Requires(Role.X))` (on its router, or itself to ask
 more). `AuthMiddleware` runs before any body is read: it refuses duplicate keys (400), throttles an address
-after a burst of failed keys (429), resolves the key to a principal (401 when missing, unknown or revoked, while
+after a burst of wrong keys (429), resolves the key to a principal (401 when missing, unknown or revoked, while
 keys are required), and answers 403 when the matched route needs a higher role or names a class outside the
-key's pattern. The dependency checks again (a route reached another way) and documents the key in OpenAPI.
-Open without a key: /healthz, /readyz, the console's files, and /metrics unless `metrics_need_key`.
+key's pattern (a route's `name` path parameter is always a class name). The dependency checks again (a route
+reached another way) and documents the key in OpenAPI. Open without a key: /healthz, /readyz, the console's
+files, and /metrics unless `metrics_need_key`.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/auth/me"): (),
     ("get", "/keys"): (),
     ("post", "/keys"): (*_ANY, 409, 422, 507),
-    ("delete", "/keys/{name}"): (404, 422),
+    ("delete", "/keys/{key_name}"): (404, 422),
 }
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the key, never "not ready"
 
@@ -87,7 +87,7 @@ def describe(app: FastAPI, settings: Settings, keyed: bool, routes: Sequence[Bas
     with warnings.catch_warnings():  # a GET+HEAD route gives both operations one id: made unique below
         warnings.filterwarnings("ignore", message="Duplicate Operation ID")
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    roles = {(m.lower(), r.path): required_role(r) for r in routes if isinstance(r, APIRoute) for m in r.methods}
+    roles = {(m.lower(), r.path_format): required_role(r) for r in routes if isinstance(r, APIRoute) for m in r.methods}
     open_paths = _OPEN if not settings.metrics_need_key else _OPEN - {"/metrics"}
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})

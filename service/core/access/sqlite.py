@@ -60,6 +60,7 @@ class SqliteAccessStore:
         self._db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self._writes = 0  # this connection's own commits: data_version counts only the others'
+        self._subscribers: list[Callable[[], None]] = []
         with self._guard("opening"):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a returned write survives a power loss
@@ -120,7 +121,12 @@ class SqliteAccessStore:
             return db.execute("PRAGMA data_version").fetchone()[0], self._writes
 
     def subscribe_keys(self, callback: Callable[[], None]) -> None:
-        """No push: KeyRing looks at `keys_version`."""
+        """Told of this store's own key changes at once; other processes' show in `keys_version` (no push)."""
+        self._subscribers.append(callback)
+
+    def _changed(self) -> None:
+        for callback in list(self._subscribers):
+            callback()
 
     def add_key(self, record: KeyRecord, event: AuditEvent) -> None:
         with self._transaction(f"key {record.name}") as db:
@@ -131,6 +137,7 @@ class SqliteAccessStore:
                        (record.name, record.key_id, record.secret_sha256, record.role.value, record.classes,
                         record.created, record.created_by, record.revoked, record.revoked_by))
             self._insert(db, [event])
+        self._changed()
 
     def revoke_key(self, name: str, by: str, event: AuditEvent) -> KeyRecord:
         with self._transaction(f"revoking key {name}") as db:
@@ -140,6 +147,7 @@ class SqliteAccessStore:
                 raise KeyNotFoundError(f"no active key named '{name[:64]}'")
             db.execute("UPDATE keys SET revoked = ?, revoked_by = ? WHERE name = ?", (event.time, by, name))
             self._insert(db, [event])
+        self._changed()
         return _key(row)
 
     # -- audit ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from ...core.access.roles import Role
 from ...core.class_names import CLASS_NAME, check_class_name
 from ...core.registry import ClassRegistry
 from ...core.uploads import decode_uploads
-from ..auth import Requires
+from ..auth import PrincipalDep, Requires
 from ..deps import LocalDep, RegistryDep, ResultsDep
 from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
 from .multipart import read_files
@@ -48,6 +48,7 @@ PAGE_DEFAULT, PAGE_MAX = 100, 1000  # 1000 plain items are about 250 KiB of JSON
 async def list_classes(
     registry: RegistryDep,
     results: ResultsDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX, description="classes per page")] = PAGE_DEFAULT,
     after: Annotated[str | None, Query(max_length=64, description="the previous page's `next`: this page starts "
                                        "after that name")] = None,
@@ -55,9 +56,10 @@ async def list_classes(
     thumbnails: Annotated[bool, Query(description="with each class, its first shot as a JPEG thumbnail (and the "
                                       "recent results' thumbnails)")] = False,
 ) -> dict:
-    """Classes in name order; a class registered or deleted between two pages does not move the others. What the
-    console's class table shows comes in the one request (`recent`, `thumbnails`)."""
-    entries, next_name = registry.page(after, limit)
+    """Classes in name order (for a key limited to some classes, those it may touch); a class registered or deleted
+    between two pages does not move the others. What the console's class table shows comes in the one request
+    (`recent`, `thumbnails`)."""
+    entries, next_name, total = registry.page(after, limit, None if principal.classes is None else principal.may_touch)
     items: list[dict[str, Any]] = []
     for entry in entries:
         item = {**entry.info(), "first_shot": entry.shots[0] if entry.shots else None}
@@ -70,7 +72,7 @@ async def list_classes(
         thumbs = await asyncio.to_thread(_first_thumbnails, registry, items)
         for item, thumb in zip(items, thumbs, strict=True):
             item["first_shot_thumbnail"] = thumb
-    return {"classes": items, "total": len(registry), "next": next_name}
+    return {"classes": items, "total": total, "next": next_name}
 
 
 def _first_thumbnails(registry: ClassRegistry, items: list[dict[str, Any]]) -> list[str | None]:

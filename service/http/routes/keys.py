@@ -23,7 +23,7 @@ __all__ = ["me_router", "router"]
 router = APIRouter(prefix="/keys", tags=["keys"], dependencies=[Depends(Requires(Role.ADMIN))])
 me_router = APIRouter(tags=["keys"], dependencies=[Depends(Requires(Role.INSPECT))])
 
-KeyName = Annotated[str, Path(pattern=KEY_NAME.pattern, description="the key's name")]
+KeyName = Annotated[str, Path(pattern=KEY_NAME.pattern, description="the key's name")]  # not `name`: that is a class
 
 
 def _store(runtime: RuntimeDep):
@@ -51,8 +51,9 @@ async def add_key(request: KeyRequest, runtime: RuntimeDep, principal: Principal
     return {"key": text, **record.public()}
 
 
-@router.delete("/{name}", response_model=KeyInfo, summary="Revoke an API key, on every replica within a second")
-async def revoke_key(name: KeyName, runtime: RuntimeDep, principal: PrincipalDep) -> dict:
+@router.delete("/{key_name}", response_model=KeyInfo, summary="Revoke an API key, on every replica within a second")
+async def revoke_key(key_name: KeyName, runtime: RuntimeDep, principal: PrincipalDep) -> dict:
+    name = key_name
     store = _store(runtime)
     before = next((k for k in await asyncio.to_thread(store.list_keys) if k.name == name), None)
     event = AuditEvent(principal.name, "key.revoked", name, before.public() if before else None, None)

@@ -7,9 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from ...core.access.roles import Role
-from ...core.results import KeptResult
-from ..auth import Requires
+from ...core.access.roles import Principal, Role
+from ...core.errors import ResultNotFoundError
+from ...core.results import KeptResult, ResultStore
+from ..auth import PrincipalDep, Requires
 from ..deps import RegistryDep, ResultsDep
 from ..schemas import KeptResultList, KeptResultOut
 
@@ -34,12 +35,20 @@ async def class_results(
     return {"class_name": name, "results": [_kept_out(r, thumbnails) for r in store.recent(name, limit)]}
 
 
+def _visible(store: ResultStore, result_id: str, principal: Principal) -> KeptResult:
+    """A kept result, as a key limited to some classes may see it: one of another class is not found."""
+    r = store.get(result_id)
+    if not principal.may_touch(r.class_name):
+        raise ResultNotFoundError(f"no kept result '{result_id[:40]}' of a class this key may touch")
+    return r
+
+
 @router.get("/results/{result_id}", response_model=KeptResultOut, summary="One kept result")
-async def one_result(result_id: str, store: ResultsDep) -> dict:
-    return _kept_out(store.get(result_id), True)
+async def one_result(result_id: str, store: ResultsDep, principal: PrincipalDep) -> dict:
+    return _kept_out(_visible(store, result_id, principal), True)
 
 
 @router.get("/results/{result_id}/thumbnail", summary="A kept result's thumbnail (JPEG, heatmap blended over)",
             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-async def result_thumbnail(result_id: str, store: ResultsDep) -> Response:
-    return Response(store.get(result_id).thumbnail, media_type="image/jpeg")
+async def result_thumbnail(result_id: str, store: ResultsDep, principal: PrincipalDep) -> Response:
+    return Response(_visible(store, result_id, principal).thumbnail, media_type="image/jpeg")
