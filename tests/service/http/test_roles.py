@@ -118,7 +118,7 @@ async def test_every_operation_answers_as_each_role_allows(served: tuple[InProce
     failures = []
     for (method, path), role in sorted(EXPECTED.items(), key=lambda kv: kv[0]):
         named = {**values, "name": "nosuch-class"} if method == "delete" else values  # allowed, it deletes nothing
-        url = re.sub(r"\{(\w+)\}", lambda m: named[m.group(1)], path)
+        url = re.sub(r"\{(\w+)\}", lambda m, named=named: named[m.group(1)], path)
         for key, text in keys.items():
             headers = {"X-API-Key": text} if text else {}
             r = await s.http.request(method.upper(), url, headers=headers, **BODIES.get((method, path), {}))
