@@ -48,6 +48,11 @@ class ServiceStatus:
         return self.model_loaded and self.classes_restored and self.warmed_up and self.accepting
 
 
+def _not_ready() -> NotReadyError:
+    return NotReadyError("the model is loading or the server is shutting down; see /readyz",
+                         headers={"Retry-After": "5"})
+
+
 class Runtime:
     """What every serving process has, whether or not it holds the model."""
 
@@ -76,8 +81,7 @@ class Runtime:
     def backend(self) -> Backend:
         """Where predictions go; 503 until start-up has made it."""
         if self._backend is None or not self.status.ready:
-            raise NotReadyError("the model is loading or the server is shutting down; see /readyz",
-                                headers={"Retry-After": "5"})
+            raise _not_ready()
         return self._backend
 
     counts_requests = True  # False where HTTP workers in front count them (the engine process behind them)
@@ -121,8 +125,7 @@ class LocalRuntime(Runtime):
     def registry(self) -> ClassRegistry:
         """The classes; 503 until they are restored."""
         if self._registry is None or not self.status.ready:
-            raise NotReadyError("the model is loading or the server is shutting down; see /readyz",
-                                headers={"Retry-After": "5"})
+            raise _not_ready()
         return self._registry
 
     async def ready_info(self) -> dict[str, Any]:

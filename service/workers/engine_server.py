@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 
 from ..core.backend import LocalBackend
 from ..core.errors import ClientClosedError, SowaError, UnprocessableError
@@ -52,11 +53,14 @@ class EngineServer:
                 frame = await read_frame(reader)
                 message = parse(frame)
                 if isinstance(message, Predict):
-                    tasks[message.id] = asyncio.create_task(self._predict(message, segment, writer, tasks))
-                elif isinstance(message, Cancel) and message.id in tasks:
-                    tasks[message.id].cancel()
+                    work = self._predict(message, segment)
                 elif isinstance(message, Check | Keep):
-                    tasks[message.id] = asyncio.create_task(self._answer(message, frame.payload, writer, tasks))
+                    work = self._answer(message, frame.payload)
+                else:
+                    if isinstance(message, Cancel) and message.id in tasks:
+                        tasks[message.id].cancel()
+                    continue
+                tasks[message.id] = asyncio.create_task(self._reply(message.id, work, writer, tasks))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker stopped (or was killed): its requests go with it
         except Exception:
@@ -69,42 +73,35 @@ class EngineServer:
                 segment.close(unlink=True)  # the worker is gone; one that stopped cleanly removed it already
             writer.close()
 
-    async def _predict(self, m: Predict, segment: SlotSegment, writer: asyncio.StreamWriter,
-                       tasks: dict[int, asyncio.Task]) -> None:
+    async def _predict(self, m: Predict, segment: SlotSegment) -> tuple[Reply, bytes]:
+        if not (m.start >= 0 and m.start + m.count <= segment.slots):
+            raise UnprocessableError(f"slots {m.start}..{m.start + m.count} outside the segment")
+        results = await self.backend.predict(segment.view(m.start, m.count), m.class_name, m.deadline,
+                                             need_maps=m.need_maps, hold_inputs=True)
+        rows, payload = results_to_wire(results, m.need_maps)
+        return Reply(m.id, rows), payload
+
+    async def _answer(self, m: Check | Keep, payload: bytes) -> tuple[Reply, bytes]:
+        if isinstance(m, Check):
+            await self.backend.check_class(m.class_name)
+        else:
+            await self.backend.keep(kept_from_wire(m.results, payload))
+        return Reply(m.id), b""
+
+    async def _reply(self, message_id: int, work: Awaitable[tuple[Reply, bytes]], writer: asyncio.StreamWriter,
+                     tasks: dict[int, asyncio.Task]) -> None:
+        """Run one message's work and write its one reply, whatever the outcome."""
         payload = b""
         try:
-            if not (m.start >= 0 and m.start + m.count <= segment.slots):
-                raise UnprocessableError(f"slots {m.start}..{m.start + m.count} outside the segment")
-            results = await self.backend.predict(segment.view(m.start, m.count), m.class_name, m.deadline,
-                                                 need_maps=m.need_maps, hold_inputs=True)
-            rows, payload = results_to_wire(results, m.need_maps)
-            reply = Reply(m.id, rows)
+            reply, payload = await work
         except asyncio.CancelledError:
-            reply = Reply(m.id, error=error_to_wire(ClientClosedError("the client went away")))
+            reply = Reply(message_id, error=error_to_wire(ClientClosedError("the client went away")))
         except SowaError as e:
-            reply = Reply(m.id, error=error_to_wire(e))
+            reply = Reply(message_id, error=error_to_wire(e))
         except Exception as e:  # a bug: this request answers 500, the connection lives on
-            log.exception("request %d failed", m.id)
-            reply = Reply(m.id, error=error_to_wire(SowaError(f"internal error ({type(e).__name__})")))
+            log.exception("request %d failed", message_id)
+            reply = Reply(message_id, error=error_to_wire(SowaError(f"internal error ({type(e).__name__})")))
         finally:
-            tasks.pop(m.id, None)
+            tasks.pop(message_id, None)
         with contextlib.suppress(ConnectionError, RuntimeError):  # the worker may be gone already
             writer.write(to_frame(reply, payload))
-
-    async def _answer(self, m: Check | Keep, payload: bytes, writer: asyncio.StreamWriter,
-                      tasks: dict[int, asyncio.Task]) -> None:
-        try:
-            if isinstance(m, Check):
-                await self.backend.check_class(m.class_name)
-            else:
-                await self.backend.keep(kept_from_wire(m.results, payload))
-            reply = Reply(m.id)
-        except SowaError as e:
-            reply = Reply(m.id, error=error_to_wire(e))
-        except Exception as e:  # a bug: this request answers 500, the connection lives on
-            log.exception("request %d failed", m.id)
-            reply = Reply(m.id, error=error_to_wire(SowaError(f"internal error ({type(e).__name__})")))
-        finally:
-            tasks.pop(m.id, None)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            writer.write(to_frame(reply))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = ["ACTIONS", "AuditEvent", "AuditQuery", "time_ordered_id"]
@@ -64,3 +65,14 @@ class AuditQuery:
                 clauses.append(f"{column} {op} {placeholder}")
                 params.append(value)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def pages(self, query: Callable[[AuditQuery], list[AuditEvent]], batch: int) -> Iterator[AuditEvent]:
+        """Every event these filters match (the limit aside), newest first, asked of `query` a batch at a time
+        (keyset paging: each batch after the last id seen)."""
+        after = self.after
+        while True:
+            page = query(replace(self, after=after, limit=batch))
+            yield from page
+            if len(page) < batch:
+                return
+            after = page[-1].id

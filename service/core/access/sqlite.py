@@ -171,13 +171,7 @@ class SqliteAccessStore:
         return [_event(r) for r in rows]
 
     def iter_events(self, q: AuditQuery, batch: int = 1000) -> Iterator[AuditEvent]:
-        after = q.after
-        while True:
-            page = self.query(AuditQuery(q.actor, q.action, q.target, q.since, q.until, after, batch))
-            yield from page
-            if len(page) < batch:
-                return
-            after = page[-1].id
+        return q.pages(self.query, batch)
 
     def prune(self, before: float) -> int:
         with self._transaction("pruning the audit trail") as db:
