@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,12 +47,62 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """pyproject's addopts run the suite with pytest-xdist (`-n`, `--dist`, ...). Where xdist is off
+    (`-p no:xdist`) or not installed, those options are accepted and mean nothing: the suite runs in one process."""
+    if pluginmanager.has_plugin("xdist"):
+        return
+    group = parser.getgroup("xdist (inactive)")
+    # a lowercase short option is pytest's to give: xdist takes `-n` the same way
+    group._addoption("-n", "--numprocesses", dest="numprocesses", default=None, help="ignored: xdist is off")
+    group.addoption("--maxprocesses", dest="maxprocesses", default=None, help="ignored: xdist is off")
+    group.addoption("--dist", dest="dist", default="no", help="ignored: xdist is off")
+    group.addoption("--no-loadscope-reorder", dest="loadscopereorder", action="store_false", default=True,
+                    help="ignored: xdist is off")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest that a test starts (the GPU check's CUDA step) runs in one process: the test already has its core,
+    and workers of its own would only add their start-up. (The outer run has read `-n auto` by now.)"""
+    os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"] = "0"
+    if hasattr(config, "workerinput"):
+        # an xdist worker: its share of the cores for torch's own threads. Left at torch's default (every core,
+        # in each worker) a training step took ~6x longer than in one process (1.4 s -> 8.7 s, measured)
+        workers = int(config.workerinput["workercount"])
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+# handed out first, before the modules with the most slow tests: a test this long, started late, ends the run on one
+# worker while the other idles
+LONGEST = ("tests/test_gpu_check.py",)  # the GPU check's CPU plan: about 3 minutes on a 2-core CPU
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test skipped for want of a GPU carries the `cuda` mark, so `pytest -m cuda` (the GPU check) runs
-    all of them, whichever way a test file spells its skip."""
+    all of them, whichever way a test file spells its skip.
+
+    Under xdist (`--dist loadgroup`, pyproject's addopts) the tests of a module that share a module- or
+    class-scoped fixture (a server, a workspace) go to one worker together, in their order, so the fixture is made
+    once; other tests go one by one to whichever worker is free. Modules with more `slow` tests are handed out
+    first, so that the long ones do not end the run on one worker while the other idles."""
     for item in items:
         if any(str(m.kwargs.get("reason", "")).startswith("needs a CUDA device") for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.cuda)
+    if not hasattr(config, "workerinput"):  # not an xdist worker: collection order, as written
+        return
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope in ("module", "class", "package") for ds in defs.values() for d in ds):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+    slow: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        slow[module] = slow.get(module, 0) + (item.get_closest_marker("slow") is not None)
+    def rank(item: pytest.Item) -> tuple[bool, int]:
+        module = item.nodeid.split("::", 1)[0]
+        return module not in LONGEST, -slow[module]
+
+    items.sort(key=rank)  # stable: a module's own order is kept
 
 
 @pytest.fixture(scope="session")

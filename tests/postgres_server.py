@@ -59,6 +59,7 @@ class PostgresServer:
                                "postgresql)")
         self.bin = bindir
         self.hosts, self.wrap, self.hba = tuple(hosts), list(wrap), tuple(hba)
+        self._chosen_port = port is None  # a free port picked here: another may take it first (start retries)
         self.port = port or free_port(self.hosts[0])
         self.root = Path(tempfile.mkdtemp(prefix="sowa-pg-"))
         self.data, self.sockets, self.log = self.root / "data", self.root / "sockets", self.root / "server.log"
@@ -91,8 +92,20 @@ class PostgresServer:
                 f.write("\n".join(conf) + "\n")
             with (self.data / "pg_hba.conf").open("a") as f:
                 f.writelines(f"host all all {net} trust\n" for net in self.hba)
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
-        return self
+        for attempt in range(5):
+            try:
+                self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+                          "start")
+                return self
+            except RuntimeError as e:
+                # the free port was taken between free_port() and the server's bind (other tests, other xdist
+                # workers, other users of the machine pick free ports too): another one, unless it was given
+                if not (self._chosen_port and attempt < 4 and "already in use" in str(e)):
+                    raise
+                self.port = free_port(self.hosts[0])
+                with (self.data / "postgresql.conf").open("a") as f:
+                    f.write(f"port = {self.port}\n")  # the last setting of a name wins
+        raise AssertionError("unreachable")
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data / "postmaster.pid").exists():

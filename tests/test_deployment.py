@@ -101,6 +101,7 @@ def test_grafana_dashboard_covers_the_service() -> None:
         assert metric in exprs, metric
 
 
+@pytest.mark.slow
 def test_real_prometheus_scrapes_the_service(bundle: Path, tmp_path: Path) -> None:
     with ServerProcess(bundle, tmp_path / "data", tmp_path / "server.log") as srv, SowaClient(srv.url) as c:
         c.predict(TESTS[:1], heatmap="none")
@@ -134,6 +135,7 @@ def test_real_prometheus_scrapes_the_service(bundle: Path, tmp_path: Path) -> No
             prom.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_replicas_share_classes_within_two_seconds(bundle: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     with ServerProcess(bundle, data, tmp_path / "a.log") as a, ServerProcess(bundle, data, tmp_path / "b.log") as b, \
@@ -161,6 +163,7 @@ def test_replicas_share_classes_within_two_seconds(bundle: Path, tmp_path: Path)
         wait_for(lambda: not known(cb, "widget"), 2.0, "B sees A's delete")
 
 
+@pytest.mark.slow
 def test_concurrent_appends_on_two_replicas_lose_nothing(bundle: Path, tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

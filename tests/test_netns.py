@@ -95,6 +95,7 @@ with SowaClient(a_url) as a, SowaClient(b_url) as b:
 """
 
 
+@pytest.mark.slow
 def test_two_replicas_in_two_network_namespaces_share_classes(namespaces: dict[str, str], bundle: Path,
                                                               tmp_path: Path) -> None:
     exec_in = {role: ["ip", "netns", "exec", ns] for role, ns in namespaces.items()}

@@ -81,6 +81,7 @@ def test_expected_errors_exit_2_with_one_line(tiny_bundle: Path, tmp_path: Path,
         assert err.startswith(f"sowa {args[0]}: error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_bench_model_prints_a_table_and_writes_json_markdown_and_plot(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = {k: tmp_path / f"b.{k}" for k in ("json", "md", "png")}
@@ -98,6 +99,7 @@ def test_bench_model_prints_a_table_and_writes_json_markdown_and_plot(tmp_path: 
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_bench_serve_measures_both_modes_registration_and_writes_its_outputs(tmp_path: Path) -> None:
     out = {k: tmp_path / f"s.{k}" for k in ("json", "md", "png")}
     assert main(["bench", "serve", "--arch", TINY, "--device", "cpu", "--concurrency", "1,2", "--duration", "0.5",

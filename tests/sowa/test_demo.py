@@ -18,6 +18,7 @@ from sowa.cli import main
 from tests.helpers import REPO
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
@@ -34,6 +35,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert (tmp_path / "demo" / "data" / "classes" / "demo-part" / "class.json").is_file()
 
 
+@pytest.mark.slow
 def test_demo_serve_keeps_the_console_up_until_ctrl_c(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-u", "-m", "sowa", "demo", "--out", str(tmp_path / "demo"), "--serve"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -137,6 +137,7 @@ def test_cuda_engine_takes_staged_batches_and_scores_them_as_host_ones(tmp_path:
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(staged, host, strict=True))
 
 
+@pytest.mark.slow
 def test_host_staging_starts_no_thread_pool_per_request_thread() -> None:
     """Request threads stage on the host with numpy: torch's stack would start an OpenMP team in each of them."""
     code = """

@@ -22,6 +22,7 @@ from PIL import Image
 from model.bundle import init_bundle
 from sowa.demo import ARCH
 from sowa.server_process import ServerProcess
+from tests.helpers import wait_for
 from training.synth import DEFECT_KINDS, make_part, with_defect
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
@@ -196,11 +197,18 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
         expect(row.locator(".thumbs img")).to_have_count(4)
         snap(page, shots_dir / "classes.png")
 
-        # health, from /readyz and /metrics
+        # health, from /readyz and /metrics every 2 s: requests per second over the last interval
         goto("#/health")
         expect(page.locator("[data-fact='ready']")).to_have_text("yes")
-        expect(page.locator("[data-fact='requests-s']")).not_to_have_text("—", timeout=10_000)
-        assert float(page.locator("[data-fact='requests-s']").inner_text()) >= 0
+        rate = page.locator("[data-fact='requests-s']")
+        expect(rate).not_to_have_text("—", timeout=10_000)
+        idle = float(rate.inner_text())
+        assert 0 < idle <= 1.0, idle  # only the page's own /readyz, one a poll (/metrics is not counted): ~0.5/s
+        for _ in range(40):  # 40 requests at once: over one or two intervals of ~2 s
+            api.get("/readyz")
+        shown: list[float] = []
+        wait_for(lambda: shown.append(float(rate.inner_text())) or shown[-1] >= 6, 15, "the burst in requests/s")
+        assert max(shown) <= 30, shown  # 42 requests at most in an interval of at least ~1.5 s
         snap(page, shots_dir / "health.png")
 
         # keyboard: every control of a page is reachable with Tab

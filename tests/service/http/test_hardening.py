@@ -241,6 +241,7 @@ def _crash_writing(data: Path, name: str, shot: str) -> None:
     assert r.returncode == -9, r.stderr
 
 
+@pytest.mark.slow
 def test_start_up_removes_what_crashed_writes_left(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = DirectoryStore(tmp_path)
     store.recover()
@@ -378,6 +379,7 @@ def test_a_full_disk_keeps_the_connection_and_the_server_serving(bundle: Path, s
         filler.unlink()
 
 
+@pytest.mark.slow
 def test_the_sync_sweep_removes_crash_leftovers_of_classes_nobody_is_writing(tmp_path: Path) -> None:
     store = DirectoryStore(tmp_path)
     store.recover()

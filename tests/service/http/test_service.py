@@ -248,6 +248,7 @@ async def test_admission_is_decided_before_decoding(bundle: Path, tmp_path: Path
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"  # with room: decoded
 
 
+@pytest.mark.slow
 def test_classes_survive_kill_9_and_restart(bundle: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = ServerProcess(bundle, data, tmp_path / "log").start()
@@ -369,6 +370,7 @@ async def test_compiled_server_with_the_device_jpeg_decoder(bundle: Path, tmp_pa
         assert big.status_code == 413 and "big.jpg: image has 500x500 = 250000 pixels" in big.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_a_client_that_leaves_while_queued_never_reaches_the_device(bundle: Path, tmp_path: Path) -> None:
     # a real socket that closes: a batch waits 3 s to fill, the client gives up after 0.5 s, long before its
     # image could reach the device

@@ -31,9 +31,19 @@ def _count(metrics: str, endpoint: str, status: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def _segments() -> set[str]:
-    """Python's shared-memory segments on this machine (the workers' slots, the engine's queue counter)."""
-    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+def _segments(engine_pid: int) -> set[str]:
+    """The shared-memory segments a server's processes have mapped (its workers' slots, the engine's queue
+    counter): not the machine's, which other tests' servers (other xdist workers) add to and remove meanwhile."""
+    found: set[str] = set()
+    for pid in (engine_pid, *_worker_pids(engine_pid)):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            found |= {line.rsplit("/", 1)[1].split()[0] for line in maps.splitlines() if "/dev/shm/psm_" in line}
+    return found
+
+
+def _unlinked(segments: set[str]) -> bool:
+    return not any(Path("/dev/shm", name).exists() for name in segments)
 
 
 def _listening_sockets(port: int) -> set[str]:
@@ -73,7 +83,6 @@ def _worker_pids(engine_pid: int) -> list[int]:
 @pytest.mark.slow
 def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: Path) -> None:
     offline = predict_files(bundle, TESTS, SHOTS, device="cpu", batch_size=len(TESTS))
-    before = _segments()
     srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", ["--workers", "2"]).start()
     try:
         with SowaClient(srv.url) as c:
@@ -99,6 +108,8 @@ def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: 
             spec = httpx.get(srv.url + "/openapi.json").json()  # the engine's document: every route
             assert {"/predict", "/classes/{name}/scores", "/readyz"} <= set(spec["paths"])
 
+            ours = _segments(srv.pid)  # two workers' slots and the queue counter
+            assert len(ours) >= 3, ours
             victim, port = _worker_pids(srv.pid)[0], int(srv.url.rsplit(":", 1)[1])
             its_socket = _sockets_of(victim) & _listening_sockets(port)
             os.kill(victim, signal.SIGKILL)  # the supervisor starts another
@@ -116,6 +127,7 @@ def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: 
                 statuses.append(r.status_code)
             assert len(statuses) >= 4 and set(statuses) == {200}, statuses
             assert all(c.predict(TESTS[:1], class_name="widget").results for _ in range(4))  # and after it
+            ours |= _segments(srv.pid)  # the new worker's slots too
         log = (tmp_path / "log").read_text()
         assert "starting it again" in log
         run = Path(re.search(r"run files in (\S+)", log).group(1))
@@ -126,7 +138,7 @@ def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: 
         assert not run.exists()
         # every worker's slots and the queue counter unlinked; the killed worker's go with the resource tracker,
         # which exits just after the engine
-        wait_for(lambda: not _segments() - before, 10, "the server's shared memory unlinked")
+        wait_for(lambda: _unlinked(ours), 10, "the server's shared memory unlinked")
     finally:
         srv.stop()
 
@@ -135,17 +147,17 @@ def test_workers_answer_as_one_process_and_stop_cleanly(bundle: Path, tmp_path: 
 def test_workers_go_when_the_engine_is_killed(bundle: Path, tmp_path: Path) -> None:
     """kill -9 of the engine process leaves no worker holding the port (a new server gets every connection), and
     no shared memory behind: the resource tracker the engine and its workers share unlinks it once they are gone."""
-    before = _segments()
     srv = ServerProcess(bundle, tmp_path / "data", tmp_path / "log", ["--workers", "2"]).start()
     try:
         wait_for(lambda: len(_worker_pids(srv.pid)) == 2, 30, "two workers")
         workers = _worker_pids(srv.pid)
         # two workers' slots and the engine's queue counter (a worker makes its slots once it is up)
-        wait_for(lambda: len(_segments() - before) >= 3, 60, "the workers' shared memory")
+        wait_for(lambda: len(_segments(srv.pid)) >= 3, 60, "the workers' shared memory")
+        ours = _segments(srv.pid)
         srv.kill()
         wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "spawn_main" in _cmdline(p) for p in workers),
                  30, "the orphaned workers gone")
-        wait_for(lambda: not _segments() - before, 30, "the killed server's shared memory unlinked")
+        wait_for(lambda: _unlinked(ours), 30, "the killed server's shared memory unlinked")
     finally:
         srv.stop()
 
