@@ -60,6 +60,7 @@ class PostgresServer:
         self.bin = bindir
         self.hosts, self.wrap, self.hba = tuple(hosts), list(wrap), tuple(hba)
         self._chosen_port = port is None  # a free port picked here: another may take it first (start retries)
+        self._served = False  # started once: its URLs are out, its port stays
         self.port = port or free_port(self.hosts[0])
         self.root = Path(tempfile.mkdtemp(prefix="sowa-pg-"))
         self.data, self.sockets, self.log = self.root / "data", self.root / "sockets", self.root / "server.log"
@@ -96,11 +97,13 @@ class PostgresServer:
             try:
                 self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
                           "start")
+                self._served = True
                 return self
             except RuntimeError as e:
                 # the free port was taken between free_port() and the server's bind (other tests, other xdist
-                # workers, other users of the machine pick free ports too): another one, unless it was given
-                if not (self._chosen_port and attempt < 4 and "already in use" in str(e)):
+                # workers, other users of the machine pick free ports too): another one, unless it was given or
+                # clients already know this one (a restart)
+                if not (self._chosen_port and not self._served and attempt < 4 and "already in use" in str(e)):
                     raise
                 self.port = free_port(self.hosts[0])
                 with (self.data / "postgresql.conf").open("a") as f:
