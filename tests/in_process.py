@@ -43,8 +43,10 @@ def _http(app: FastAPI) -> httpx.AsyncClient:
 @asynccontextmanager
 async def serve_in_process(bundle: Path, data_dir: Path, ready_timeout: float = 60.0,
                            **settings: Any) -> AsyncIterator[InProcess]:
-    """A started, ready app (settings as `Settings` fields, CPU unless given) and a client of it."""
-    app = create_app(Settings(bundle=bundle, data_dir=data_dir, **{"device": "cpu", **settings}))
+    """A started, ready app (settings as `Settings` fields, CPU unless given) and a client of it, which calls
+    the app by the name sowa.test (an allowed host)."""
+    settings = {"device": "cpu", "allowed_hosts": ["sowa.test"], **settings}
+    app = create_app(Settings(bundle=bundle, data_dir=data_dir, **settings))
     async with LifespanManager(app, startup_timeout=30, shutdown_timeout=60) as manager:
         http = _http(manager.app)
         async with AsyncSowaClient(http=http) as client:

@@ -4,10 +4,10 @@ never live here: they come from the bundle."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.compiled_vision import COMPILE_MODES
 
@@ -33,6 +33,11 @@ class Settings(BaseSettings):
                                       "metrics; stored keys (`sowa keys add`) are required too once one exists")
     auth_failures_per_minute: int = Field(20, ge=1, description="wrong API keys one client address may send in a "
                                           "minute; beyond, its requests answer 429 until the minute has passed")
+    # NoDecode: SOWA_ALLOWED_HOSTS is a comma-separated list, not JSON (split by _allowed_hosts)
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        ["localhost", "127.0.0.1", "::1"], description="names clients may reach the service by (the Host header, "
+        "port aside; `*.example.com` for subdomains, `*` for any): another name is refused with 400, so a DNS "
+        "rebinding page cannot reach it. An IP address is always accepted: rebinding needs a name")
     metrics_need_key: bool = Field(False, description="/metrics needs a key (any role) instead of being open")
     audit_retention_days: float = Field(730, gt=0, description="audit events older than this are removed")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
@@ -87,6 +92,17 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if v in ("", None) else v  # compose passes SOWA_X="" when none is configured
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _allowed_hosts(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, list):
+            v = [str(h).strip().lower().removeprefix("[").removesuffix("]") for h in v if str(h).strip()]
+            if not v:
+                raise ValueError("allowed_hosts needs at least one name (`*` for any)")
+        return v
 
     @field_validator("store")
     @classmethod

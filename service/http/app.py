@@ -23,6 +23,7 @@ from .forward import ForwardMiddleware
 from .handlers import install_error_handlers
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RouteHeaderMiddleware
 from .openapi import install_openapi
+from .protections import ProtectionsMiddleware
 from .routes import classes, console, health, keys, metrics, predict, results, scores, shots
 
 __all__ = ["create_app"]
@@ -56,6 +57,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, forward: ASGI
         description="Few-shot visual anomaly detection: register a few normal shots per product class, then score "
                     "parts with a heatmap. Errors are `{\"error\": {\"code\", \"message\"}}`.",
         lifespan=_lifespan,
+        docs_url=None, redoc_url=None,  # /docs is the console's, from packaged files (routes/console.py)
     )
     app.state.runtime = runtime
     install_error_handlers(app)
@@ -73,6 +75,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None, forward: ASGI
     app.add_middleware(AuthMiddleware, runtime=runtime, routes=routes,
                        failures_per_minute=settings.auth_failures_per_minute,
                        metrics_open=not settings.metrics_need_key)
+    # outside the key check (a refused site or Host counts as no wrong key) and around every answer's headers
+    app.add_middleware(ProtectionsMiddleware, allowed_hosts=settings.allowed_hosts,
+                       check_requests=runtime.counts_requests)  # the engine behind workers: they have checked
     if runtime.counts_requests:
         app.add_middleware(MetricsMiddleware, telemetry=runtime.telemetry)
     else:  # behind HTTP workers, which count: label their counts with the route template matched here
