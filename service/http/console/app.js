@@ -2,6 +2,19 @@
  *
  * Pages (the URL hash): #/classes, #/class/NAME, #/inspect/NAME, #/threshold/NAME, #/health.
  * The API key, when the service has one, is asked for once, kept in sessionStorage and sent as X-API-Key.
+ * What the key may do comes from GET /auth/me: a control its role does not reach is not shown, and a line says
+ * which role it needs (`allowed(role, what, control)`).
+ *
+ * Rules every page keeps: the service answers with a Content-Security-Policy of `default-src 'self'`
+ * (service/http/protections.py), so a violation is a bug that tests/service/http/test_console_browser.py fails on:
+ * - no inline script: no <script> without src, no onclick="..." attributes; handlers with addEventListener (or
+ *   `on...` keys of el(), which does that);
+ * - no inline style: no <style>, no style="..." attributes (el()'s `style` takes an object of CSS properties and
+ *   sets them through the CSSOM, which the policy allows); classes in style.css otherwise;
+ * - data as text, never markup: textContent or el()'s `text`, never innerHTML;
+ * - a class name from the URL or the API goes into a path through classPath() (encodeURIComponent) and into a
+ *   hash through classHash(); route() refuses a hash whose name does not match CLASS_NAME;
+ * - images: 'self', data: and blob: URLs only; requests: this service only.
  */
 "use strict";
 
@@ -14,6 +27,10 @@ let config = { api_key_required: false, heat_ramp: [] };
 // read by start() before any page renders
 let RAMP = [];
 let pageCleanup = null;
+let me = null;  // GET /auth/me: the key's name, role, classes and `may` for each role
+
+const classPath = (name, rest = "") => `/classes/${encodeURIComponent(name)}${rest}`;
+const classHash = (page, name) => `#/${page}/${encodeURIComponent(name)}`;
 
 // -- small helpers ----------------------------------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -24,6 +41,10 @@ function el(tag, attrs = {}, ...children) {
     else if (k === "text") node.textContent = v;
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
     else if (k === "dataset") Object.assign(node.dataset, v);
+    else if (k === "style") {  // through the CSSOM: a style="..." attribute would break the policy
+      if (typeof v !== "object") throw new TypeError("el(): style takes an object of CSS properties");
+      for (const [p, val] of Object.entries(v)) node.style.setProperty(p, val);
+    }
     else node.setAttribute(k, v === true ? "" : v);
   }
   for (const c of children.flat(Infinity)) {
@@ -61,6 +82,16 @@ function setStatus(text, kind = "info") {
 
 function verdictBadge(anomalous) {
   return el("span", { class: `badge ${anomalous ? "bad" : "good"}`, text: anomalous ? "ANOMALOUS" : "normal" });
+}
+
+// -- what this key may do --------------------------------------------------------------------------------------
+const may = (role) => !me || Boolean(me.may[role]);
+
+// `control` where the key's role reaches `role`, else a line saying why it is missing
+function allowed(role, what, control) {
+  if (may(role)) return control;
+  return el("p", { class: "needs-role", dataset: { needs: role } },
+            `${what} needs the ${role} role; this key has ${me.role}.`);
 }
 
 // -- the API ----------------------------------------------------------------------------------------------------
@@ -161,12 +192,13 @@ async function pageClasses(main) {
   main.append(el("h2", { text: "Classes" }));
   const name = el("input", { id: "new-class", autocomplete: "off", placeholder: "e.g. widget-a", required: true,
                              "aria-describedby": "new-class-help" });
-  main.append(el("form", { class: "inline", onsubmit: (e) => {
+  const newClass = el("form", { class: "inline", onsubmit: (e) => {
     e.preventDefault();
     if (!CLASS_NAME.test(name.value)) { setStatus("A class name is 1-64 of a-z, 0-9, _ . - (starting with a letter or digit)", "error"); return; }
-    location.hash = `#/class/${name.value}`;
+    location.hash = classHash("class", name.value);
   } }, el("label", { for: "new-class", text: "New class" }), name, el("button", { type: "submit", text: "Open" }),
-  el("small", { id: "new-class-help", text: "then register a few good parts as its shots" })));
+  el("small", { id: "new-class-help", text: "then register a few good parts as its shots" }));
+  main.append(allowed("operate", "Registering a class", newClass));
   // one request per page of CLASS_PAGE classes: the list carries each row's first shot and last kept results
   const page = (after) => api(`/classes?limit=${CLASS_PAGE}&recent=4&thumbnails=true` +
                               (after === null ? "" : `&after=${encodeURIComponent(after)}`));
@@ -198,7 +230,7 @@ async function pageClasses(main) {
 function classRow(c) {
   const recent = c.recent_results || [];
   return el("tr", { dataset: { class: c.name } },
-    el("th", { scope: "row" }, el("a", { href: `#/class/${c.name}`, class: "class-link" },
+    el("th", { scope: "row" }, el("a", { href: classHash("class", c.name), class: "class-link" },
       c.first_shot_thumbnail ? el("img", { src: `data:image/jpeg;base64,${c.first_shot_thumbnail}`, alt: "", width: 40, height: 40, class: "shot-thumb" }) : null,
       el("span", { text: c.name }))),
     el("td", { class: "num shots", text: c.shots }),
@@ -208,15 +240,15 @@ function classRow(c) {
     el("td", {}, el("div", { class: "thumbs" }, recent.length ? recent.map((r) => el("figure", {},
       el("img", { src: `data:image/jpeg;base64,${r.thumbnail}`, alt: `${r.filename}: ${r.is_anomalous ? "anomalous" : "normal"}`, width: 48, height: 48 }),
       el("figcaption", {}, verdictBadge(r.is_anomalous)))) : el("span", { class: "muted", text: "none kept" }))),
-    el("td", {}, el("a", { href: `#/inspect/${c.name}`, text: "Inspect" }), " ",
-       el("a", { href: `#/threshold/${c.name}`, text: "Threshold" })));
+    el("td", {}, el("a", { href: classHash("inspect", c.name), text: "Inspect" }), " ",
+       el("a", { href: classHash("threshold", c.name), text: "Threshold" })));
 }
 
 // -- shots ---------------------------------------------------------------------------------------------------------------
 async function shotThumbs(name, limit = 64) {
-  const { shots } = await api(`/classes/${name}/shots`);
+  const { shots } = await api(classPath(name, "/shots"));
   return Promise.all(shots.slice(0, limit).map(async ({ sha256 }) => ({
-    sha256, url: URL.createObjectURL(await api(`/classes/${name}/shots/${sha256}?thumbnail=true`, { as: "blob" })),
+    sha256, url: URL.createObjectURL(await api(classPath(name, `/shots/${sha256}?thumbnail=true`), { as: "blob" })),
   })));
 }
 
@@ -258,18 +290,20 @@ async function pageClass(main, name) {
     setStatus(`Deleting ${dropped} shot${dropped > 1 ? "s" : ""}: registering the other ${keepers.length} as the new set…`);
     const form = new FormData();
     for (const f of keepers) {  // the stored PNGs themselves: the same shots, the same hashes
-      form.append("images", await api(`/classes/${name}/shots/${f.dataset.sha256}`, { as: "blob" }), `${f.dataset.sha256}.png`);
+      form.append("images", await api(classPath(name, `/shots/${f.dataset.sha256}`), { as: "blob" }), `${f.dataset.sha256}.png`);
     }
     form.append("mode", "replace");
-    const info = await api(`/classes/${name}/shots`, { method: "POST", body: form });
+    const info = await api(classPath(name, "/shots"), { method: "POST", body: form });
     factsBox.replaceChildren(classFacts(info));
     await showShots();
     setStatus(`Deleted ${dropped}: ${info.shots} shots, threshold ${fmt(info.threshold)}`, "ok");
   }));
   if (known) {
     main.append(el("section", { "aria-labelledby": "stored-title" },
-      el("h3", { id: "stored-title", text: "Its shots (untick to delete)" }), gallery, remove));
+      el("h3", { id: "stored-title", text: may("operate") ? "Its shots (untick to delete)" : "Its shots" }), gallery,
+      allowed("operate", "Deleting shots", remove)));
     await showShots();
+    if (!may("operate")) for (const box of gallery.querySelectorAll("input")) box.disabled = true;
   }
   let files = [];
   const list = el("ul", { class: "files", id: "shot-list", "aria-live": "polite" });
@@ -283,7 +317,7 @@ async function pageClass(main, name) {
     register.disabled = true;
     setStatus(`Registering ${files.length} shots…`);
     try {
-      const info = await api(`/classes/${name}/shots`, { method: "POST", body: form });
+      const info = await api(classPath(name, "/shots"), { method: "POST", body: form });
       factsBox.replaceChildren(classFacts(info));
       if (!gallery.isConnected) {
         factsBox.after(el("section", { "aria-labelledby": "stored-title" },
@@ -297,7 +331,7 @@ async function pageClass(main, name) {
   });
   main.append(el("section", { "aria-labelledby": "shots-title" },
     el("h3", { id: "shots-title", text: "Register shots: good parts of the product" }),
-    el("form", { onsubmit: (e) => { e.preventDefault(); submitShots(); } },
+    allowed("operate", "Registering shots", el("form", { onsubmit: (e) => { e.preventDefault(); submitShots(); } },
       dropZone("shot-files", "Shots", (chosen) => {
         files = files.concat(chosen);
         list.replaceChildren(...files.map((f) => el("li", { text: f.name })));
@@ -306,9 +340,9 @@ async function pageClass(main, name) {
       list,
       el("fieldset", {}, el("legend", { text: "How" }), mode("append", "Add to the shots", true),
          mode("replace", "Replace all shots with these (the others are deleted)", false)),
-      register)),
-  el("p", {}, el("a", { href: `#/inspect/${name}`, text: "Inspect parts of this class" }), " · ",
-     el("a", { href: `#/threshold/${name}`, text: "Its threshold" })));
+      register))),
+  el("p", {}, el("a", { href: classHash("inspect", name), text: "Inspect parts of this class" }), " · ",
+     el("a", { href: classHash("threshold", name), text: "Its threshold" })));
 }
 
 // -- heatmaps -----------------------------------------------------------------------------------------------------------
@@ -346,7 +380,7 @@ async function heatCanvas(heatmap) {
 function legend(scale) {
   const stops = RAMP.map((c, i) => `rgb(${c.join(",")}) ${(100 * i) / (RAMP.length - 1)}%`).join(",");
   return el("figure", { class: "legend", "aria-label": "Heatmap colour scale" },
-    el("div", { class: "ramp", style: `background: linear-gradient(to right, ${stops})` }),
+    el("div", { class: "ramp", style: { background: `linear-gradient(to right, ${stops})` } }),
     el("figcaption", {}, el("span", { text: "0" }),
        el("span", { text: `pixel threshold${scale ? ` (${fmt(scale / 2, 2)})` : ""}: regions start` }),
        el("span", { text: scale ? fmt(scale, 2) : "2 × threshold" })));
@@ -355,7 +389,7 @@ function legend(scale) {
 // -- page: inspect ------------------------------------------------------------------------------------------------------
 async function pageInspect(main, name) {
   main.append(el("h2", { text: "Inspect" }));
-  const { field, classes } = await classSelect(name, (v) => { location.hash = `#/inspect/${v}`; }, true);
+  const { field, classes } = await classSelect(name, (v) => { location.hash = v ? classHash("inspect", v) : "#/inspect"; }, true);
   if (!name && classes.length) name = classes[0].name;
   const keep = el("input", { type: "checkbox", id: "keep", checked: true });
   const opacity = el("input", { type: "range", id: "opacity", min: 0, max: 100, value: 50,
@@ -390,7 +424,7 @@ async function pageInspect(main, name) {
 async function resultCard(file, r, cls) {
   const url = URL.createObjectURL(file);
   const image = el("img", { src: url, alt: `${r.filename}`, class: "part" });
-  const stage = el("div", { class: "stage", style: `aspect-ratio: ${r.heatmap.width} / ${r.heatmap.height}` }, image);
+  const stage = el("div", { class: "stage", style: { "aspect-ratio": `${r.heatmap.width} / ${r.heatmap.height}` } }, image);
   stage.append(await heatCanvas(r.heatmap));
   const boxes = svg("svg", { class: "boxes", viewBox: `0 0 ${r.heatmap.width} ${r.heatmap.height}`,
                              preserveAspectRatio: "none", "aria-hidden": "true" },
@@ -399,21 +433,21 @@ async function resultCard(file, r, cls) {
   const pct = (v) => `${(100 * v).toFixed(1)}%`;
   const meter = el("div", { class: "meter", role: "img",
                             "aria-label": `score ${fmt(r.score)} against threshold ${fmt(r.threshold)}` },
-                   el("div", { class: `fill ${r.is_anomalous ? "bad" : "good"}`, style: `width: ${pct(r.score)}` }),
-                   el("div", { class: "mark", style: `left: ${pct(r.threshold)}` }));
+                   el("div", { class: `fill ${r.is_anomalous ? "bad" : "good"}`, style: { width: pct(r.score) } }),
+                   el("div", { class: "mark", style: { left: pct(r.threshold) } }));
   const note = el("p", { class: "note", "aria-live": "polite" });
-  const good = r.result_id ? el("button", { type: "button", class: "mark-good secondary", text: "This one is good: add as a shot",
+  const good = r.result_id ? allowed("operate", "Adding a result as a shot", el("button", { type: "button", class: "mark-good secondary", text: "This one is good: add as a shot",
     onclick: guard(async () => {
       good.disabled = true;
       try {
-        const out = await api(`/classes/${cls}/shots/from-results`, { method: "POST", json: { result_ids: [r.result_id] } });
+        const out = await api(classPath(cls, "/shots/from-results"), { method: "POST", json: { result_ids: [r.result_id] } });
         const p = out.previous;
         const msg = `Shots ${p.shots} → ${out.class_info.shots}; calibrated threshold ${fmt(p.calibrated_threshold)} → ` +
                     `${fmt(out.calibration.threshold)}` + (out.class_info.threshold_overridden ? ` (override ${fmt(out.class_info.threshold)} stays)` : "");
         note.textContent = msg;
         setStatus(msg, "ok");
       } catch (e) { good.disabled = false; throw e; }
-    }) }) : null;
+    }) })) : null;
   return el("article", { class: "card", dataset: { filename: r.filename, anomalous: r.is_anomalous, resultId: r.result_id || "" } },
     el("h3", { text: r.filename }), stage,
     el("p", {}, verdictBadge(r.is_anomalous), ` score ${fmt(r.score)} · threshold ${fmt(r.threshold)} · ${r.regions.length} region${r.regions.length === 1 ? "" : "s"}`),
@@ -423,13 +457,13 @@ async function resultCard(file, r, cls) {
 // -- page: threshold ---------------------------------------------------------------------------------------------------
 async function pageThreshold(main, name) {
   main.append(el("h2", { text: "Threshold" }));
-  const { field, classes } = await classSelect(name, (v) => { location.hash = `#/threshold/${v}`; });
+  const { field, classes } = await classSelect(name, (v) => { location.hash = classHash("threshold", v); });
   if (!classes.length) { main.append(el("p", { text: "No class is registered yet." })); return; }
   if (!name) name = classes[0].name;
   main.append(el("div", { class: "controls" }, field));
   field.querySelector("select").value = name;
-  const [scores, kept] = await Promise.all([api(`/classes/${name}/scores?bins=30`),
-                                            api(`/classes/${name}/results?limit=500&thumbnails=true`)]);
+  const [scores, kept] = await Promise.all([api(classPath(name, "/scores?bins=30")),
+                                            api(classPath(name, "/results?limit=500&thumbnails=true"))]);
   let t = scores.threshold;
   const h = scores.histogram;
   const lo = h.edges[0], hi = h.edges[h.edges.length - 1];
@@ -473,13 +507,13 @@ async function pageThreshold(main, name) {
     el("img", { src: `data:image/jpeg;base64,${r.thumbnail}`, alt: r.filename, width: 96, height: 96 }),
     el("figcaption", {}, el("span", { class: "badge" }), el("span", { class: "num", text: fmt(r.score) })))));
   const save = el("button", { type: "button", id: "save", text: "Save", onclick: guard(async () => {
-    const info = await api(`/classes/${name}`, { method: "PATCH", json: { threshold: t } });
+    const info = await api(classPath(name), { method: "PATCH", json: { threshold: t } });
     saved = info.threshold;
     setStatus(`Saved: threshold ${fmt(info.threshold)} (calibrated ${fmt(info.calibrated_threshold)})`, "ok");
     update(t);
   }) });
   const reset = el("button", { type: "button", id: "reset", class: "secondary", text: "Reset to calibrated", onclick: guard(async () => {
-    const info = await api(`/classes/${name}`, { method: "PATCH", json: { threshold: null } });
+    const info = await api(classPath(name), { method: "PATCH", json: { threshold: null } });
     saved = info.threshold;
     setStatus(`Reset: threshold ${fmt(info.threshold)}, the calibrated one`, "ok");
     update(info.threshold);
@@ -490,7 +524,7 @@ async function pageThreshold(main, name) {
        el("span", { class: "swatch recent" }), "recent results ", el("span", { class: "swatch calibrated" }),
        `calibrated ${fmt(scores.calibrated_threshold)} `, el("span", { class: "swatch threshold" }), "threshold (drag, or focus and use the arrow keys)")),
     el("div", { class: "controls" }, el("div", { class: "field" }, el("label", { for: "threshold-input", text: "Threshold" }), number),
-       save, reset), summary,
+       allowed("operate", "Saving a threshold", el("div", { class: "row-buttons" }, save, reset))), summary,
     el("h3", { text: `Recent results (${kept.results.length} kept), labelled at this threshold` }),
     kept.results.length ? grid : el("p", { class: "muted", text: "None kept yet: inspect parts with “keep” on." }));
   if (!scores.calibration.shots_recorded) {
@@ -609,7 +643,8 @@ async function route() {
   if (pageCleanup) { pageCleanup(); pageCleanup = null; }
   const [first, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
   const page = first || "classes";
-  const arg = decodeURIComponent(rest.join("/"));
+  let arg = null;
+  try { arg = decodeURIComponent(rest.join("/")); } catch { /* a malformed escape: refused below */ }
   const pages = { classes: pageClasses, class: pageClass, inspect: pageInspect, threshold: pageThreshold, health: pageHealth };
   const render = pages[page] || pageClasses;
   for (const a of document.querySelectorAll("nav a")) {
@@ -620,6 +655,13 @@ async function route() {
   const fresh = el("main", { id: "main", tabindex: "-1", dataset: { page } });
   main.replaceWith(fresh);
   setStatus("");
+  // a class name from the URL, checked before any page uses it (#/threshold/x%2F..%2Fbat would reach /classes/bat)
+  if (render !== pageClasses && render !== pageHealth && (arg === null || (arg !== "" && !CLASS_NAME.test(arg)))) {
+    fresh.append(el("p", { class: "error", id: "bad-route", text: "That address names no valid class: a class name " +
+                           "is 1-64 of a-z, 0-9, _ . - (starting with a letter or digit)." }));
+    setStatus("Not a class name in the address", "error");
+    return;
+  }
   try {
     await render(fresh, arg);
     fresh.dataset.loaded = "true";
@@ -635,6 +677,10 @@ async function start() {
   });
   if (config.api_key_required && !sessionStorage.getItem(KEY_STORE)) await askKey();
   document.getElementById("forget-key").hidden = !config.api_key_required;
+  me = await api("/auth/me");
+  const who = document.getElementById("whoami");
+  who.textContent = me.keys_required ? `key ${me.name}: ${me.role}${me.classes ? ` (classes ${me.classes})` : ""}` : "";
+  who.hidden = !me.keys_required;
   window.addEventListener("hashchange", route);
   await route();
 }

@@ -1,5 +1,6 @@
 """The console in a real browser: headless Chromium (Debian's, driven by Playwright) against the real server with an
-API key, a synthetic product registered, inspected and its threshold moved through the page.
+API key, a synthetic product registered, inspected and its threshold moved through the page, all under the service's
+Content-Security-Policy (service/http/protections.py) with no violation reported.
 
 Needs `chromium` (apt) and `playwright` (pip, the dev extra); skipped where either is missing. Screenshots of each
 page go to a temporary folder, or to `SOWA_CONSOLE_SCREENSHOTS` (docs/console/ holds the committed ones):
@@ -81,6 +82,9 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
     with playwright.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
+        # the policy's violation reports, from the first script on (each is a console error too)
+        page.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation', (e) => window"
+                             ".__csp.push(`${e.violatedDirective} ${e.blockedURI} ${e.sourceFile}:${e.lineNumber}`));")
         page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
         page.on("request", lambda r: requests.append(f"{r.method} {r.url}"))
@@ -211,6 +215,12 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
         assert max(shown) <= 30, shown  # 42 requests at most in an interval of at least ~1.5 s
         snap(page, shots_dir / "health.png")
 
+        # a class name from the address is checked: this one would have saved a threshold on class 'bat'
+        page.evaluate("location.hash = '#/threshold/xss%2F..%2Fbat'")
+        expect(page.locator("#bad-route")).to_be_visible()
+        expect(page.locator("#save")).to_have_count(0)
+        assert not [r for r in requests if "bat" in r], "a request for a name the address smuggled in"
+
         # keyboard: every control of a page is reachable with Tab
         goto("#/threshold/part")
         reached = set()
@@ -219,6 +229,7 @@ def test_console_end_to_end(server: ServerProcess, parts: dict[str, list[Path]],
             reached.add(page.evaluate("document.activeElement.id || document.activeElement.className.baseVal "
                                       "|| document.activeElement.className"))
         assert {"class-select", "threshold-input", "save", "reset", "handle"} <= reached, reached
+        problems += page.evaluate("window.__csp")
         browser.close()
     assert not problems, problems
     assert not [r for r in requests if KEY in r], "the API key went into a URL"
