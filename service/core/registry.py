@@ -5,6 +5,10 @@ the store (`service/core/store/`) keeps the records and tells what other replica
 sent only after the store has the class. On start, a class whose bank was computed with another bundle, or whose
 bank is damaged, is rebuilt from its shots; a class whose shots are damaged is refused and reported, never served
 half-right.
+
+Every change is also an audit event (service/core/access/audit.py), built under the class's store lock from what
+the store held before and wrote after, and handed to the `audit` sink once the class is written: the event records
+a change that happened, so a failed audit write never undoes it (the sink keeps and retries the event).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from PIL import Image
 from model.calibration import Calibration
 from model.inference import ClassMemory
 
+from .access.audit import AuditEvent, AuditSink, class_state, threshold_state
 from .class_names import check_class_name
 from .engine import Engine
 from .errors import (
@@ -111,8 +116,10 @@ def _open_png(data: bytes) -> Image.Image:
 
 
 class ClassRegistry:
-    def __init__(self, store: ClassStore, engine: Engine, max_shots: int, max_classes: int = 10_000) -> None:
+    def __init__(self, store: ClassStore, engine: Engine, max_shots: int, max_classes: int = 10_000,
+                 audit: AuditSink | None = None) -> None:
         self.store, self.engine, self.max_shots, self.max_classes = store, engine, max_shots, max_classes
+        self.audit = audit  # where each change's event goes (None: not recorded, e.g. a tool without a trail)
         self._classes: dict[str, ClassEntry] = {}
         self._lock = asyncio.Lock()  # one mutation at a time; reads take snapshots without waiting
         self.refused: dict[str, str] = {}  # stored classes that could not be restored, and why
@@ -177,16 +184,17 @@ class ClassRegistry:
 
     # -- mutations: serialised by an asyncio lock in this process, and by the store's lock across replicas -----
     # Locking and store work run on worker threads; only the model's fit runs on the engine thread.
-    async def add_shots(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
+    async def add_shots(self, name: str, images: list[Image.Image], mode: str, actor: str) -> ClassEntry:
+        """Register shots (`mode` append or replace); `actor`: who, as the audit trail names them."""
         check_class_name(name)
         async with self._lock:
             self._check_room(name)  # before any fitting; again under the store lock, where the store has its say
             with _disk_full_is_507(name):
-                entry = await asyncio.to_thread(self._locked, name, self._register, name, images, mode)
+                entry = await asyncio.to_thread(self._locked, name, self._register, name, images, mode, actor)
             self._remember(entry)
             return entry
 
-    async def set_threshold(self, name: str, threshold: float | None) -> ClassEntry:
+    async def set_threshold(self, name: str, threshold: float | None, actor: str) -> ClassEntry:
         if check_class_name(name) in self.refused:
             raise _damaged(name, self.refused[name])
         self.get(name)
@@ -194,16 +202,16 @@ class ClassRegistry:
             raise UnprocessableError(f"threshold must be in (0, 1), got {threshold}")
         async with self._lock:
             with _disk_full_is_507(name):
-                entry = await asyncio.to_thread(self._locked, name, self._set_threshold, name, threshold)
+                entry = await asyncio.to_thread(self._locked, name, self._set_threshold, name, threshold, actor)
             self._remember(entry)
             return entry
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, actor: str) -> None:
         """Remove a class, served or refused (a damaged class is deleted like any other)."""
         if check_class_name(name) not in self.refused:
             self.get(name)
         async with self._lock:
-            if not await asyncio.to_thread(self._locked, name, self.store.delete, name):
+            if not await asyncio.to_thread(self._locked, name, self._delete, name, actor):
                 self.refused.pop(name, None)
                 raise ClassNotFoundError(f"class '{name}' is not registered")
             self._set(name, None)
@@ -241,22 +249,35 @@ class ClassRegistry:
     def _fit(self, images: list[Image.Image]) -> ClassMemory:
         return self.engine.call_blocking(self.engine.fit, images)
 
+    def _audit(self, actor: str, action: str, name: str, before: dict[str, Any] | None,
+               after: dict[str, Any] | None) -> None:
+        """Hand a change's event to the sink, once the change is stored (a worker thread; never raises)."""
+        if self.audit is not None:
+            self.audit.record([AuditEvent(actor, action, name, before, after)])
+
+    def _before(self, name: str, shots: tuple[str, ...], override: float | None) -> dict[str, Any]:
+        """A class as the store held it: its calibrated threshold is known when this replica holds the same shots."""
+        held = self._classes.get(name)
+        calibrated = held.memory.calibration.threshold if held is not None and held.shots == shots else None
+        return class_state(shots, override, calibrated)
+
     def _record(self, entry: ClassEntry) -> ClassRecord:
         return ClassRecord(entry.name, entry.shots, entry.memory, entry.threshold_override, entry.created,
                            entry.updated, self.engine.info.fingerprint)
 
     # -- store work (worker threads, under the class's store lock) ----------------------------------------------
-    def _register(self, name: str, images: list[Image.Image], mode: str) -> ClassEntry:
+    def _register(self, name: str, images: list[Image.Image], mode: str, actor: str) -> ClassEntry:
         if mode not in ("append", "replace"):
             raise UnprocessableError(f"mode must be 'append' or 'replace', got {mode!r}")
         if mode == "append" and name in self.refused:
             raise _damaged(name, self.refused[name])
+        damaged = None
         try:
             current = self.store.read(name, None)  # the store's word: another replica may have changed the class
         except ValueError as e:
             if mode == "append":
                 raise _damaged(name, str(e)) from None
-            current = None
+            current, damaged = None, str(e)
         if current is None:
             self._check_room(name)
         hashes = list(current.shots) if (current and mode == "append") else []
@@ -275,6 +296,15 @@ class ClassRegistry:
         entry = ClassEntry(name, memory, tuple(hashes), current.threshold_override if current else None,
                            current.created if current else time.time(), time.time())
         self.store.write(self._record(entry), new)
+        # a first registration is `class.created` (its shots in `after`); a damaged class replaced was there before
+        if current is None and damaged is None and name not in self.refused:
+            action, before = "class.created", None
+        else:
+            action = "shots.added" if mode == "append" else "shots.replaced"
+            before = ({"damaged": damaged or self.refused.get(name, "unreadable")} if current is None
+                      else self._before(name, current.shots, current.threshold_override))
+        self._audit(actor, action, name, before,
+                    class_state(entry.shots, entry.threshold_override, memory.calibration.threshold))
         return entry
 
     def _stored_shot(self, name: str, digest: str) -> Image.Image:
@@ -288,13 +318,26 @@ class ClassRegistry:
         except ValueError as e:
             raise _damaged(name, f"shot {digest[:12]}: {e}") from None
 
-    def _set_threshold(self, name: str, threshold: float | None) -> ClassEntry:
+    def _set_threshold(self, name: str, threshold: float | None, actor: str) -> ClassEntry:
         loaded = self._load(name)  # as stored now, bank included
         if loaded is None:
             raise ClassNotFoundError(f"class '{name}' is not registered")
-        entry = replace(loaded[0], threshold_override=threshold, updated=time.time())
+        old = loaded[0]
+        entry = replace(old, threshold_override=threshold, updated=time.time())
         self.store.write(self._record(entry), {})
+        calibrated = old.memory.calibration.threshold
+        self._audit(actor, "threshold.set" if threshold is not None else "threshold.reset", name,
+                    threshold_state(old.threshold_override, calibrated), threshold_state(threshold, calibrated))
         return entry
+
+    def _delete(self, name: str, actor: str) -> bool:
+        held = self._classes.get(name)
+        before = (self._before(name, held.shots, held.threshold_override) if held is not None
+                  else {"damaged": self.refused.get(name, "unreadable")})
+        deleted = self.store.delete(name)
+        if deleted:
+            self._audit(actor, "class.deleted", name, before, None)
+        return deleted
 
     def _load(self, name: str) -> tuple[ClassEntry, bool] | None:
         """The class as stored, and whether its bank had to be rebuilt from the shots (computed with another

@@ -9,10 +9,13 @@ HTTP layer keeps one runtime per app and reaches it only through its dependencie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from .access.audit import AuditSink
 from .access.keys import KeyRing
 from .access.store import AccessStore, open_access
 from .backend import Backend, LocalBackend
@@ -120,6 +123,42 @@ class LocalRuntime(Runtime):
         self.batcher: DynamicBatcher | None = None
         self.local: LocalBackend | None = None
         self._sync: asyncio.Task | None = None
+        # the registry's changes go to the audit trail through this sink (a failed write waits and is retried)
+        self.audit = AuditSink(self._append_audit, self.telemetry.audit_write_failures.inc)
+        self._audit_upkeep: asyncio.Task | None = None
+
+    audit_flush_s = 60.0  # how often events whose write failed are tried again
+    audit_prune_s = 3600.0  # how often events beyond `audit_retention_days` are removed (and once at start)
+
+    def _append_audit(self, events: Any) -> None:
+        if self.access is None:
+            raise RuntimeError("the access store is not open")
+        self.access.append(events)
+
+    def prune_audit(self) -> int:
+        """Remove audit events older than the retention setting (blocking); how many."""
+        if self.access is None:
+            return 0
+        removed = self.access.prune(time.time() - self.settings.audit_retention_days * 86400)
+        if removed:
+            log.info("audit trail: %d event(s) older than %g days removed", removed,
+                     self.settings.audit_retention_days)
+        return removed
+
+    async def _keep_audit(self) -> None:
+        """Retention, and retries of events whose write failed: once at start, then on their intervals; a
+        failure is logged and tried again next time."""
+        next_prune = 0.0
+        while True:
+            with contextlib.suppress(Exception):  # logged by the sink
+                await asyncio.to_thread(self.audit.flush)
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.audit_prune_s
+                try:
+                    await asyncio.to_thread(self.prune_audit)
+                except Exception as e:
+                    log.error("audit trail: pruning failed (%s); trying again in %g s", e, self.audit_prune_s)
+            await asyncio.sleep(min(self.audit_flush_s, self.audit_prune_s))
 
     @property
     def registry(self) -> ClassRegistry:
@@ -139,13 +178,15 @@ class LocalRuntime(Runtime):
         s, status = self.settings, self.status
         try:
             await self.open_access()
+            self._audit_upkeep = asyncio.create_task(self._keep_audit())
             budget = None if s.bank_device_budget_mb is None else int(s.bank_device_budget_mb * 2**20)
             engine = self.engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype, budget,
                                                            s.compile_mode, s.max_batch_size)
             stager = ImageStager(engine.device, engine.image_size, s.image_decoder)
             status.model_loaded = True
             store = self.store = open_store(s.store_url)
-            registry = self._registry = ClassRegistry(store, engine, s.max_shots_per_class, s.max_classes)
+            registry = self._registry = ClassRegistry(store, engine, s.max_shots_per_class, s.max_classes,
+                                                      self.audit)
             await asyncio.to_thread(registry.restore)
             status.classes_restored = True
             if s.warmup:
@@ -176,6 +217,10 @@ class LocalRuntime(Runtime):
         """Called first at shutdown, before the queue drains."""
 
     async def close(self) -> None:
+        if self._audit_upkeep is not None:
+            self._audit_upkeep.cancel()
+        if self.audit.pending:  # a last try while the access store is open; what still fails is logged in full
+            await asyncio.to_thread(self.audit.flush, True)
         await super().close()
         await self.stopping()
         if self._sync is not None:

@@ -55,6 +55,9 @@ class Telemetry:
         self.device_memory = Gauge("sowa_device_memory_bytes", "device memory in use (CUDA allocated; on CPU the "
                                    "model's weights, banks are in sowa_bank_bytes)", registry=r)
         self.model_info = Info("sowa_model", "the served bundle", registry=r)
+        self.audit_write_failures = Counter("sowa_audit_write_failures", "audit events whose first write failed "
+                                            "(the change stood; the event waits in memory and is retried)",
+                                            registry=r)
 
     def track(self, classes: Callable[[], int], bank_bytes: Callable[[], int],
               device_memory: Callable[[], int]) -> None:

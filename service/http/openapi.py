@@ -62,6 +62,7 @@ _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/keys"): (),
     ("post", "/keys"): (*_ANY, 409, 422, 507),
     ("delete", "/keys/{key_name}"): (404, 422),
+    ("get", "/audit"): (422,), ("get", "/audit/export"): (422,),
 }
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the key, never "not ready"
 

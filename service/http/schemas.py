@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CalibrationOut", "ClassInfo", "ClassList", "ClassListItem", "ClassScores", "Deleted", "FromResults",
+__all__ = ["AuditEventOut", "AuditPage", "CalibrationOut", "ClassInfo", "ClassList", "ClassListItem", "ClassScores",
+           "Deleted", "FromResults",
            "FromResultsResponse", "Heatmap", "Histogram", "ImageResultOut", "KeptResultList", "KeptResultOut",
            "KeyCreated", "KeyInfo", "KeyList", "KeyRequest", "Me", "ModelInfo", "PredictResponse", "PreviousState",
            "ReadyInfo", "RecentScore", "Region", "ShotList", "ShotRef", "ShotScore", "ThresholdUpdate"]
@@ -263,3 +264,20 @@ class Me(BaseModel):
     classes: str | None
     keys_required: bool = Field(description="whether requests must carry a key")
     may: dict[str, bool] = Field(description="for each role, whether this key has it")
+
+
+# -- the audit trail -------------------------------------------------------------------------------------------------
+class AuditEventOut(BaseModel):
+    id: str = Field(description="time-ordered: a larger id is a later event")
+    time: float = Field(description="unix seconds")
+    actor: str = Field(description="the key's name (SOWA_API_KEY, anonymous, cli:<user>)")
+    action: str = Field(description="class.created, shots.added, shots.replaced, threshold.set, threshold.reset, "
+                        "class.deleted, key.added, key.revoked")
+    target: str = Field(description="the class or key changed")
+    before: dict[str, Any] | None = Field(description="what mattered of it before (null: it did not exist)")
+    after: dict[str, Any] | None = Field(description="and after (null: it is gone)")
+
+
+class AuditPage(BaseModel):
+    events: list[AuditEventOut] = Field(description="newest first")
+    next: str | None = Field(description="pass as `after` for the next (older) page; null on the last")

@@ -30,6 +30,7 @@ async def add_shots(
     name: ClassName,
     registry: RegistryDep,
     local: LocalDep,
+    principal: PrincipalDep,
     images: Annotated[list[UploadFile], File(min_length=1, description="1..K normal images of the product")],
     mode: Annotated[Literal["append", "replace"], Form(description="add to the shots or replace them")] = "append",
 ) -> dict:
@@ -37,7 +38,7 @@ async def add_shots(
     check_class_name(name)
     uploads = await read_files(images, local.settings.max_shots_per_class)
     decoded = await decode_uploads(uploads, local.limits, local.decode_budget)
-    entry = await registry.add_shots(name, list(decoded.images), mode)
+    entry = await registry.add_shots(name, list(decoded.images), mode, principal.name)
     return entry.info()
 
 
@@ -93,13 +94,14 @@ async def get_class(name: ClassName, registry: RegistryDep) -> dict:
 
 @router.patch("/{name}", response_model=ClassInfo, summary="Override the class threshold",
               dependencies=[Depends(Requires(Role.OPERATE))])
-async def set_threshold(name: ClassName, update: ThresholdUpdate, registry: RegistryDep) -> dict:
-    return (await registry.set_threshold(name, update.threshold)).info()
+async def set_threshold(name: ClassName, update: ThresholdUpdate, registry: RegistryDep,
+                        principal: PrincipalDep) -> dict:
+    return (await registry.set_threshold(name, update.threshold, principal.name)).info()
 
 
 @router.delete("/{name}", response_model=Deleted, summary="Remove a class and its files",
                dependencies=[Depends(Requires(Role.ADMIN))])
-async def delete_class(name: ClassName, registry: RegistryDep, results: ResultsDep) -> dict:
-    await registry.delete(name)
+async def delete_class(name: ClassName, registry: RegistryDep, results: ResultsDep, principal: PrincipalDep) -> dict:
+    await registry.delete(name, principal.name)
     results.forget_class(name)  # its kept results go with it
     return {"deleted": name}

@@ -12,7 +12,7 @@ from ...core.access.roles import Role
 from ...core.errors import ShotNotFoundError, UnprocessableError
 from ...core.results import thumbnail_jpeg
 from ...core.uploads import check_count, decode_uploads
-from ..auth import Requires
+from ..auth import PrincipalDep, Requires
 from ..deps import LocalDep, RegistryDep, ResultsDep
 from ..schemas import CalibrationOut, FromResults, FromResultsResponse, ShotList
 
@@ -65,7 +65,7 @@ async def get_shot(
              responses={404: {"description": "unknown class or result"},
                         422: {"description": "a result of another class, or kept without its image"}})
 async def shots_from_results(name: str, request: FromResults, registry: RegistryDep, store: ResultsDep,
-                             local: LocalDep) -> dict:
+                             local: LocalDep, principal: PrincipalDep) -> dict:
     """"This one is good": the kept uploads become shots (appended, as `POST /classes/{name}/shots` would with the
     same files) and the class is recalibrated; the answer carries the class before and after."""
     before = registry.get(name)
@@ -80,7 +80,7 @@ async def shots_from_results(name: str, request: FromResults, registry: Registry
                                      f"{store.max_image_bytes} bytes); upload it as a shot instead")
     # as uploaded shots are: within the per-image and per-request pixel limits and the decode budget
     decoded = await decode_uploads([(r.filename, r.image or b"") for r in kept], local.limits, local.decode_budget)
-    entry = await registry.add_shots(name, list(decoded.images), "append")
+    entry = await registry.add_shots(name, list(decoded.images), "append", principal.name)
     return {"class_info": entry.info(), "calibration": CalibrationOut.of(entry.memory.calibration),
             "previous": {"shots": len(before.shots), "threshold": before.calibration.threshold,
                          "calibrated_threshold": before.memory.calibration.threshold},
