@@ -1,6 +1,6 @@
 /* SOWA inspection console: plain JS, no build step, no network beyond this service.
  *
- * Pages (the URL hash): #/classes, #/class/NAME, #/inspect/NAME, #/threshold/NAME, #/health.
+ * Pages (the URL hash): #/classes, #/class/NAME, #/inspect/NAME, #/threshold/NAME, #/health, #/audit (admins).
  * The API key, when the service has one, is asked for once, kept in sessionStorage and sent as X-API-Key.
  * What the key may do comes from GET /auth/me: a control its role does not reach is not shown, and a line says
  * which role it needs (`allowed(role, what, control)`).
@@ -631,6 +631,103 @@ async function pageHealth(main) {
   pageCleanup = () => clearInterval(timer);
 }
 
+// -- page: audit trail (admins) -------------------------------------------------------------------------------------
+const AUDIT_PAGE = 50;
+const AUDIT_ACTIONS = ["class.created", "shots.added", "shots.replaced", "threshold.set", "threshold.reset",
+                       "class.deleted", "key.added", "key.revoked"];
+
+// before -> after in a few words; the full states are in the row's details
+function auditChange(e) {
+  const b = e.before || {}, a = e.after || {};
+  const thr = (s) => `threshold ${fmt(s.threshold)}${s.threshold_override === null || s.threshold_override === undefined ? "" : " (override)"}`;
+  const shotDiff = () => {
+    const was = new Set(b.shots || []), now = new Set(a.shots || []);
+    const added = [...now].filter((h) => !was.has(h)).length, removed = [...was].filter((h) => !now.has(h)).length;
+    return `shots ${was.size} → ${now.size} (+${added} −${removed}); calibrated ${fmt(b.calibrated_threshold)} → ${fmt(a.calibrated_threshold)}`;
+  };
+  switch (e.action) {
+    case "class.created": return `new class: ${a.shot_count} shots, ${thr(a)}`;
+    case "shots.added": case "shots.replaced": return e.before && e.before.damaged ? `damaged class → ${a.shot_count} shots` : shotDiff();
+    case "threshold.set": case "threshold.reset": return `${thr(b)} → ${thr(a)}; calibrated ${fmt(a.calibrated_threshold)}`;
+    case "class.deleted": return b.damaged ? "damaged class → deleted" : `${b.shot_count} shots, ${thr(b)} → deleted`;
+    case "key.added": return `new ${a.role} key${a.classes ? ` for classes ${a.classes}` : ""}`;
+    case "key.revoked": return `${b.role || "?"} key → revoked`;
+    default: return "";
+  }
+}
+
+function auditRow(e) {
+  const states = el("details", {}, el("summary", { text: "before / after" }),
+    el("pre", { text: `before: ${JSON.stringify(e.before, null, 1)}\nafter: ${JSON.stringify(e.after, null, 1)}` }));
+  return el("tr", { dataset: { id: e.id, action: e.action } },
+    el("td", { class: "num", text: new Date(e.time * 1000).toLocaleString() }),
+    el("td", { text: e.actor }), el("td", {}, el("code", { text: e.action })), el("td", { text: e.target }),
+    el("td", { class: "change" }, el("span", { text: auditChange(e) }), states));
+}
+
+async function pageAudit(main) {
+  main.append(el("h2", { text: "Audit trail" }));
+  const refused = allowed("admin", "Reading the audit trail", null);
+  if (refused) { main.append(refused); return; }
+  const input = (id, label, attrs = {}) => {
+    const node = el("input", { id, autocomplete: "off", ...attrs });
+    return [node, el("div", { class: "field" }, el("label", { for: id, text: label }), node)];
+  };
+  const [actor, actorField] = input("audit-actor", "Who", { placeholder: "key name" });
+  const [target, targetField] = input("audit-target", "Class or key");
+  const [since, sinceField] = input("audit-since", "From", { type: "datetime-local" });
+  const [until, untilField] = input("audit-until", "Before", { type: "datetime-local" });
+  const action = el("select", { id: "audit-action" }, el("option", { value: "", text: "any" }),
+                    AUDIT_ACTIONS.map((a) => el("option", { value: a, text: a })));
+  const filters = () => {
+    const q = new URLSearchParams();
+    for (const [k, v] of [["actor", actor.value.trim()], ["target", target.value.trim()], ["action", action.value]]) if (v) q.set(k, v);
+    for (const [k, node] of [["since", since], ["until", until]]) if (node.value) q.set(k, String(new Date(node.value).getTime() / 1000));
+    return q;
+  };
+  const tbody = el("tbody", {});
+  const count = el("span", { id: "audit-count" });
+  const more = el("button", { type: "button", id: "audit-more", class: "secondary", text: "Load more" });
+  let next = null, query = filters();
+  const load = async (fresh) => {
+    const q = new URLSearchParams(query);
+    q.set("limit", String(AUDIT_PAGE));
+    if (!fresh && next) q.set("after", next);
+    const page = await api(`/audit?${q}`);
+    if (fresh) tbody.replaceChildren();
+    tbody.append(...page.events.map(auditRow));
+    next = page.next;
+    more.hidden = next === null;
+    count.textContent = tbody.rows.length ? `${tbody.rows.length} event${tbody.rows.length === 1 ? "" : "s"} shown, newest first` : "No event matches.";
+  };
+  more.addEventListener("click", guard(async () => {
+    more.disabled = true;
+    try { await load(false); } finally { more.disabled = false; }
+  }));
+  const exportAs = (format) => el("button", { type: "button", class: "secondary", id: `audit-export-${format}`,
+    text: `Export ${format.toUpperCase()}`, onclick: guard(async () => {
+      const q = new URLSearchParams(query);
+      q.set("format", format);
+      const url = URL.createObjectURL(await api(`/audit/export?${q}`, { as: "blob" }));  // the key goes in a header
+      const link = el("a", { href: url, download: `sowa-audit.${format === "csv" ? "csv" : "jsonl"}` });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+    }) });
+  const form = el("form", { class: "inline", id: "audit-filters", onsubmit: guard(async (ev) => {
+    ev.preventDefault();
+    query = filters();
+    await load(true);
+  }) }, actorField, el("div", { class: "field" }, el("label", { for: "audit-action", text: "Change" }), action),
+  targetField, sinceField, untilField, el("button", { type: "submit", text: "Filter" }), exportAs("csv"), exportAs("jsonl"));
+  main.append(form, el("table", { class: "audit", id: "audit" },
+    el("caption", { text: "Every change: who made it (the key's name), when, and what it was before and after" }),
+    el("thead", {}, el("tr", {}, ["Time", "Who", "Change", "Target", "Before → after"].map((h) => el("th", { scope: "col", text: h })))),
+    tbody), el("p", { class: "more" }, count, " ", more));
+  await load(true);
+}
+
 // -- routing -------------------------------------------------------------------------------------------------------------
 function showError(e) {
   console.warn(e);
@@ -645,7 +742,8 @@ async function route() {
   const page = first || "classes";
   let arg = null;
   try { arg = decodeURIComponent(rest.join("/")); } catch { /* a malformed escape: refused below */ }
-  const pages = { classes: pageClasses, class: pageClass, inspect: pageInspect, threshold: pageThreshold, health: pageHealth };
+  const pages = { classes: pageClasses, class: pageClass, inspect: pageInspect, threshold: pageThreshold, health: pageHealth,
+                  audit: pageAudit };
   const render = pages[page] || pageClasses;
   for (const a of document.querySelectorAll("nav a")) {
     if (a.dataset.page === (page === "class" ? "classes" : page)) a.setAttribute("aria-current", "page");
@@ -656,7 +754,7 @@ async function route() {
   main.replaceWith(fresh);
   setStatus("");
   // a class name from the URL, checked before any page uses it (#/threshold/x%2F..%2Fbat would reach /classes/bat)
-  if (render !== pageClasses && render !== pageHealth && (arg === null || (arg !== "" && !CLASS_NAME.test(arg)))) {
+  if (![pageClasses, pageHealth, pageAudit].includes(render) && (arg === null || (arg !== "" && !CLASS_NAME.test(arg)))) {
     fresh.append(el("p", { class: "error", id: "bad-route", text: "That address names no valid class: a class name " +
                            "is 1-64 of a-z, 0-9, _ . - (starting with a letter or digit)." }));
     setStatus("Not a class name in the address", "error");
@@ -681,6 +779,7 @@ async function start() {
   const who = document.getElementById("whoami");
   who.textContent = me.keys_required ? `key ${me.name}: ${me.role}${me.classes ? ` (classes ${me.classes})` : ""}` : "";
   who.hidden = !me.keys_required;
+  document.getElementById("audit-link").hidden = !may("admin");  // #/audit says which role it needs
   window.addEventListener("hashchange", route);
   await route();
 }
