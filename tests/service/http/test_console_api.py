@@ -36,7 +36,7 @@ def _files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 def _client(bundle: Path, data: Path, **settings: object) -> Iterator[TestClient]:
     app = create_app(Settings(bundle=bundle, data_dir=data, device="cpu", warmup=False, sync_interval_s=0,
-                              **settings))
+                              allowed_hosts=["testserver"], **settings))  # TestClient's name for the app
     with TestClient(app) as c:
         deadline = time.monotonic() + 60
         while c.get("/readyz").status_code != 200:

@@ -32,7 +32,8 @@ def api_schema(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> object
     app = create_app(Settings(bundle=bundle, data_dir=Path(work / "data"), device="cpu", max_wait_ms=5,
                               max_image_pixels=200_000, max_request_pixels=300_000,
                               max_request_bytes=2 * 1024 * 1024, max_images_per_request=6, max_shots_per_class=5,
-                              api_key=KEY, auth_failures_per_minute=10_000))
+                              api_key=KEY, auth_failures_per_minute=10_000,
+                              allowed_hosts=["testserver"]))  # the name schemathesis' ASGI transport calls it by
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG,  # starts the lifespan
                                             headers={"X-API-Key": KEY})
     wait_for(lambda: app.state.runtime.status.ready or app.state.runtime.status.error, 60, "the app is ready")

@@ -302,20 +302,21 @@ def test_slow_huge_and_too_many_connections_are_refused_cleanly(bundle: Path, tm
            "SOWA_MAX_HEADER_BYTES": "65536"}
     with ServerProcess(bundle, tmp_path / "data", tmp_path / "server.log", env=env) as srv:
         # headers that never finish: 408 after the header timeout, and the socket is closed
-        response, took = _exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        response, took = _exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         assert _error(response) == (408, {"code": "request_timeout",
                                           "message": "request headers not complete within 1 s"})
         assert took < 4
         response, took = _exchange(srv.port, b"")  # a connection that sends nothing at all
         assert _error(response)[0] == 408 and took < 4
         # a body that stalls: the connection is closed
-        response, took = _exchange(srv.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data;"
-                                   b" boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+        response, took = _exchange(srv.port, b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                   b"Content-Type: multipart/form-data; boundary=b\r\n"
+                                   b"Content-Length: 100000\r\n\r\n--b\r\n")
         assert _error(response)[0] == 408 and took < 5
         # a huge header: 431 once the limit is passed, while the event loop keeps answering
         result: list[tuple[bytes, float]] = []
         huge = threading.Thread(target=lambda: result.append(_exchange(
-            srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 * 2**20) + b"\r\n\r\n")))
+            srv.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (100 * 2**20) + b"\r\n\r\n")))
         huge.start()
         probes = [_probe_ms(srv.url) for _ in range(10)]
         huge.join(30)
@@ -359,7 +360,8 @@ def test_a_full_disk_keeps_the_connection_and_the_server_serving(bundle: Path, s
         assert httpx.post(srv.url + "/classes/widget/shots", files=_files(SHOTS), timeout=60).status_code == 200
         filler = _fill(small_disk)
         req = httpx.Request("POST", srv.url + "/classes/fresh/shots", files=_files(SHOTS[:2]))
-        raw = (f"POST /classes/fresh/shots HTTP/1.1\r\nHost: x\r\ncontent-type: {req.headers['content-type']}\r\n"
+        raw = (f"POST /classes/fresh/shots HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"content-type: {req.headers['content-type']}\r\n"
                f"content-length: {len(req.read())}\r\n\r\n").encode() + req.read()
         with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
             f = s.makefile("rb")
