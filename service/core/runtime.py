@@ -21,7 +21,7 @@ from .access.store import AccessStore, open_access
 from .backend import Backend, LocalBackend
 from .batcher import DynamicBatcher
 from .engine import Engine
-from .errors import NotReadyError
+from .errors import NotReadyError, SowaError
 from .registry import ClassRegistry
 from .results import ResultStore
 from .settings import Settings
@@ -76,9 +76,17 @@ class Runtime:
     async def open_access(self) -> None:
         """Open the keys' and audit trail's store beside the class store, and load the keys (PostgreSQL: during
         start-up, when the database is reached; until then only the open paths answer)."""
-        if self.access is None:
-            self.access = await asyncio.to_thread(open_access, self.settings.store_url)
-            await asyncio.to_thread(self.keys.attach, self.access)
+        backoff = 0.5
+        while self.access is None:  # a database down at start-up is waited for, as the class store's is
+            try:
+                access = await asyncio.to_thread(open_access, self.settings.store_url)
+            except SowaError as e:
+                log.warning("access store unreachable (%s); retrying in %.1f s", e.message, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            await asyncio.to_thread(self.keys.attach, access)
+            self.access = access
 
     @property
     def backend(self) -> Backend:

@@ -75,7 +75,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, forward: ASGI
     # outside the body limit: a request without a key, or for a route its role does not reach, is never read
     app.add_middleware(AuthMiddleware, runtime=runtime, routes=routes,
                        failures_per_minute=settings.auth_failures_per_minute,
-                       metrics_open=not settings.metrics_need_key)
+                       metrics_open=not settings.metrics_need_key, throttle=runtime.counts_requests)
     # outside the key check (a refused site or Host counts as no wrong key) and around every answer's headers
     app.add_middleware(ProtectionsMiddleware, allowed_hosts=settings.allowed_hosts,
                        check_requests=runtime.counts_requests)  # the engine behind workers: they have checked

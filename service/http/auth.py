@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.access.roles import ANONYMOUS, Principal, Role
-from ..core.errors import ForbiddenError, UnauthorizedError
+from ..core.errors import ForbiddenError, SowaError, UnauthorizedError
 from .middleware import send_error
 
 __all__ = ["AuthMiddleware", "PrincipalDep", "Requires", "required_role"]
@@ -59,6 +59,11 @@ def _check(principal: Principal, role: Role, class_name: str | None) -> None:
     if class_name is not None and not principal.may_touch(class_name):
         raise ForbiddenError(f"key '{principal.name}' may touch classes matching '{principal.classes}' only, "
                              f"not '{class_name[:64]}'")
+    if class_name is None and principal.classes is not None and role is not Role.INSPECT:
+        # beyond reading, what names no class (keys, the audit trail) concerns every class: a limited key could
+        # otherwise make itself an unlimited one
+        raise ForbiddenError(f"this needs a {role.value} key for all classes; key '{principal.name}' is limited to "
+                             f"'{principal.classes}'")
 
 
 def _requirements(dependant: object) -> Iterable[Role]:
@@ -86,12 +91,15 @@ PrincipalDep = Annotated[Principal, Depends(_principal)]
 
 class AuthMiddleware:
     def __init__(self, app: ASGIApp, runtime: object, routes: list[BaseRoute], failures_per_minute: int,
-                 metrics_open: bool) -> None:
+                 metrics_open: bool, throttle: bool = True) -> None:
+        """`throttle` False: the engine process behind HTTP workers, whose requests all come over one socket
+        from workers that have throttled their clients already (one bucket here would throttle everyone)."""
         self.app, self.runtime = app, runtime
         self.routes = [(route, required_role(route)) for route in routes]
         self.open = OPEN | ({"/metrics"} if metrics_open else set())
         self.failures = RateLimitItemPerMinute(failures_per_minute)
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.throttle = throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open or _console(scope["path"]):
@@ -106,9 +114,14 @@ class AuthMiddleware:
             await send_error(send, 503, "not_ready", "the keys are loading; see /readyz", [(b"retry-after", b"5")])
             return
         principal = ANONYMOUS
-        if keys.required:
+        try:
+            required = keys.required
+        except SowaError as e:  # the key store unreadable: refuse, never open up
+            await send_error(send, e.status, e.code, e.message, [(b"retry-after", b"5")])
+            return
+        if required:
             address = (scope.get("client") or ("unknown",))[0]
-            if not self.limiter.test(self.failures, address):
+            if self.throttle and not self.limiter.test(self.failures, address):
                 await send_error(send, 429, "too_many_failed_keys", "too many wrong API keys from this address; "
                                  "wait a minute", [(b"retry-after", b"60")])
                 return

@@ -70,7 +70,9 @@ class EngineServer:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
             if segment is not None:
-                segment.close(unlink=True)  # the worker is gone; one that stopped cleanly removed it already
+                # the worker is gone: its name goes now (one that stopped cleanly removed it already), its memory
+                # once nothing views it, never under a batch the device may still be reading
+                segment.unlink()
             writer.close()
 
     async def _predict(self, m: Predict, segment: SlotSegment) -> tuple[Reply, bytes]:

@@ -168,6 +168,7 @@ class RemoteBackend(Backend):
         try:
             result, payload = await asyncio.shield(future)
         except asyncio.CancelledError:  # the client went away: the engine drops it unless it is on the device
+            future.cancel()  # its reply is still awaited (for the slots), but nobody reads its outcome
             if not self.lost:
                 self._send(Cancel(rid))
             raise

@@ -77,16 +77,21 @@ class SlotSegment:
         """Slots `start`..`start + count` as one (count, 3, S, S) uint8 tensor sharing the segment's memory."""
         return self.images[start:start + count]
 
-    def close(self, unlink: bool = False) -> None:
-        """Detach, and remove the segment when this is its creator or `unlink` says so (the engine, for a worker
-        that is gone). Tensors viewing it must be gone by now. Removing it also drops its name from the resource
-        tracker the engine and its workers share, so it is reported and removed once."""
+    def close(self) -> None:
+        """Detach (and, for the creator, remove the segment). Tensors viewing it must be gone by now."""
         self.images = torch.empty(0, dtype=torch.uint8)
         del self._array
         self._shm.close()
-        if self.owner or unlink:
+        if self.owner:
             with contextlib.suppress(FileNotFoundError):
                 self._shm.unlink()
+
+    def unlink(self) -> None:
+        """Remove the segment's name without unmapping it here: the engine, for a worker that is gone, while a
+        batch may still read the slots. The memory is freed once the last view of it is. Removing the name also
+        drops it from the resource tracker the engine and its workers share, so it is removed once."""
+        with contextlib.suppress(FileNotFoundError):
+            self._shm.unlink()
 
 
 class SharedCounter:

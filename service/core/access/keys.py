@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -24,6 +25,8 @@ from .roles import LEGACY_KEY_NAME, Principal, Role
 __all__ = ["KEY_NAME", "KeyRecord", "KeyRing", "new_key", "parse_key"]
 
 KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")  # a key's name: what the audit trail shows
+RESERVED_NAMES = frozenset({"anonymous"})  # what the audit trail calls an open service's callers
+log = logging.getLogger("sowa.access")
 _KEY = re.compile(r"^sowa_([0-9a-f]{16})_([A-Za-z0-9_\-]{43})$")
 
 
@@ -57,6 +60,8 @@ def _sha256(secret: str) -> str:
 
 def new_key(name: str, role: Role, classes: str | None, created_by: str) -> tuple[str, KeyRecord]:
     """A fresh key: the text to hand out (shown once) and the record to store."""
+    if name in RESERVED_NAMES:
+        raise ValueError(f"key name {name!r} is reserved: the audit trail uses it for callers without a key")
     if not KEY_NAME.match(name):
         raise ValueError(f"key name {name[:80]!r}: use 1-64 of a-z, 0-9, '_', '.', '-', starting with a letter "
                          "or digit")
@@ -80,27 +85,37 @@ class KeySource(Protocol):
 
     def subscribe_keys(self, callback: Callable[[], None]) -> None: ...
 
+    @property
+    def pushes(self) -> bool:
+        """Whether other processes' changes arrive through `subscribe_keys` (else `keys_version` is polled)."""
+        ...
+
 
 class KeyRing:
     """The keys a request may present: the stored active ones, and the configured `SOWA_API_KEY` (an admin).
 
-    `authenticate` runs on the event loop: it reloads from the store only when the store's version moved, which
-    costs one cheap look at most every `recheck_s` (SQLite's data version; PostgreSQL pushes instead)."""
+    `authenticate` runs on the event loop and never waits on the store: it reads the snapshot in memory. A
+    change is loaded off the loop: at once in the thread that made it (a store's own writes) or heard of it (a
+    PostgreSQL push), or, for a store without push (SQLite), in a thread started when the store's version is seen
+    to move, looked at no more often than every `recheck_s`. A reload that fails keeps the previous snapshot and
+    is tried again."""
 
     def __init__(self, legacy_key: str | None = None, recheck_s: float = 0.25) -> None:
         self.store: KeySource | None = None
         self.recheck_s = recheck_s
         self._legacy = legacy_key.encode() if legacy_key else None
         self._by_id: dict[str, KeyRecord] = {}
+        self._any_stored = False  # revoked keys count: revoking the last one must not open the service
         self._version: object = None
         self._checked = 0.0
         self._lock = threading.Lock()
+        self._reloading = threading.Event()
 
     def attach(self, store: KeySource) -> None:
         """Take keys from `store` from now on (blocking: call from a worker thread)."""
         store.subscribe_keys(self.invalidate)
+        self.reload(store)
         self.store = store
-        self.reload()
 
     @property
     def loaded(self) -> bool:
@@ -109,29 +124,49 @@ class KeyRing:
 
     @property
     def required(self) -> bool:
-        """Whether requests must carry a key: one is configured, or any active key is stored."""
+        """Whether requests must carry a key: one is configured, or a key was ever stored (revoked ones too)."""
         self._refresh()
-        return self._legacy is not None or bool(self._by_id)
+        return self._legacy is not None or self._any_stored
 
     def invalidate(self) -> None:
-        """The store says keys changed (a push): look again at the next request."""
-        self._checked = 0.0
-        self._version = None
+        """The store says keys changed: load them in this (the caller's) thread."""
+        self._reload_safely()
 
-    def reload(self) -> None:
-        if self.store is None:
+    def reload(self, store: KeySource | None = None) -> None:
+        store = store or self.store
+        if store is None:
             return
         with self._lock:
-            version = self.store.keys_version()
-            self._by_id = {k.key_id: k for k in self.store.list_keys() if k.revoked is None}
+            version = store.keys_version()
+            records = store.list_keys()
+            self._by_id = {k.key_id: k for k in records if k.revoked is None}
+            self._any_stored = bool(records)
             self._version, self._checked = version, time.monotonic()
 
+    def _reload_safely(self) -> None:
+        try:
+            self.reload()
+        except Exception:  # the store unreachable: keep the snapshot, look again at the next change or check
+            log.exception("keys: reload failed; serving the keys loaded before")
+            self._version = None
+        finally:
+            self._reloading.clear()
+
     def _refresh(self) -> None:
-        if self.store is None or time.monotonic() - self._checked < self.recheck_s:
+        store = self.store
+        if store is None or store.pushes or time.monotonic() - self._checked < self.recheck_s:
             return
         self._checked = time.monotonic()
-        if self._version is None or self.store.keys_version() != self._version:
-            self.reload()
+        if self._reloading.is_set():
+            return
+        try:
+            moved = self._version is None or store.keys_version() != self._version
+        except Exception:
+            log.exception("keys: the store's version could not be read")
+            return
+        if moved:
+            self._reloading.set()
+            threading.Thread(target=self._reload_safely, name="sowa-keys-reload", daemon=True).start()
 
     def authenticate(self, presented: str) -> Principal | None:
         """The principal a presented key stands for, or None (unknown, malformed or revoked)."""

@@ -40,11 +40,13 @@ def _key(row: Sequence[Any]) -> KeyRecord:
 
 class PostgresAccessStore:
     kind = "postgresql"
+    pushes = True  # key changes arrive by NOTIFY; `keys_version` only counts them
 
     def __init__(self, url: str, timeout_s: float = 3.0, listen: bool = True) -> None:
         self.url, self.timeout_s = url, timeout_s
         self._conninfo = make_conninfo(url, connect_timeout=max(1, int(timeout_s)), keepalives=1,
-                                       keepalives_idle=5, keepalives_interval=2, keepalives_count=2)
+                                       keepalives_idle=5, keepalives_interval=2, keepalives_count=2,
+                                       tcp_user_timeout=10_000)
         self.pool = ConnectionPool(self._conninfo, min_size=1, max_size=2, timeout=timeout_s, open=True,
                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
                                    name="sowa-access")
@@ -69,8 +71,10 @@ class PostgresAccessStore:
             with self.pool.connection() as conn:
                 yield conn
         except _UNAVAILABLE as e:
+            # a connection lost during COMMIT may have committed: say so rather than "nothing was changed"
             raise StoreUnavailableError(f"the access store cannot be reached ({what}: {str(e).strip()[:200]}); "
-                                        "nothing was changed, try again", headers={"Retry-After": "5"}) from None
+                                        "it may not have been applied: look before trying again",
+                                        headers={"Retry-After": "5"}) from None
 
     def _listen(self) -> None:
         backoff, lost = 0.2, False

@@ -52,6 +52,7 @@ def _event(row: Sequence[Any]) -> AuditEvent:
 
 class SqliteAccessStore:
     kind = "sqlite"
+    pushes = False  # other processes' key changes show in `keys_version`
 
     def __init__(self, path: Path, timeout_s: float = 10.0) -> None:
         self.path = Path(path)
@@ -59,6 +60,11 @@ class SqliteAccessStore:
         # one connection, used under a lock: every call is short, and data_version is per connection
         self._db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        # data_version on a connection of its own: reading it never waits behind a write holding `_lock`, and
+        # it moves with every commit of any other connection, this store's writes included
+        self._version_db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False,
+                                           isolation_level=None)
+        self._version_lock = threading.Lock()
         self._writes = 0  # this connection's own commits: data_version counts only the others'
         self._subscribers: list[Callable[[], None]] = []
         with self._guard("opening"):
@@ -87,10 +93,11 @@ class SqliteAccessStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled back already (a full disk, an I/O error)
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
             self._writes += 1
 
     def _migrate(self) -> None:
@@ -117,8 +124,8 @@ class SqliteAccessStore:
             return [_key(r) for r in db.execute(f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created")]
 
     def keys_version(self) -> object:
-        with self._guard("reading the keys' version") as db:
-            return db.execute("PRAGMA data_version").fetchone()[0], self._writes
+        with self._version_lock:
+            return self._version_db.execute("PRAGMA data_version").fetchone()[0]
 
     def subscribe_keys(self, callback: Callable[[], None]) -> None:
         """Told of this store's own key changes at once; other processes' show in `keys_version` (no push)."""
@@ -178,5 +185,6 @@ class SqliteAccessStore:
             return db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._version_lock:
             self._db.close()
+            self._version_db.close()

@@ -6,10 +6,11 @@ import asyncio
 import base64
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 
 from ...core.access.roles import Role
 from ...core.class_names import CLASS_NAME, check_class_name
+from ...core.errors import UnprocessableError
 from ...core.registry import ClassRegistry
 from ...core.uploads import decode_uploads
 from ..auth import PrincipalDep, Requires
@@ -47,6 +48,7 @@ PAGE_DEFAULT, PAGE_MAX = 100, 1000  # 1000 plain items are about 250 KiB of JSON
 
 @router.get("", response_model=ClassList, summary="List classes, a page at a time")
 async def list_classes(
+    request: Request,
     registry: RegistryDep,
     results: ResultsDep,
     principal: PrincipalDep,
@@ -60,6 +62,9 @@ async def list_classes(
     """Classes in name order (for a key limited to some classes, those it may touch); a class registered or deleted
     between two pages does not move the others. What the console's class table shows comes in the one request
     (`recent`, `thumbnails`)."""
+    repeated = sorted({k for k in request.query_params if len(request.query_params.getlist(k)) > 1})
+    if repeated:  # one value each: which of two cursors a page starts after is no guess to make
+        raise UnprocessableError(f"query parameters given more than once: {', '.join(repeated)[:200]}")
     entries, next_name, total = registry.page(after, limit, None if principal.classes is None else principal.may_touch)
     items: list[dict[str, Any]] = []
     for entry in entries:

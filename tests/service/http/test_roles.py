@@ -203,3 +203,30 @@ async def test_with_no_key_anywhere_the_service_is_open_until_the_first_key(bund
         assert (await s.http.get("/classes")).status_code == 401  # keys are required from now on
         assert (await s.http.get("/ui/config.json")).json()["api_key_required"] is True
         assert (await s.http.get("/classes", headers={"X-API-Key": made.json()["key"]})).status_code == 200
+
+
+async def test_revoking_the_last_key_keeps_the_service_closed(bundle: Path, tmp_path: Path) -> None:
+    """Open means no key was ever stored: revoking the only key must not hand the service to anyone."""
+    async with serve_in_process(bundle, tmp_path / "data") as s:
+        made = await s.http.post("/keys", json={"name": "only-admin", "role": "admin"})
+        key = {"X-API-Key": made.json()["key"]}
+        assert (await s.http.delete("/keys/only-admin", headers=key)).status_code == 200
+        assert (await s.http.get("/classes")).status_code == 401
+        assert (await s.http.post("/keys", json={"name": "sneaky", "role": "admin"})).status_code == 401
+        assert (await s.http.get("/ui/config.json")).json()["api_key_required"] is True
+
+
+async def test_a_limited_admin_cannot_reach_beyond_its_classes(served: tuple[InProcess, dict[str, str | None]]) -> None:
+    """An admin key limited to some classes cannot make itself an unlimited key, nor read the whole trail."""
+    s, _ = served
+    store = s.app.state.runtime.access
+    text, record = new_key("line-admin", Role.ADMIN, "line1-*", "test")
+    await asyncio.to_thread(store.add_key, record, AuditEvent("test", "key.added", record.name))
+    limited = {"X-API-Key": text}
+    for method, path, body in (("POST", "/keys", {"json": {"name": "escalated", "role": "admin"}}),
+                               ("GET", "/keys", {}), ("DELETE", "/keys/test-admin", {}), ("GET", "/audit", {})):
+        r = await s.http.request(method, path, headers=limited, **body)
+        assert r.status_code == 403 and "for all classes" in r.json()["error"]["message"], (path, r.text)
+    assert (await s.http.delete("/classes/line1-x", headers=limited)).status_code == 404  # its own: allowed
+    with pytest.raises(ValueError, match="reserved"):
+        new_key("anonymous", Role.INSPECT, None, "test")
