@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 __all__ = ["add_arguments", "run", "settings_from_args"]
 
 _FLAGS = ("bundle", "host", "port", "data_dir", "store", "device", "dtype", "workers", "max_batch_size",
-          "max_wait_ms", "max_queue", "bank_device_budget_mb", "compile_mode", "image_decoder", "api_key")
+          "max_wait_ms", "max_queue", "bank_device_budget_mb", "compile_mode", "image_decoder", "api_key",
+          "allowed_hosts")
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
@@ -39,6 +40,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
                    help="pil: reference preprocessing, bit for bit; torchvision: JPEGs decoded and resized on the "
                    "device (SOWA_IMAGE_DECODER, pil)")
     c.add_argument("--api-key", help="require X-API-Key (prefer SOWA_API_KEY: arguments are visible in ps)")
+    c.add_argument("--allowed-hosts", type=lambda v: [h.strip() for h in v.split(",") if h.strip()],
+                   help="host names the service answers to, comma-separated (SOWA_ALLOWED_HOSTS; default "
+                   "localhost,127.0.0.1,::1; '*' for any): others are refused, against DNS rebinding")
     c.add_argument("--log-level", default="info")
 
 
