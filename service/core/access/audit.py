@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 __all__ = ["ACTIONS", "AuditAction", "AuditEvent", "AuditQuery", "AuditSink", "class_state", "threshold_state",
            "time_ordered_id"]
@@ -42,6 +42,21 @@ class AuditEvent:
     after: dict[str, Any] | None = None  # and after (None: it is gone)
     time: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: time_ordered_id())
+
+    # the stores' column order (sqlite.py, postgres.py): a row is these, `before` and `after` as the store's JSON
+    COLUMNS: ClassVar[str] = "id, time, actor, action, target, before, after"
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> AuditEvent:
+        """An event from a row; `before` and `after` as JSON text (SQLite) or already decoded (psycopg's jsonb)."""
+        before, after = (json.loads(v) if isinstance(v, str) else v for v in row[5:7])
+        return cls(actor=row[2], action=row[3], target=row[4], before=before, after=after, time=row[1], id=row[0])
+
+    def row(self, encode: Callable[[dict[str, Any]], Any]) -> tuple[Any, ...]:
+        """The event as a row, `before` and `after` through `encode` (None stays None)."""
+        return (self.id, self.time, self.actor, self.action, self.target,
+                None if self.before is None else encode(self.before),
+                None if self.after is None else encode(self.after))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

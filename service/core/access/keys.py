@@ -16,9 +16,9 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from .roles import LEGACY_KEY_NAME, Principal, Role
 
@@ -43,6 +43,17 @@ class KeyRecord:
     created_by: str
     revoked: float | None = None
     revoked_by: str | None = None
+
+    # the stores' column order (sqlite.py, postgres.py): a row is the fields in this order
+    COLUMNS: ClassVar[str] = "name, key_id, secret_sha256, role, classes, created, created_by, revoked, revoked_by"
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> KeyRecord:
+        return cls(row[0], row[1], row[2], Role(row[3]), *row[4:])
+
+    def row(self) -> tuple[Any, ...]:
+        return (self.name, self.key_id, self.secret_sha256, self.role.value, self.classes, self.created,
+                self.created_by, self.revoked, self.revoked_by)
 
     @property
     def principal(self) -> Principal:
@@ -83,12 +94,7 @@ class KeySource(Protocol):
 
     def keys_version(self) -> object: ...
 
-    def subscribe_keys(self, callback: Callable[[], None]) -> None: ...
-
-    @property
-    def pushes(self) -> bool:
-        """Whether other processes' changes arrive through `subscribe_keys` (else `keys_version` is polled)."""
-        ...
+    def subscribe_keys(self, callback: Callable[[], None]) -> bool: ...
 
 
 class KeyRing:
@@ -110,10 +116,11 @@ class KeyRing:
         self._checked = 0.0
         self._lock = threading.Lock()
         self._reloading = threading.Event()
+        self._pushed = False  # other processes' changes arrive through the store's callback: no polling
 
     def attach(self, store: KeySource) -> None:
         """Take keys from `store` from now on (blocking: call from a worker thread)."""
-        store.subscribe_keys(self.invalidate)
+        self._pushed = store.subscribe_keys(self.invalidate)
         self.reload(store)
         self.store = store
 
@@ -154,7 +161,7 @@ class KeyRing:
 
     def _refresh(self) -> None:
         store = self.store
-        if store is None or store.pushes or time.monotonic() - self._checked < self.recheck_s:
+        if store is None or self._pushed or time.monotonic() - self._checked < self.recheck_s:
             return
         self._checked = time.monotonic()
         if self._reloading.is_set():
@@ -180,7 +187,3 @@ class KeyRing:
         if record is None or not hmac.compare_digest(_sha256(parsed[1]), record.secret_sha256):
             return None
         return record.principal
-
-
-def revoked(record: KeyRecord, by: str) -> KeyRecord:
-    return replace(record, revoked=time.time(), revoked_by=by)

@@ -8,12 +8,10 @@ are one transaction. Trouble reaching the database is a StoreUnavailableError (5
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -24,23 +22,16 @@ from ..errors import KeyExistsError, KeyNotFoundError, StoreUnavailableError
 from ..store.postgres import migrate, redact
 from .audit import AuditEvent, AuditQuery
 from .keys import KeyRecord
-from .roles import Role
 
 __all__ = ["KEYS_CHANNEL", "PostgresAccessStore"]
 
 log = logging.getLogger("sowa.access")
 KEYS_CHANNEL = "sowa_keys"
-_KEY_COLUMNS = "name, key_id, secret_sha256, role, classes, created, created_by, revoked, revoked_by"
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
-
-
-def _key(row: Sequence[Any]) -> KeyRecord:
-    return KeyRecord(row[0], row[1], row[2], Role(row[3]), *row[4:])
 
 
 class PostgresAccessStore:
     kind = "postgresql"
-    pushes = True  # key changes arrive by NOTIFY; `keys_version` only counts them
 
     def __init__(self, url: str, timeout_s: float = 3.0, listen: bool = True) -> None:
         self.url, self.timeout_s = url, timeout_s
@@ -111,20 +102,22 @@ class PostgresAccessStore:
     # -- keys ----------------------------------------------------------------------------------------------------
     def list_keys(self) -> list[KeyRecord]:
         with self._conn("reading keys") as conn:
-            return [_key(r) for r in conn.execute(f"SELECT {_KEY_COLUMNS} FROM sowa_keys ORDER BY created")]
+            rows = conn.execute(f"SELECT {KeyRecord.COLUMNS} FROM sowa_keys ORDER BY created").fetchall()
+        return [KeyRecord.from_row(r) for r in rows]
 
     def keys_version(self) -> object:
         return self._version
 
-    def subscribe_keys(self, callback: Callable[[], None]) -> None:
+    def subscribe_keys(self, callback: Callable[[], None]) -> bool:
+        """Key changes arrive by NOTIFY (`keys_version` only counts them)."""
         self._subscribers.append(callback)
+        return True
 
     def add_key(self, record: KeyRecord, event: AuditEvent) -> None:
         with self._conn(f"key {record.name}") as conn, conn.transaction():
             try:
-                conn.execute(f"INSERT INTO sowa_keys ({_KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                             (record.name, record.key_id, record.secret_sha256, record.role.value, record.classes,
-                              record.created, record.created_by, record.revoked, record.revoked_by))
+                conn.execute(f"INSERT INTO sowa_keys ({KeyRecord.COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
+                             "%s)", record.row())
             except psycopg.errors.UniqueViolation:
                 raise KeyExistsError(f"a key named '{record.name}' exists (names are never reused, revoked "
                                      "included); choose another name") from None
@@ -135,23 +128,20 @@ class PostgresAccessStore:
     def revoke_key(self, name: str, by: str, event: AuditEvent) -> KeyRecord:
         with self._conn(f"revoking key {name}") as conn, conn.transaction():
             row = conn.execute(f"UPDATE sowa_keys SET revoked = %s, revoked_by = %s WHERE name = %s AND revoked IS "
-                               f"NULL RETURNING {_KEY_COLUMNS}", (event.time, by, name)).fetchone()
+                               f"NULL RETURNING {KeyRecord.COLUMNS}", (event.time, by, name)).fetchone()
             if row is None:
                 raise KeyNotFoundError(f"no active key named '{name[:64]}'")
             self._insert(conn, [event])
             conn.execute("SELECT pg_notify(%s, %s)", (KEYS_CHANNEL, name))
         self._changed()
-        return _key(row)
+        return KeyRecord.from_row(row)
 
     # -- audit ---------------------------------------------------------------------------------------------------
     @staticmethod
     def _insert(conn: psycopg.Connection, events: Sequence[AuditEvent]) -> None:
         with conn.cursor() as cur:
-            cur.executemany("INSERT INTO sowa_audit (id, time, actor, action, target, before, after) VALUES "
-                            "(%s, %s, %s, %s, %s, %s, %s)",
-                            [(e.id, e.time, e.actor, e.action, e.target,
-                              None if e.before is None else Jsonb(e.before),
-                              None if e.after is None else Jsonb(e.after)) for e in events])
+            cur.executemany(f"INSERT INTO sowa_audit ({AuditEvent.COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                            [e.row(Jsonb) for e in events])
 
     def append(self, events: Sequence[AuditEvent]) -> None:
         if events:
@@ -161,10 +151,9 @@ class PostgresAccessStore:
     def query(self, q: AuditQuery) -> list[AuditEvent]:
         clause, params = q.where("%s")
         with self._conn("reading the audit trail") as conn:
-            rows = conn.execute(f"SELECT id, time, actor, action, target, before, after FROM sowa_audit{clause} "
+            rows = conn.execute(f"SELECT {AuditEvent.COLUMNS} FROM sowa_audit{clause} "
                                 "ORDER BY id DESC LIMIT %s", (*params, q.limit)).fetchall()
-        return [AuditEvent(actor=r[2], action=r[3], target=r[4], before=_json(r[5]), after=_json(r[6]), time=r[1],
-                           id=r[0]) for r in rows]
+        return [AuditEvent.from_row(r) for r in rows]
 
     def iter_events(self, q: AuditQuery, batch: int = 1000) -> Iterator[AuditEvent]:
         return q.pages(self.query, batch)
@@ -178,7 +167,3 @@ class PostgresAccessStore:
         if self._listener is not None:
             self._listener.join(timeout=5)
         self.pool.close()
-
-
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value

@@ -14,12 +14,10 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from ..errors import InsufficientStorageError, KeyExistsError, KeyNotFoundError, StoreUnavailableError
 from .audit import AuditEvent, AuditQuery
 from .keys import KeyRecord
-from .roles import Role
 
 __all__ = ["SCHEMA_VERSION", "SqliteAccessStore"]
 
@@ -38,21 +36,8 @@ MIGRATIONS = {
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
-_KEY_COLUMNS = "name, key_id, secret_sha256, role, classes, created, created_by, revoked, revoked_by"
-
-
-def _key(row: Sequence[Any]) -> KeyRecord:
-    return KeyRecord(row[0], row[1], row[2], Role(row[3]), *row[4:])
-
-
-def _event(row: Sequence[Any]) -> AuditEvent:
-    return AuditEvent(actor=row[2], action=row[3], target=row[4], before=json.loads(row[5]) if row[5] else None,
-                      after=json.loads(row[6]) if row[6] else None, time=row[1], id=row[0])
-
-
 class SqliteAccessStore:
     kind = "sqlite"
-    pushes = False  # other processes' key changes show in `keys_version`
 
     def __init__(self, path: Path, timeout_s: float = 10.0) -> None:
         self.path = Path(path)
@@ -65,7 +50,6 @@ class SqliteAccessStore:
         self._version_db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False,
                                            isolation_level=None)
         self._version_lock = threading.Lock()
-        self._writes = 0  # this connection's own commits: data_version counts only the others'
         self._subscribers: list[Callable[[], None]] = []
         with self._guard("opening"):
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -98,7 +82,6 @@ class SqliteAccessStore:
                 if db.in_transaction:  # SQLite may have rolled back already (a full disk, an I/O error)
                     db.execute("ROLLBACK")
                 raise
-            self._writes += 1
 
     def _migrate(self) -> None:
         db = self._db
@@ -121,15 +104,17 @@ class SqliteAccessStore:
     # -- keys ----------------------------------------------------------------------------------------------------
     def list_keys(self) -> list[KeyRecord]:
         with self._guard("reading keys") as db:
-            return [_key(r) for r in db.execute(f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created")]
+            rows = db.execute(f"SELECT {KeyRecord.COLUMNS} FROM keys ORDER BY created").fetchall()
+        return [KeyRecord.from_row(r) for r in rows]
 
     def keys_version(self) -> object:
         with self._version_lock:
             return self._version_db.execute("PRAGMA data_version").fetchone()[0]
 
-    def subscribe_keys(self, callback: Callable[[], None]) -> None:
+    def subscribe_keys(self, callback: Callable[[], None]) -> bool:
         """Told of this store's own key changes at once; other processes' show in `keys_version` (no push)."""
         self._subscribers.append(callback)
+        return False
 
     def _changed(self) -> None:
         for callback in list(self._subscribers):
@@ -140,30 +125,26 @@ class SqliteAccessStore:
             if db.execute("SELECT 1 FROM keys WHERE name = ?", (record.name,)).fetchone():
                 raise KeyExistsError(f"a key named '{record.name}' exists (names are never reused, revoked "
                                      "included); choose another name")
-            db.execute(f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (record.name, record.key_id, record.secret_sha256, record.role.value, record.classes,
-                        record.created, record.created_by, record.revoked, record.revoked_by))
+            db.execute(f"INSERT INTO keys ({KeyRecord.COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", record.row())
             self._insert(db, [event])
         self._changed()
 
     def revoke_key(self, name: str, by: str, event: AuditEvent) -> KeyRecord:
         with self._transaction(f"revoking key {name}") as db:
-            row = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE name = ? AND revoked IS NULL",
+            row = db.execute(f"SELECT {KeyRecord.COLUMNS} FROM keys WHERE name = ? AND revoked IS NULL",
                              (name,)).fetchone()
             if row is None:
                 raise KeyNotFoundError(f"no active key named '{name[:64]}'")
             db.execute("UPDATE keys SET revoked = ?, revoked_by = ? WHERE name = ?", (event.time, by, name))
             self._insert(db, [event])
         self._changed()
-        return _key(row)
+        return KeyRecord.from_row(row)
 
     # -- audit ---------------------------------------------------------------------------------------------------
     @staticmethod
     def _insert(db: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
-        db.executemany("INSERT INTO audit (id, time, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, "
-                       "?, ?)", [(e.id, e.time, e.actor, e.action, e.target,
-                                  None if e.before is None else json.dumps(e.before),
-                                  None if e.after is None else json.dumps(e.after)) for e in events])
+        db.executemany(f"INSERT INTO audit ({AuditEvent.COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [e.row(json.dumps) for e in events])
 
     def append(self, events: Sequence[AuditEvent]) -> None:
         if events:
@@ -173,9 +154,9 @@ class SqliteAccessStore:
     def query(self, q: AuditQuery) -> list[AuditEvent]:
         clause, params = q.where("?")
         with self._guard("reading the audit trail") as db:
-            rows = db.execute(f"SELECT id, time, actor, action, target, before, after FROM audit{clause} "
+            rows = db.execute(f"SELECT {AuditEvent.COLUMNS} FROM audit{clause} "
                               "ORDER BY id DESC LIMIT ?", (*params, q.limit)).fetchall()
-        return [_event(r) for r in rows]
+        return [AuditEvent.from_row(r) for r in rows]
 
     def iter_events(self, q: AuditQuery, batch: int = 1000) -> Iterator[AuditEvent]:
         return q.pages(self.query, batch)

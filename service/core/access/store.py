@@ -29,8 +29,10 @@ class AccessStore(Protocol):
         """Changes whenever a key is added or revoked, by any replica (compared, never read)."""
         ...
 
-    def subscribe_keys(self, callback: Callable[[], None]) -> None:
-        """Call `callback` when another replica changes a key (PostgreSQL pushes; SQLite has no push: a no-op)."""
+    def subscribe_keys(self, callback: Callable[[], None]) -> bool:
+        """Call `callback` when a key changes: at once for this store's own writes, and for other replicas' where
+        the store pushes them (PostgreSQL). Whether it does (if not, `keys_version` is to be polled), as
+        `ClassStore.subscribe` answers."""
         ...
 
     def add_key(self, record: KeyRecord, event: AuditEvent) -> None:
