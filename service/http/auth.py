@@ -47,10 +47,7 @@ class Requires:
         self.role = role
 
     async def __call__(self, request: Request, _: Annotated[str | None, Depends(_header)]) -> None:
-        principal = request.scope.get(PRINCIPAL)
-        if principal is None:
-            raise UnauthorizedError("missing or wrong X-API-Key", headers={"WWW-Authenticate": "APIKey"})
-        _check(principal, self.role, request.path_params.get("name"))
+        _check(await _principal(request), self.role, request.path_params.get("name"))
 
 
 def _check(principal: Principal, role: Role, class_name: str | None) -> None:
