@@ -1,0 +1,1 @@
+"""Inspection records: what the station said about each part, kept, reviewed and measured."""
