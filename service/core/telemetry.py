@@ -11,6 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from .bank_residency import ResidencyStats
+    from .records.drift import DriftMonitor
     from .store import ClassStore
 
 __all__ = ["CONTENT_TYPE_LATEST", "Telemetry"]
@@ -76,6 +77,11 @@ class Telemetry:
         it and serves what it holds) and the reconnects and pushed changes so far (0 for a directory)."""
         self.registry.register(_StoreCollector(store))
 
+    def track_drift(self, monitor: DriftMonitor) -> None:
+        """Score drift per class (service/core/records/drift.py), as its last refresh left it: one series per class
+        for at most the monitor's `max_classes` most recently active classes."""
+        self.registry.register(_DriftCollector(monitor))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -110,3 +116,24 @@ class _StoreCollector:
                                   value=self.store.reconnects)
         yield CounterMetricFamily("sowa_store_notifications", "changes pushed by other replicas",
                                   value=self.store.notifications)
+
+
+class _DriftCollector:
+    def __init__(self, monitor: DriftMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        ks = GaugeMetricFamily("sowa_score_drift_ks", "KS statistic D between a class's recent passed scores and its "
+                               "calibration's shot scores (0 alike, 1 apart); the most recently active classes only",
+                               labels=["class_name"])
+        p = GaugeMetricFamily("sowa_score_drift_pvalue", "p-value of sowa_score_drift_ks (small: not chance)",
+                              labels=["class_name"])
+        n = GaugeMetricFamily("sowa_score_drift_recent", "recent passed parts behind sowa_score_drift_ks",
+                              labels=["class_name"])
+        for f in self.monitor.figures():
+            ks.add_metric([f.class_name], f.ks)
+            p.add_metric([f.class_name], f.p_value)
+            n.add_metric([f.class_name], float(f.recent))
+        yield ks
+        yield p
+        yield n
