@@ -24,13 +24,13 @@ from .handlers import install_error_handlers
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RouteHeaderMiddleware
 from .openapi import install_openapi
 from .protections import ProtectionsMiddleware
-from .routes import audit, classes, console, health, keys, metrics, predict, results, scores, shots
+from .routes import audit, classes, console, health, keys, metrics, predict, results, scores, shots, v2
 
 __all__ = ["create_app"]
 
 # the routes whose state (classes, kept results, the engine's metrics) lives where the model is
 ENGINE_ROUTERS = (classes.router, shots.router, scores.router, results.router, keys.router, metrics.router,
-                  audit.router)
+                  audit.router, v2.repository_router)
 
 
 @asynccontextmanager
@@ -62,7 +62,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None, forward: ASGI
     )
     app.state.runtime = runtime
     install_error_handlers(app)
-    routers = (health.router, predict.router, keys.me_router, console.router, *ENGINE_ROUTERS)
+    routers = (health.router, predict.router, keys.me_router, console.router, v2.health_router, v2.router,
+               *ENGINE_ROUTERS)
     for router in routers:
         app.include_router(router)
     routes = [r for router in routers for r in router.routes]  # as declared (the app holds them wrapped)
@@ -79,6 +80,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, forward: ASGI
     # outside the key check (a refused site or Host counts as no wrong key) and around every answer's headers
     app.add_middleware(ProtectionsMiddleware, allowed_hosts=settings.allowed_hosts,
                        check_requests=runtime.counts_requests)  # the engine behind workers: they have checked
+    app.add_middleware(v2.ProtocolErrors)  # under /v2 every error answers the protocol's shape
     if runtime.counts_requests:
         app.add_middleware(MetricsMiddleware, telemetry=runtime.telemetry)
     else:  # behind HTTP workers, which count: label their counts with the route template matched here

@@ -5,8 +5,8 @@ more). `AuthMiddleware` runs before any body is read: it refuses duplicate keys 
 after a burst of wrong keys (429), resolves the key to a principal (401 when missing, unknown or revoked, while
 keys are required), and answers 403 when the matched route needs a higher role or names a class outside the
 key's pattern (a route's `name` path parameter is always a class name). The dependency checks again (a route
-reached another way) and documents the key in OpenAPI. Open without a key: /healthz, /readyz, the console's
-files, and /metrics unless `metrics_need_key`.
+reached another way) and documents the key in OpenAPI. Open without a key: /healthz, /readyz, the v2 protocol's
+/v2/health/live and /ready, the console's files, and /metrics unless `metrics_need_key`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .middleware import send_error
 __all__ = ["AuthMiddleware", "PrincipalDep", "Requires", "required_role"]
 
 PRINCIPAL = "sowa.principal"  # where the middleware leaves the caller in the request's scope
-OPEN = frozenset({"/healthz", "/readyz"})
+OPEN = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 _header = APIKeyHeader(name="X-API-Key", auto_error=False,
                        description="an API key (`sowa keys add`), or the configured SOWA_API_KEY; see docs/security.md")
 

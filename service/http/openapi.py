@@ -63,8 +63,17 @@ _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/keys"): (*_ANY, 409, 422, 507),
     ("delete", "/keys/{key_name}"): (404, 422),
     ("get", "/audit"): (422,), ("get", "/audit/export"): (422,),
+    # the Open Inference Protocol v2 (service/http/routes/v2.py): errors in the protocol's shape, V2Error
+    ("get", "/v2"): (), ("get", "/v2/health/live"): (), ("get", "/v2/health/ready"): (),
+    ("get", "/v2/models/{model_name}"): (404, 409, 422), ("get", "/v2/models/{model_name}/ready"): (404, 409, 422),
+    ("get", "/v2/models/{model_name}/versions/{model_version}"): (404, 409, 422),
+    ("get", "/v2/models/{model_name}/versions/{model_version}/ready"): (404, 409, 422),
+    ("post", "/v2/models/{model_name}/infer"): (*_ANY, 404, 409, 422, 429, 504),
+    ("post", "/v2/models/{model_name}/versions/{model_version}/infer"): (*_ANY, 404, 409, 422, 429, 504),
+    ("post", "/v2/repository/index"): (),
 }
-_OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the key, never "not ready"
+# never behind the key, never "not ready"
+_OPEN = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 _ERROR_SCHEMA = {
     "type": "object", "required": ["error"], "additionalProperties": False,
@@ -73,10 +82,14 @@ _ERROR_SCHEMA = {
 }
 
 
-def _error_response(status: int) -> dict[str, Any]:
+_V2_ERROR_SCHEMA = {"type": "object", "required": ["error"], "additionalProperties": False,
+                    "properties": {"error": {"type": "string"}}}  # the protocol's error, under /v2
+
+
+def _error_response(status: int, schema: str = "Error") -> dict[str, Any]:
     description, headers = ERRORS[status]
     out: dict[str, Any] = {"description": description,
-                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                           "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
     if headers:
         out["headers"] = {h: {"schema": {"type": "string"}} for h in headers}
     return out
@@ -93,6 +106,7 @@ def describe(app: FastAPI, settings: Settings, keyed: bool, routes: Sequence[Bas
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas["Error"] = _ERROR_SCHEMA
+    schemas["V2Error"] = _V2_ERROR_SCHEMA
     schemas.pop("HTTPValidationError", None)  # validation errors answer the service's error body
     schemas.pop("ValidationError", None)
     if not keyed:
@@ -116,8 +130,9 @@ def describe(app: FastAPI, settings: Settings, keyed: bool, routes: Sequence[Bas
                 statuses.add(503)
                 if keyed:
                     statuses.update((401, 429) if role is None else (401, 403, 429))
+            v2 = path == "/v2" or path.startswith("/v2/")
             for status in sorted(statuses):
-                responses[str(status)] = _error_response(status)
+                responses[str(status)] = _error_response(status, "V2Error" if v2 else "Error")
     return doc
 
 

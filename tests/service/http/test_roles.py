@@ -51,6 +51,16 @@ EXPECTED: dict[tuple[str, str], Role | None] = {
     ("delete", "/keys/{key_name}"): Role.ADMIN,
     ("get", "/audit"): Role.ADMIN,
     ("get", "/audit/export"): Role.ADMIN,
+    # the Open Inference Protocol v2 (service/http/routes/v2.py); its health is open, as /healthz and /readyz
+    ("get", "/v2/health/live"): None, ("get", "/v2/health/ready"): None,
+    ("get", "/v2"): Role.INSPECT,
+    ("get", "/v2/models/{model_name}"): Role.INSPECT,
+    ("get", "/v2/models/{model_name}/ready"): Role.INSPECT,
+    ("get", "/v2/models/{model_name}/versions/{model_version}"): Role.INSPECT,
+    ("get", "/v2/models/{model_name}/versions/{model_version}/ready"): Role.INSPECT,
+    ("post", "/v2/models/{model_name}/infer"): Role.INSPECT,
+    ("post", "/v2/models/{model_name}/versions/{model_version}/infer"): Role.INSPECT,
+    ("post", "/v2/repository/index"): Role.INSPECT,
 }
 # what a call sends so that, allowed, it changes nothing: an invalid body, or a name that does not exist
 BODIES: dict[tuple[str, str], dict] = {
@@ -59,6 +69,8 @@ BODIES: dict[tuple[str, str], dict] = {
     ("post", "/classes/{name}/shots"): {"data": {"mode": "bogus"}},
     ("post", "/classes/{name}/shots/from-results"): {"json": {"result_ids": []}},
     ("post", "/keys"): {"json": {"name": "Not A Name!", "role": "inspect"}},
+    ("post", "/v2/models/{model_name}/infer"): {"json": {"inputs": []}},
+    ("post", "/v2/models/{model_name}/versions/{model_version}/infer"): {"json": {"inputs": []}},
 }
 
 
@@ -94,7 +106,7 @@ def _expected(key: str, role: Role | None, path: str) -> set[int] | None:
         return {401}
     held = {"inspect": Role.INSPECT, "limited": Role.INSPECT, "operate": Role.OPERATE, "admin": Role.ADMIN,
             "configured": Role.ADMIN}[key]
-    if not held.includes(role) or (key == "limited" and "{name}" in path):
+    if not held.includes(role) or (key == "limited" and ("{name}" in path or "{model_name}" in path)):
         return {403}
     return None
 
@@ -114,7 +126,8 @@ async def test_every_operation_answers_as_each_role_allows(served: tuple[InProce
         assert op.get("x-sowa-role") == (role.value if role else None), (method, path)
 
     shot = (await s.http.get("/classes/widget/shots", headers=admin)).json()["shots"][0]["sha256"]
-    values = {"name": "widget", "sha256": shot, "result_id": "0" * 32, "key_name": "nosuch-key"}
+    values = {"name": "widget", "sha256": shot, "result_id": "0" * 32, "key_name": "nosuch-key",
+              "model_name": "widget", "model_version": "1"}
     failures = []
     for (method, path), role in sorted(EXPECTED.items(), key=lambda kv: kv[0]):
         named = {**values, "name": "nosuch-class"} if method == "delete" else values  # allowed, it deletes nothing
