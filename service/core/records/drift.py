@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import ks_2samp
 
-__all__ = ["DEFAULT_MAX_CLASSES", "DEFAULT_MIN_RECENT", "DEFAULT_WINDOW", "ClassDrift", "DriftMonitor", "ks_drift"]
+__all__ = ["DEFAULT_MAX_CLASSES", "DEFAULT_MIN_RECENT", "DEFAULT_WINDOW", "ClassDrift", "DriftMonitor", "drift_series",
+           "ks_drift"]
 
 DEFAULT_WINDOW = 200  # recent passed parts per class
 DEFAULT_MIN_RECENT = 30  # fewer recent passed parts: no figure (D on a handful of parts is noise)
@@ -62,6 +63,24 @@ def ks_drift(class_name: str, reference: Sequence[float], threshold: float, rece
     result = ks_2samp(ref, now, alternative="two-sided", method="auto")
     return ClassDrift(class_name, float(result.statistic), float(result.pvalue), int(now.size), int(ref.size),
                       float(np.median(now)), float(np.median(ref)))
+
+
+def drift_series(class_name: str, reference: Sequence[float], threshold: float, times: Sequence[float],
+                 scores: Sequence[float], window: int = DEFAULT_WINDOW,
+                 min_recent: int = DEFAULT_MIN_RECENT) -> list[dict[str, float | int]]:
+    """The figure over time, for a chart: passed parts (times and scores, oldest first) cut into consecutive windows
+    of `window` parts, the newest window ending at the newest part (the oldest may be short; one under `min_recent`
+    is left out). Each point: the window's last time, its size, KS D and p-value."""
+    if len(times) != len(scores):
+        raise ValueError(f"{len(times)} times but {len(scores)} scores")
+    points = []
+    for end in range(len(scores), 0, -window):
+        start = max(0, end - window)
+        figure = ks_drift(class_name, reference, threshold, scores[start:end], min_recent)
+        if figure is not None:
+            points.append({"until": float(times[end - 1]), "parts": figure.recent, "ks": figure.ks,
+                           "p_value": figure.p_value})
+    return points[::-1]
 
 
 # what a refresh reads, as plain callables so the monitor knows no store:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Confusion", "Suggestion", "confusion", "suggest_threshold", "sweep"]
+__all__ = ["Confusion", "Suggestion", "confusion", "report", "suggest_threshold", "sweep"]
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -140,3 +140,20 @@ def suggest_threshold(scores: Sequence[float], defective: Sequence[bool],
     meeting = [c for c in points if c.escape_rate <= escape_target + 1e-12]
     best = min(meeting, key=lambda c: (c.false_call_rate, c.escape_rate))
     return Suggestion("escape_target", best)
+
+
+def report(threshold: float, scores: Sequence[float], defective: Sequence[bool],
+           escape_target: float | None = None) -> dict[str, object]:
+    """What GET /classes/{name}/quality answers about reviewed parts: the counts, the confusion at `threshold` (the
+    one in force), the suggested threshold (None without both kinds of part) and, with a target, also the best-F1
+    one for comparison."""
+    s, d = _arrays(scores, defective)
+    suggested = suggest_threshold(s, d, escape_target)
+    best_f1 = suggest_threshold(s, d) if escape_target is not None else suggested
+    return {
+        "reviewed": int(s.size), "defective": int(d.sum()), "good": int((~d).sum()),
+        "at_threshold": confusion(s, d, threshold).as_dict(),
+        "escape_target": escape_target,
+        "suggested": None if suggested is None else {"rule": suggested.rule, **suggested.confusion.as_dict()},
+        "best_f1": None if best_f1 is None else {"rule": best_f1.rule, **best_f1.confusion.as_dict()},
+    }

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.core.records.drift import DriftMonitor, ks_drift
+from service.core.records.drift import DriftMonitor, drift_series, ks_drift
 from service.core.telemetry import Telemetry
 
 
@@ -82,3 +82,14 @@ def test_gauges_on_metrics() -> None:
     assert samples[("sowa_score_drift_recent", "bottle")] == 30.0
     assert samples[("sowa_score_drift_pvalue", "bottle")] < 0.01  # exact: 2 / C(32, 2) = 0.004
     assert len(samples) == 6
+
+
+def test_series_cuts_windows_back_from_the_newest_part() -> None:
+    # 75 parts: 0.15 for the first 45, then 0.45; windows of 30 from the newest: [45, 75) apart, [15, 45) at 0.15,
+    # [0, 15) under 30 parts and left out
+    scores = [0.15] * 45 + [0.45] * 30
+    points = drift_series("a", [0.1, 0.2], 0.5, [float(i) for i in range(75)], scores, window=30, min_recent=30)
+    assert [(p["until"], p["parts"], p["ks"]) for p in points] == [(44.0, 30, 0.5), (74.0, 30, 1.0)]
+    assert drift_series("a", [0.1], 0.5, [], []) == []
+    with pytest.raises(ValueError, match="2 times but 1 scores"):
+        drift_series("a", [0.1], 0.5, [1.0, 2.0], [0.1])

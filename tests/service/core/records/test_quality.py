@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score
 
-from service.core.records.quality import candidates, confusion, suggest_threshold, sweep
+from service.core.records.quality import candidates, confusion, report, suggest_threshold, sweep
 
 # four good parts and three defective ones; at 0.5 the good 0.6 is a false call and the defective 0.4 escapes
 GOOD = [0.1, 0.2, 0.3, 0.6]
@@ -100,3 +100,14 @@ def test_bad_input_is_refused() -> None:
         sweep([0.1, float("nan")], [True, False])
     with pytest.raises(ValueError, match="escape_target"):
         suggest_threshold(SCORES, DEFECTIVE, escape_target=1.5)
+
+
+def test_report_at_the_threshold_in_force_with_a_target() -> None:
+    r = report(0.5, SCORES, DEFECTIVE, escape_target=0.34)
+    assert (r["reviewed"], r["defective"], r["good"]) == (7, 3, 4)
+    assert {k: r["at_threshold"][k] for k in ("tp", "fp", "fn", "tn")} == {"tp": 2, "fp": 1, "fn": 1, "tn": 3}
+    assert r["suggested"]["rule"] == "escape_target" and r["suggested"]["threshold"] == pytest.approx(0.65)
+    assert r["best_f1"]["threshold"] == pytest.approx(0.35) and r["best_f1"]["f1"] == pytest.approx(6 / 7)
+    plain = report(0.5, GOOD, [False] * 4)
+    assert plain["suggested"] is None and plain["best_f1"] is None
+    assert plain["at_threshold"]["false_call_rate"] == 0.25 and plain["at_threshold"]["escape_rate"] is None
