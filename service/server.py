@@ -24,4 +24,24 @@ def serve(settings: Settings, log_level: str = "info") -> None:
 
     from .http.app import create_app
 
-    uvicorn.run(create_app(settings), log_level=log_level, **uvicorn_config(settings))
+    if settings.grpc_port is None:
+        uvicorn.run(create_app(settings), log_level=log_level, **uvicorn_config(settings))
+        return
+    import asyncio
+
+    config = uvicorn.Config(create_app(settings), log_level=log_level, **uvicorn_config(settings))
+    asyncio.run(_serve_with_grpc(uvicorn.Server(config)))
+
+
+async def _serve_with_grpc(http: object) -> None:
+    """HTTP and the Open Inference Protocol over gRPC (service/rpc/) in one event loop, on the one runtime: gRPC
+    stops (its calls in flight finish within the grace) once HTTP has shut down, queue drained."""
+    from .rpc.server import GrpcServer
+
+    app = http.config.app  # type: ignore[attr-defined]
+    grpc = GrpcServer(app.state.runtime)
+    await grpc.start()
+    try:
+        await http.serve()  # type: ignore[attr-defined]
+    finally:
+        await grpc.stop(grace=5.0)

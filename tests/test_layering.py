@@ -1,6 +1,7 @@
 """The layers' direction, read from the source, by package: model <- training, model <- service <- sowa; inside
-the service, core <- http <- workers <- server, and a core that knows no HTTP framework (so it can run under
-another front end, or none). No import cycle between modules either.
+the service, core <- http <- workers <- server and core <- rpc <- workers <- server (rpc: the gRPC front end, beside
+http), and a core that knows no HTTP or RPC framework (so it can run under another front end, or none). No import
+cycle between modules either.
 
 Every import counts, relative ones resolved, inside functions and `if TYPE_CHECKING:` blocks too.
 """
@@ -20,8 +21,11 @@ FORBIDDEN = {
     "model": {"service", "training", "sowa"},
     "training": {"service", "sowa"},
     "service": {"training", "sowa"},
-    "service.core": {"service.http", "service.workers", "service.server", "service.client", "fastapi", "starlette"},
-    "service.http": {"service.workers", "service.server", "service.client"},
+    "service.core": {"service.http", "service.rpc", "service.workers", "service.server", "service.client", "fastapi",
+                     "starlette", "grpc"},
+    "service.http": {"service.rpc", "service.workers", "service.server", "service.client"},
+    # the gRPC front end sits beside http, on the core alone; workers and server start it where the model is
+    "service.rpc": {"service.http", "service.workers", "service.server", "service.client", "fastapi", "starlette"},
     "service.workers": {"service.server", "service.client"},
     "service.client": {"service.core", "service.workers", "service.server"},
 }

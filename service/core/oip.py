@@ -28,7 +28,7 @@ import numpy as np
 
 from .backend import Backend, Scored, ScoreOptions
 from .class_names import CLASS_NAME
-from .errors import UnprocessableError
+from .errors import ClassNotFoundError, UnprocessableError
 from .uploads import Upload, check_count
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "infer",
     "model_metadata",
     "score_options",
+    "server_version",
     "to_uploads",
 ]
 
@@ -101,13 +102,20 @@ class OutputTensor:
         return np.ascontiguousarray(self.array, dtype=self.array.dtype.newbyteorder("<")).tobytes()
 
 
+def server_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sowa-inspect")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "0"
+
+
 def class_of(model: str) -> str | None:
     """The class a model name addresses (None: zero-shot); 404 later for one that is not registered."""
     if model == ZERO_SHOT:
         return None
     if not CLASS_NAME.fullmatch(model):
-        from .errors import ClassNotFoundError
-
         raise ClassNotFoundError(f"no model '{model[:64]}': models are the registered classes and '{ZERO_SHOT}'")
     return model
 
@@ -202,7 +210,7 @@ def to_uploads(request: InferRequest, max_images: int) -> list[Upload]:
 def _listed_bytes(data: list[Any], count: int) -> list[bytes]:
     if len(data) != count or not all(isinstance(e, (bytes, str)) for e in data):
         raise UnprocessableError(f"input images: {count} elements in its shape, not as many byte strings in its data")
-    return [e.encode("latin-1") if isinstance(e, str) else e for e in data]
+    return [e.encode() if isinstance(e, str) else e for e in data]
 
 
 def _pixel_uploads(t: InputTensor, count: int) -> list[Upload]:

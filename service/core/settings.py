@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     bundle: Path = Field(description="bundle directory to serve")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(None, ge=1, le=65535, description="the Open Inference Protocol v2 over gRPC on "
+                                  "this port (off when unset); it runs where the model is (docs/service.md)")
     data_dir: Path = Field(Path("sowa-data"), description="where class shots and banks persist")
     store: SecretStr | None = Field(None, description="class store URL: a directory or file://DIR (default: "
                                     "data_dir), or postgresql://user:pass@host/db (a secret: it may hold a password)")

@@ -72,6 +72,12 @@ async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_lev
     config = uvicorn.Config(app, uds=link.engine_http, log_level=log_level, **options)
     engine = _EngineHttp(config)
     engine_task = asyncio.create_task(engine.serve())
+    grpc = None
+    if settings.grpc_port is not None:  # gRPC is served here, where the model is, beside the workers' HTTP
+        from ..rpc.server import GrpcServer
+
+        grpc = GrpcServer(app.state.runtime)
+        await grpc.start()
     ctx = multiprocessing.get_context("spawn")  # no fork: the engine process holds threads and a device
 
     started: dict[int, float] = {}
@@ -101,5 +107,7 @@ async def _supervise(settings: Settings, workers: int, link: WorkerLink, log_lev
     for p in procs:
         if p.is_alive():
             p.kill()
+    if grpc is not None:  # its calls need the engine: they finish before it stops
+        await grpc.stop(grace=settings.request_timeout_s)
     engine.should_exit = True
     await engine_task

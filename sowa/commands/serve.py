@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 __all__ = ["add_arguments", "run", "settings_from_args"]
 
-_FLAGS = ("bundle", "host", "port", "data_dir", "store", "device", "dtype", "workers", "max_batch_size",
+_FLAGS = ("bundle", "host", "port", "grpc_port", "data_dir", "store", "device", "dtype", "workers", "max_batch_size",
           "max_wait_ms", "max_queue", "bank_device_budget_mb", "compile_mode", "image_decoder", "api_key",
           "allowed_hosts")
 
@@ -20,6 +20,8 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--bundle", type=Path, help="bundle directory (SOWA_BUNDLE)")
     c.add_argument("--host", help="bind address (SOWA_HOST, default 127.0.0.1)")
     c.add_argument("--port", type=int, help="port (SOWA_PORT, default 8000)")
+    c.add_argument("--grpc-port", type=int, help="serve the Open Inference Protocol v2 over gRPC on this port too "
+                   "(SOWA_GRPC_PORT; default off). The same protocol is always on --port under /v2")
     c.add_argument("--data-dir", type=Path, help="class storage (SOWA_DATA_DIR, default ./sowa-data)")
     c.add_argument("--store", help="class store: a directory, file://DIR or postgresql://user@host/db (SOWA_STORE; "
                    "default: the data dir). Prefer SOWA_STORE for a URL with a password: arguments show in ps")

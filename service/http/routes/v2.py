@@ -59,16 +59,7 @@ async def ready(runtime: RuntimeDep) -> Response:
 
 @router.get("", summary="Server metadata (OIP v2)")
 async def server_metadata() -> dict:
-    return {"name": oip.SERVER_NAME, "version": _version(), "extensions": list(oip.EXTENSIONS)}
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sowa")
-    except PackageNotFoundError:
-        return "0"
+    return {"name": oip.SERVER_NAME, "version": oip.server_version(), "extensions": list(oip.EXTENSIONS)}
 
 
 async def _model(runtime: Any, principal: Principal, model: str, version: str | None) -> None:
