@@ -1,0 +1,66 @@
+"""A class's quality and drift figures, from its records: what GET /classes/{name}/quality answers.
+
+The record store is read through `RecordReads`, the three reads these figures need (the record store implements
+them). Only records scored with the class's current calibration count: a raw
+score depends on the shots it was scored against, so a part reviewed before the shots changed says nothing about
+the threshold now (those are counted in `other_calibration`). A threshold override does not change scores: records
+from before and after one count alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .drift import DEFAULT_MIN_RECENT, DEFAULT_WINDOW, drift_series, ks_drift
+from .quality import report
+
+__all__ = ["DRIFT_WINDOWS", "MAX_REVIEWED", "PassedPart", "RecordReads", "ReviewedPart", "class_figures"]
+
+MAX_REVIEWED = 100_000  # the newest reviewed parts of a class that count: 1.6 MB of numbers at most
+DRIFT_WINDOWS = 24  # points on the drift chart
+
+
+@dataclass(frozen=True)
+class ReviewedPart:
+    score: float
+    defective: bool  # the review: True = defective, False = good
+    calibration: str  # which calibration scored it (the class's revision as the record names it)
+
+
+@dataclass(frozen=True)
+class PassedPart:
+    time: float
+    score: float
+    calibration: str
+
+
+class RecordReads(Protocol):
+    def reviewed_parts(self, class_name: str, limit: int) -> Sequence[ReviewedPart]:
+        """The class's newest `limit` reviewed records (reviewed good or defective; skipped ones are not)."""
+
+    def passed_parts(self, class_name: str, limit: int) -> Sequence[PassedPart]:
+        """The class's newest `limit` records whose verdict was 'pass', oldest first."""
+
+
+def class_figures(reads: RecordReads, class_name: str, calibration: str, threshold: float,
+                  shot_scores: Sequence[float], escape_target: float | None = None,
+                  window: int = DEFAULT_WINDOW) -> dict[str, Any]:
+    """Quality from the reviewed parts at `threshold` (the one in force) and drift of the passed parts against
+    `shot_scores`, both for the records scored with `calibration` (blocking: run it in a thread)."""
+    parts = reads.reviewed_parts(class_name, MAX_REVIEWED)
+    current = [p for p in parts if p.calibration == calibration]
+    quality = report(threshold, [p.score for p in current], [p.defective for p in current], escape_target)
+    passed = [p for p in reads.passed_parts(class_name, window * DRIFT_WINDOWS) if p.calibration == calibration]
+    times, scores = [p.time for p in passed], [p.score for p in passed]
+    latest = ks_drift(class_name, shot_scores, threshold, scores[-window:], DEFAULT_MIN_RECENT)
+    return {
+        **quality, "other_calibration": len(parts) - len(current),
+        "drift": {
+            "window": window, "min_parts": DEFAULT_MIN_RECENT,
+            "ks": None if latest is None else latest.ks, "p_value": None if latest is None else latest.p_value,
+            "parts": len(scores[-window:]),
+            "series": drift_series(class_name, shot_scores, threshold, times, scores, window, DEFAULT_MIN_RECENT),
+        },
+    }
