@@ -12,7 +12,7 @@ from torch import nn
 
 from .window_attention import WindowAttention
 
-__all__ = ["HFWAAdapter", "HFWABlock", "shifted_window_mask", "window_merge", "window_partition"]
+__all__ = ["HFWAAdapter", "HFWABlock", "block_mlp", "shifted_window_mask", "window_merge", "window_partition"]
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -43,28 +43,46 @@ def shifted_window_mask(grid: int, window: int, shift: int) -> torch.Tensor:
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
 
 
+def block_mlp(dim: int, hidden: tuple[int, ...] = (), drop: float = 0.0) -> nn.Module:
+    """The block's "FFN", as the research code's `Linear`: bias-free linears with GELU (and, when `drop` > 0,
+    dropout) after each hidden layer. No hidden layer: one `nn.Linear` (the layout of every existing bundle);
+    else an `nn.Sequential` whose indices are the research code's `mlp.layers.*`."""
+    if not hidden:
+        return nn.Linear(dim, dim, bias=False)
+    layers: list[nn.Module] = []
+    last = dim
+    for width in hidden:
+        layers += [nn.Linear(last, width, bias=False), nn.GELU()]
+        if drop > 0:
+            layers.append(nn.Dropout(drop))
+        last = width
+    layers.append(nn.Linear(last, dim, bias=False))
+    return nn.Sequential(*layers)
+
+
 class HFWABlock(nn.Module):
-    """x1 = x + LN1(WindowAttention(x));  x2 = x1 + LN2(x1 M^T)   (spec §2.1 steps 1-10)."""
+    """x1 = x + LN1(WindowAttention(x));  x2 = x1 + LN2(MLP(x1))   (spec §2.1 steps 1-10)."""
 
     def __init__(
-        self, dim: int, grid: int, window: int, shift: int, num_heads: int, cpb_dim: int, attn_drop: float
+        self, dim: int, grid: int, window: int, shift: int, num_heads: int, cpb_dim: int, attn_drop: float,
+        value_only: bool = True, hidden: tuple[int, ...] = (), drop: float = 0.0,
     ) -> None:
         super().__init__()
         self.grid, self.window, self.shift = grid, window, shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, num_heads, cpb_dim, attn_drop)
+        self.attn = WindowAttention(dim, window, num_heads, cpb_dim, attn_drop, value_only, drop)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Linear(dim, dim, bias=False)
+        self.mlp = block_mlp(dim, hidden, drop)
         mask = shifted_window_mask(grid, window, shift) if shift else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, value_weight: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor:
         b, n, c = x.shape
         g = self.grid
         h = x.reshape(b, g, g, c)
         if self.shift:
             h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        h = self.attn(window_partition(h, self.window), value_weight, out_proj, self.attn_mask)
+        h = self.attn(window_partition(h, self.window), weight, out_proj, self.attn_mask)
         h = window_merge(h, self.window, g, g)
         if self.shift:
             h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))
@@ -76,19 +94,21 @@ class HFWAAdapter(nn.Module):
     """One tap's adapter: `depth` blocks alternating shift 0 and window // 2."""
 
     def __init__(
-        self, dim: int, grid: int, window: int, depth: int, num_heads: int, cpb_dim: int = 64, attn_drop: float = 0.0
+        self, dim: int, grid: int, window: int, depth: int, num_heads: int, cpb_dim: int = 64, attn_drop: float = 0.0,
+        value_only: bool = True, hidden: tuple[int, ...] = (), drop: float = 0.0,
     ) -> None:
         super().__init__()
         if window >= grid:  # the window covers the whole grid: nothing to shift (spec §2.2)
             window = grid
         self.blocks = nn.ModuleList(
             HFWABlock(dim, grid, window, 0 if (i % 2 == 0 or window == grid) else window // 2, num_heads, cpb_dim,
-                      attn_drop)
+                      attn_drop, value_only, tuple(hidden), drop)
             for i in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, value_weight: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor:
-        """x: (B, L, C) raw tokens of the tapped block (no CLS, no LayerNorm) -> (B, L, C)."""
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor:
+        """x: (B, L, C) raw tokens of the tapped block (no CLS, no LayerNorm) -> (B, L, C); `weight` is the
+        block's (3C, C) in_proj_weight (value-only adapters also take just its (C, C) value rows)."""
         for block in self.blocks:
-            x = block(x, value_weight, out_proj)
+            x = block(x, weight, out_proj)
         return x

@@ -158,6 +158,8 @@ class PromptConfig:
             )
         if not all(_is_int(t) for t in self.text_taps) or len(set(self.text_taps)) != len(self.text_taps):
             raise ConfigError(f"prompt text_taps must be distinct integers, got {list(self.text_taps)}")
+        if self.text_taps and self.scheme == "template":
+            raise ConfigError("prompt text_taps: scheme 'template' has no text-tower pass to tap")
 
     def class_index(self, name: str) -> int:
         """The prompt class of `name`: its position in `class_names`, else 0 (the research code's rule)."""

@@ -13,17 +13,57 @@ from torch import nn
 
 from .prompts import PromptLearner
 
-__all__ = ["PromptFusion", "encode_prompts", "text_vectors"]
+__all__ = ["PromptFusion", "encode_prompts", "encode_prompts_with_taps", "template_features", "text_vectors"]
+
+
+def _project(clip: CLIP, x: torch.Tensor) -> torch.Tensor:
+    proj = clip.text_projection
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
 def encode_prompts(clip: CLIP, prompts: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(P, T, width) prompt embeddings -> (P, D) raw text features, read at the EOT token (the argmax id)."""
+    return encode_prompts_with_taps(clip, prompts, ids)[0]
+
+
+def encode_prompts_with_taps(clip: CLIP, prompts: torch.Tensor, ids: torch.Tensor, taps: tuple[int, ...] = ()
+                             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`encode_prompts`, plus (P, D) features of the text blocks `taps` (negative: from the end): each block's
+    output at the EOT token times the text projection, without the final LayerNorm -- the research code's
+    TextMapEncoder feature maps."""
     x = prompts + clip.positional_embedding.to(prompts.dtype)
-    x = clip.transformer(x, attn_mask=clip.attn_mask)
+    rows, eot = torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)
+    tower = clip.transformer
+    if not taps:
+        x = tower(x, attn_mask=clip.attn_mask)
+        maps: list[torch.Tensor] = []
+    else:
+        blocks = len(tower.resblocks)
+        wanted = {t % blocks for t in taps}
+        found: dict[int, torch.Tensor] = {}
+        batch_first = getattr(tower, "batch_first", True)
+        x = x if batch_first else x.transpose(0, 1)
+        for i, block in enumerate(tower.resblocks):
+            x = block(x, attn_mask=clip.attn_mask)
+            if i in wanted:
+                found[i] = x if batch_first else x.transpose(0, 1)
+        x = x if batch_first else x.transpose(0, 1)
+        maps = [_project(clip, found[t % blocks][rows, eot]) for t in taps]
     x = clip.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
-    proj = clip.text_projection
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return _project(clip, x[rows, eot]), maps
+
+
+def template_features(clip: CLIP, ids_normal: torch.Tensor, ids_anomaly: torch.Tensor) -> torch.Tensor:
+    """Scheme "template" (the research code's PromptEncoder.encode_prompt): per class and state, the frozen text
+    features of its sentences, each normalised, averaged and renormalised -> (2 * M, D), normal block first."""
+    out = []
+    for ids in (ids_normal, ids_anomaly):
+        m, k, t = ids.shape
+        flat = ids.reshape(m * k, t).long()
+        feats = encode_prompts(clip, clip.token_embedding(flat), flat).view(m, k, -1)
+        mean = (feats / feats.norm(dim=-1, keepdim=True)).mean(dim=1)
+        out.append(mean / mean.norm(dim=-1, keepdim=True))
+    return torch.cat(out)
 
 
 class PromptFusion(nn.Module):

@@ -1,7 +1,9 @@
-"""Value-only scaled cosine window attention with a continuous log-spaced position bias (SOWA_SPEC.md §2.1).
+"""Scaled cosine window attention with a continuous log-spaced position bias (SOWA_SPEC.md §2.1).
 
-The value and output projections are CLIP's own, frozen: they are passed to `forward` rather than stored, so
-the adapter never aliases backbone tensors in its state dict.
+Value-only (SOWA's default) compares value vectors; `value_only=False` compares CLIP's queries and keys, as the
+research code's `WindowAttention(value_only=False)` does (both bias-free projections of the tapped block). The
+projections are CLIP's own, frozen: they are passed to `forward` rather than stored, so the adapter never
+aliases backbone tensors in its state dict.
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ def relative_position_index(window: int) -> torch.Tensor:
 
 
 class WindowAttention(nn.Module):
-    """Cosine attention between value vectors inside windows of N tokens.
+    """Cosine attention between value (or query and key) vectors inside windows of N tokens.
 
-    Trainable: `logit_scale` (per head temperature, init ln 10) and `cpb_mlp` (position-bias MLP).
+    Trainable: `logit_scale` (per head temperature, init ln 10) and `cpb_mlp` (position-bias MLP). `proj_drop`
+    (the research code's `drop`) drops the projected output in training.
     """
 
-    def __init__(self, dim: int, window: int, num_heads: int, cpb_dim: int = 64, attn_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, window: int, num_heads: int, cpb_dim: int = 64, attn_drop: float = 0.0,
+                 value_only: bool = True, proj_drop: float = 0.0) -> None:
         super().__init__()
         self.dim, self.window, self.num_heads, self.attn_drop = dim, window, num_heads, attn_drop
+        self.value_only, self.proj_drop = value_only, proj_drop
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, cpb_dim), nn.ReLU(inplace=True), nn.Linear(cpb_dim, num_heads,
                                                                                              bias=False))
@@ -76,14 +81,22 @@ class WindowAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        value_weight: torch.Tensor,
+        weight: torch.Tensor,
         out_proj: nn.Linear,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B*nW, N, C) windows; value_weight: (C, C) CLIP value rows; mask: (nW, N, N) additive or None."""
+        """x: (B*nW, N, C) windows; weight: CLIP's (3C, C) in_proj_weight (or, value-only, its (C, C) value
+        rows); mask: (nW, N, N) additive or None."""
         bw, n, c = x.shape
-        v = F.linear(x, value_weight).view(bw, n, self.num_heads, c // self.num_heads).transpose(1, 2)
-        v_hat = F.normalize(v, dim=-1)  # eps 1e-12, as the reference
+        heads = (bw, n, self.num_heads, c // self.num_heads)
+        if self.value_only:
+            v = F.linear(x, weight[-c:]).view(heads).transpose(1, 2)
+            q_hat = k_hat = F.normalize(v, dim=-1)  # eps 1e-12, as the reference
+        else:
+            if weight.shape[0] != 3 * c:
+                raise ValueError(f"query-key attention needs the (3C, C) in_proj_weight, got {tuple(weight.shape)}")
+            q, k, v = (t.view(heads).transpose(1, 2) for t in F.linear(x, weight).chunk(3, dim=-1))
+            q_hat, k_hat = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         tau = torch.exp(self.logit_scale.clamp(max=_MAX_LOGIT_SCALE)).to(v.dtype)  # (heads, 1, 1)
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.cpb_mlp.parameters())
         bias = self.position_bias().to(v.dtype) if grad else self.inference_bias(v.dtype)  # (heads, N, N)
@@ -91,8 +104,9 @@ class WindowAttention(nn.Module):
             nw = mask.shape[0]
             bias = (bias.unsqueeze(0) + mask.to(v.dtype).unsqueeze(1))  # (nW, heads, N, N)
             bias = bias.unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
-        # softmax(tau * v_hat v_hat^T + bias) v  ==  SDPA(q = tau * v_hat, k = v_hat, v, scale = 1)
+        # softmax(tau * q_hat k_hat^T + bias) v  ==  SDPA(q = tau * q_hat, k = k_hat, v, scale = 1)
         out = F.scaled_dot_product_attention(
-            tau * v_hat, v_hat, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=1.0
+            tau * q_hat, k_hat, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=1.0
         )
-        return out_proj(out.transpose(1, 2).reshape(bw, n, c))
+        out = out_proj(out.transpose(1, 2).reshape(bw, n, c))
+        return F.dropout(out, self.proj_drop, self.training) if self.proj_drop else out
