@@ -31,10 +31,12 @@ V = TypeVar("V")
 
 @dataclass(frozen=True)
 class ClassMemory:
-    """What a product class needs at inference: its bank and its calibration."""
+    """What a product class needs at inference: its bank and its calibration, and `prompt_name`: the name that
+    picks its prompt class (`SowaModel.class_index`: the bundle's `class_names` entry of that name, else 0)."""
 
     bank: MemoryBank
     calibration: Calibration
+    prompt_name: str | None = None
 
 
 class ScoreColumns(NamedTuple, Generic[V]):
@@ -89,12 +91,22 @@ class Prediction:
 
 
 @torch.inference_mode()
-def fit_class(model: SowaModel, shots: torch.Tensor, z: float = DEFAULT_Z) -> ClassMemory:
-    """(K, 3, S, S) preprocessed normal shots -> bank + leave-one-out calibration (docs/scoring.md)."""
+def fit_class(model: SowaModel, shots: torch.Tensor, z: float = DEFAULT_Z, prompt_name: str | None = None
+              ) -> ClassMemory:
+    """(K, 3, S, S) preprocessed normal shots -> bank + leave-one-out calibration (docs/scoring.md), scored with
+    the prompt class that `prompt_name` picks (the class's name; None: prompt class 0)."""
     if shots.dim() != 4 or shots.shape[0] < 1:
         raise ValueError(f"shots must be a (K, 3, S, S) batch with K >= 1, got {tuple(shots.shape)}")
-    out = model.predict(shots)
-    return memory_from_outputs(out.raw_patches, out.zero_shot_maps, out.text_scores, model.grid, z)
+    out = model.predict(shots, class_ids=_prompt_ids(model, [prompt_name] * shots.shape[0]))
+    memory = memory_from_outputs(out.raw_patches, out.zero_shot_maps, out.text_scores, model.grid, z)
+    return ClassMemory(memory.bank, memory.calibration, prompt_name)
+
+
+def _prompt_ids(model: SowaModel, names: Sequence[str | None]) -> list[int] | None:
+    """Each image's prompt class; None (all class 0, the cheaper path) when the bundle has one prompt class."""
+    if len(model.cfg.prompt.class_names) == 1:
+        return None
+    return [0 if n is None else model.class_index(n) for n in names]
 
 
 def memory_from_outputs(raw: torch.Tensor, zero_shot: torch.Tensor, text_scores: torch.Tensor, grid: int,
@@ -112,7 +124,8 @@ def predict_scored(
 ) -> Prediction:
     """Maps and online scores for a batch; `memories[i]` is image i's class, or None for zero-shot."""
     memories = list(memories) if memories is not None else [None] * images.shape[0]
-    out = model.predict(images, [m.bank if m else None for m in memories])
+    ids = _prompt_ids(model, [m.prompt_name if m else None for m in memories])
+    out = model.predict(images, [m.bank if m else None for m in memories], class_ids=ids)
     scores = image_scores(out.text_scores, out.anomaly_maps.flatten(1).amax(dim=1),
                           [m.calibration if m else None for m in memories])
     return Prediction(out.anomaly_maps, out.text_scores, scores)

@@ -128,13 +128,14 @@ class Engine:
         return self.banks.to_host(bank.to(dtype=self.model.clip.visual.proj.dtype))
 
     # -- work, on the engine thread -------------------------------------------------------------------------
-    def fit(self, shots: Sequence[Image.Image]) -> ClassMemory:
-        """A class's memory from its shots; its bank stays resident, as the class is likely to be used next."""
+    def fit(self, shots: Sequence[Image.Image], name: str | None = None) -> ClassMemory:
+        """A class's memory from its shots; its bank stays resident, as the class is likely to be used next.
+        `name` (the class's) picks the bundle's prompt class of that name, else prompt class 0."""
         resized = [resize_uint8(img, self.image_size)[None] for img in shots]
-        memory = fit_class(self.model, self._to_device(resized))
+        memory = fit_class(self.model, self._to_device(resized), prompt_name=name)
         host = self.banks.to_host(memory.bank)
         self.banks.admit(host, memory.bank)
-        return ClassMemory(host, memory.calibration)
+        return ClassMemory(host, memory.calibration, name)
 
     def _to_device(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """(n_i, 3, S, S) uint8 parts, on the host or already staged on the device -> one normalised float32
@@ -162,8 +163,8 @@ class Engine:
         pinned host memory (one packed, non-blocking copy); `finish` waits for them on another thread, so the
         engine thread can already queue the next batch. On the CPU the work is done when this returns."""
         banks = self.banks.resolve([m.bank if m else None for m in memories])
-        on_device = [None if m is None else ClassMemory(bank, m.calibration) for m, bank in zip(memories, banks,
-                                                                                              strict=True)]
+        on_device = [None if m is None else ClassMemory(bank, m.calibration, m.prompt_name)
+                     for m, bank in zip(memories, banks, strict=True)]
         pred = predict_scored(self.model, self._to_device(images), on_device)
         columns = pred.columns()
         if self.device.type != "cuda":

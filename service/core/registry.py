@@ -72,7 +72,7 @@ class ClassEntry:
     @property
     def serving_memory(self) -> ClassMemory:
         """The memory with the effective threshold, as predictions should use it."""
-        return ClassMemory(self.memory.bank, self.calibration)
+        return ClassMemory(self.memory.bank, self.calibration, self.name)  # the name picks its prompt class
 
     def info(self) -> dict[str, Any]:
         cal = self.calibration
@@ -246,8 +246,8 @@ class ClassRegistry:
         with self.store.lock(name):
             return fn(*args)
 
-    def _fit(self, images: list[Image.Image]) -> ClassMemory:
-        return self.engine.call_blocking(self.engine.fit, images)
+    def _fit(self, images: list[Image.Image], name: str) -> ClassMemory:
+        return self.engine.call_blocking(self.engine.fit, images, name)
 
     def _audit(self, actor: str, action: str, name: str, before: dict[str, Any] | None,
                after: dict[str, Any] | None) -> None:
@@ -292,7 +292,7 @@ class ClassRegistry:
             raise UnprocessableError(f"class '{name}' would have {len(hashes)} shots, more than the limit of "
                                      f"{self.max_shots}")
         # fitted on the PNGs as stored, so a later rebuild from the shots gives the same bank
-        memory = self._fit([_open_png(new[h]) if h in new else self._stored_shot(name, h) for h in hashes])
+        memory = self._fit([_open_png(new[h]) if h in new else self._stored_shot(name, h) for h in hashes], name)
         entry = ClassEntry(name, memory, tuple(hashes), current.threshold_override if current else None,
                            current.created if current else time.time(), time.time())
         self.store.write(self._record(entry), new)
@@ -355,7 +355,7 @@ class ClassRegistry:
         if memory is None:
             log.info("class %s: bank from another bundle or damaged, rebuilding from its %d shots", name,
                      len(record.shots))
-            memory = self._fit([_open_png(self.store.read_shot(name, h)) for h in record.shots])
+            memory = self._fit([_open_png(self.store.read_shot(name, h)) for h in record.shots], name)
         return ClassEntry(name, memory, record.shots, record.threshold_override, record.created,
                           record.updated), rebuilt
 
