@@ -1,11 +1,15 @@
 """docker/kubernetes/: every manifest Kustomize applies, validated offline against the Kubernetes API schemas
 (kubernetes-validate, strict: unknown fields fail), and what the service needs of them checked by name. KEDA's
 ScaledObject is a CRD whose schema kubernetes-validate does not ship: it is validated against the openAPIV3Schema
-of KEDA's published CRD (tests/data/crds/, copied from kedacore/keda), strictly too."""
+of KEDA's published CRD (tests/data/crds/, copied from kedacore/keda), strictly too; so are KServe's ServingRuntime
+and InferenceService (docker/kubernetes/kserve/), against KServe's CRDs (gzipped: the InferenceService's is 2 MB)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
+import functools
+import gzip
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +22,7 @@ import yaml
 
 from service.core.settings import Settings
 from service.core.telemetry import Telemetry
+from sowa.commands.serve import add_arguments
 from tests.helpers import REPO
 
 K8S = REPO / "docker" / "kubernetes"
@@ -26,7 +31,16 @@ CRDS = REPO / "tests" / "data" / "crds"
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".gz":
+        return copy.deepcopy(_crd_docs(path))
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@functools.cache
+def _crd_docs(path: Path) -> list[dict[str, Any]]:
+    """A gzipped CRD, read once (KServe's InferenceService CRD is 2 MB of YAML; libyaml's loader where present)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return [d for d in yaml.load_all(gzip.decompress(path.read_bytes()).decode(), Loader=loader) if d]
 
 
 def _applied() -> dict[str, dict[str, Any]]:
@@ -42,7 +56,7 @@ def _pod(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                         if p.name != "kustomization.yaml"))
 def test_manifests_pass_the_kubernetes_schemas(path: str) -> None:
     for doc in _docs(K8S / path):
-        if doc["apiVersion"].startswith("keda.sh/"):
+        if doc["apiVersion"].startswith(("keda.sh/", "serving.kserve.io/")):
             _validate_custom(doc)  # a CRD: kubernetes-validate has no schema for it
         else:
             kubernetes_validate.validate(doc, VERSION, strict=True)
@@ -50,7 +64,7 @@ def test_manifests_pass_the_kubernetes_schemas(path: str) -> None:
 
 def _crd_schema(api_version: str, kind: str) -> dict[str, Any]:
     group, version = api_version.split("/")
-    for path in CRDS.glob("*.yaml"):
+    for path in sorted(CRDS.glob("*.yaml*")):
         for crd in _docs(path):
             if crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind:
                 (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
@@ -100,6 +114,30 @@ def test_the_crd_validator_bites() -> None:
     wrong = copy.deepcopy(scaled)
     del wrong["spec"]["scaleTargetRef"]
     with pytest.raises(jsonschema.ValidationError, match="'scaleTargetRef' is a required property"):
+        _validate_custom(wrong)
+
+
+def test_the_kserve_runtime_serves_the_protocol_and_the_validator_bites() -> None:
+    runtime, = _docs(K8S / "kserve" / "servingruntime.yaml")
+    isvc, = _docs(K8S / "kserve" / "inferenceservice.yaml")
+    assert set(runtime["spec"]["protocolVersions"]) == {"v2", "grpc-v2"}
+    (container,) = runtime["spec"]["containers"]
+    args = dict(zip(container["args"][::2], container["args"][1::2], strict=True))
+    assert args == {"--bundle": "/mnt/models", "--host": "0.0.0.0", "--port": "8080", "--grpc-port": "9000"}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # `sowa serve`'s flags: the runtime's arguments exist and parse
+    parsed = parser.parse_args(container["args"])
+    assert (parsed.port, parsed.grpc_port) == (8080, 9000)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] == "sowa"
+    typo = copy.deepcopy(isvc)
+    typo["spec"]["predictor"]["model"]["storageUrl"] = "pvc://x"
+    with pytest.raises(jsonschema.ValidationError, match="storageUrl"):
+        _validate_custom(typo)
+    wrong = copy.deepcopy(runtime)
+    wrong["spec"]["supportedModelFormats"][0]["autoSelect"] = "yes"
+    with pytest.raises(jsonschema.ValidationError, match="is not of type 'boolean'"):
         _validate_custom(wrong)
 
 
