@@ -163,8 +163,62 @@ def _known_arch(model_config: dict[str, Any]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Adapters:
+    """What the checkpoint's adapters say: one configuration per stage, whether one module serves every stage,
+    the CLIP block each stage's frozen projections alias (None when unknown) and the research MLP layer
+    indices of each stage's linears."""
+
+    stages: tuple[AdapterConfig, ...]
+    shared: bool
+    alias_taps: tuple[int | None, ...]
+    mlp_layers: tuple[tuple[int, ...], ...]
+
+
+def _mlp_layers(sd: dict[str, torch.Tensor], block: str) -> list[int]:
+    """Indices of the research MLP's linears in block `block` (…mlp.layers.N.weight), in order."""
+    pattern = re.compile(re.escape(block) + r"mlp\.layers\.(\d+)\.weight")
+    return sorted(int(m.group(1)) for k in sd if (m := pattern.fullmatch(k)))
+
+
+def _stage_config(sd: dict[str, torch.Tensor], pre: str, s: int, blocks: set[int], grid: int, value_only: bool,
+                  path: Path) -> tuple[AdapterConfig, tuple[int, ...]]:
+    """One stage's configuration from its tensors' shapes; its derived buffers must be what this implementation
+    derives, else the checkpoint is another variant."""
+    a = f"{pre}visual_encoder.adapters.{s}.blocks."
+    try:
+        heads = sd[a + "0.attn.logit_scale"].shape[0]
+        window = (sd[a + "0.attn.relative_coords_table"].shape[1] + 1) // 2
+        cpb = sd[a + "0.attn.cpb_mlp.0.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: adapter tensor missing: {e}") from None
+    layers = _mlp_layers(sd, a + "0.")
+    if not layers:
+        raise CheckpointError(f"{path}: adapter {s} has no MLP (…blocks.0.mlp.layers.N.weight)")
+    hidden = tuple(int(sd[f"{a}0.mlp.layers.{i}.weight"].shape[0]) for i in layers[:-1])
+    for j in sorted(blocks):
+        b = f"{a}{j}."
+        if b + "attn.relative_coords_table" in sd and not torch.allclose(sd[b + "attn.relative_coords_table"],
+                                                                         relative_coords_table(window), atol=1e-6):
+            raise CheckpointError(f"{path}: adapter {s} block {j} has an unexpected position table")
+        if b + "attn.relative_position_index" in sd and not torch.equal(sd[b + "attn.relative_position_index"],
+                                                                        relative_position_index(window)):
+            raise CheckpointError(f"{path}: adapter {s} block {j} has an unexpected position index")
+        mask = sd.get(b + "attn_mask")
+        if mask is not None and not torch.equal(mask, shifted_window_mask(grid, window, window // 2)):
+            raise CheckpointError(f"{path}: adapter {s} block {j} has an unexpected shifted-window mask")
+        if _mlp_layers(sd, b) != layers:
+            raise CheckpointError(f"{path}: adapter {s} blocks have different MLPs")
+    try:
+        cfg = AdapterConfig(window_size=window, depth=len(blocks), num_heads=heads, cpb_dim=cpb,
+                            value_only=value_only, hidden_features=hidden)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: adapter {s}: {e}") from None
+    return cfg, tuple(layers)
+
+
 def _adapter_config(sd: dict[str, torch.Tensor], pre: str, clip: dict[str, torch.Tensor], grid: int,
-                    path: Path) -> tuple[AdapterConfig, list[int | None], int]:
+                    value_only: bool, path: Path) -> _Adapters:
     pattern = re.compile(re.escape(pre) + r"visual_encoder\.adapters\.(\d+)\.blocks\.(\d+)\.")
     found: dict[int, set[int]] = {}
     for k in sd:
@@ -173,30 +227,13 @@ def _adapter_config(sd: dict[str, torch.Tensor], pre: str, clip: dict[str, torch
             found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if not found or sorted(found) != list(range(len(found))):
         raise CheckpointError(f"{path}: no HFWA adapters (…visual_encoder.adapters.N.blocks.M.*) found")
-    depths = {len(v) for v in found.values()}
-    if len(depths) != 1:
-        raise CheckpointError(f"{path}: adapters have different depths {sorted(depths)}")
-    a0 = f"{pre}visual_encoder.adapters.0.blocks.0.attn."
-    try:
-        heads = sd[a0 + "logit_scale"].shape[0]
-        window = (sd[a0 + "relative_coords_table"].shape[1] + 1) // 2
-        cpb = sd[a0 + "cpb_mlp.0.weight"].shape[0]
-    except KeyError as e:
-        raise CheckpointError(f"{path}: adapter tensor missing: {e}") from None
-    cfg = AdapterConfig(window_size=window, depth=depths.pop(), num_heads=heads, cpb_dim=cpb)
-    # derived buffers must be what this implementation derives, else the checkpoint is another variant
-    for s in found:
-        for j in found[s]:
-            b = f"{pre}visual_encoder.adapters.{s}.blocks.{j}.attn."
-            if b + "relative_coords_table" in sd and not torch.allclose(sd[b + "relative_coords_table"],
-                                                                        relative_coords_table(window), atol=1e-6):
-                raise CheckpointError(f"{path}: adapter {s} block {j} has an unexpected position table")
-            if b + "relative_position_index" in sd and not torch.equal(sd[b + "relative_position_index"],
-                                                                       relative_position_index(window)):
-                raise CheckpointError(f"{path}: adapter {s} block {j} has an unexpected position index")
-            mask_key = f"{pre}visual_encoder.adapters.{s}.blocks.{j}.attn_mask"
-            if mask_key in sd and not torch.equal(sd[mask_key], shifted_window_mask(grid, window, window // 2)):
-                raise CheckpointError(f"{path}: adapter {s} block {j} has an unexpected shifted-window mask")
+    stages, mlp_layers = zip(*(_stage_config(sd, pre, s, found[s], grid, value_only, path) for s in sorted(found)),
+                             strict=True)
+    # one module instance in every stage (share_weight): torch.save keeps the storage shared
+    first = f"{pre}visual_encoder.adapters.0.blocks.0.attn.logit_scale"
+    shared = len(found) > 1 and all(
+        sd[f"{pre}visual_encoder.adapters.{s}.blocks.0.attn.logit_scale"].data_ptr() == sd[first].data_ptr()
+        for s in found)
     # taps: the CLIP block whose frozen in_proj_weight each adapter aliases
     taps: list[int | None] = []
     for s in range(len(found)):
@@ -209,13 +246,18 @@ def _adapter_config(sd: dict[str, torch.Tensor], pre: str, clip: dict[str, torch
                     match = int(m.group(1))
                     break
         taps.append(match)
-    return cfg, taps, len(found)
+    return _Adapters(tuple(stages), shared, tuple(taps), tuple(mlp_layers))
 
 
 def import_checkpoint(
     path: str | Path, taps: list[int] | None = None, text_heads: int | None = None, temperature: float = 0.07,
+    value_only: bool = True,
 ) -> ImportedCheckpoint:
-    """Official SOWA checkpoint -> SowaModel (eval, float32, text vectors computed) + provenance."""
+    """Official SOWA checkpoint -> SowaModel (eval, float32, text vectors computed) + provenance.
+
+    Per-stage adapters (windows, depths, heads, hidden MLPs may differ), a shared adapter module and the MLP's
+    layers are read from the tensors; `value_only` cannot be (the research code saves no `net` arguments), so it
+    is given, as `--qk-attention` does. The research code's `filter` is read from its hyper-parameters."""
     path = Path(path)
     ckpt = read_checkpoint(path)
     sd: dict[str, torch.Tensor] = ckpt["state_dict"]
@@ -223,13 +265,28 @@ def import_checkpoint(
     clip = _clip_state(sd, pre)
     model_config = infer_clip_config(clip, text_heads)
     grid = model_config["vision_cfg"]["image_size"] // model_config["vision_cfg"]["patch_size"]
-    adapter_cfg, alias_taps, n_adapters = _adapter_config(sd, pre, clip, grid, path)
-    taps = _choose_taps(taps, alias_taps, n_adapters, model_config["vision_cfg"]["layers"], path)
+    found = _adapter_config(sd, pre, clip, grid, value_only, path)
+    n_adapters = len(found.stages)
+    alias = found.alias_taps
+    if found.shared or (None not in alias and len(set(alias)) < len(alias)):
+        alias = (None,) * n_adapters  # one block aliased by every stage says nothing about the taps
+    taps = _choose_taps(taps, list(alias), n_adapters, model_config["vision_cfg"]["layers"], path)
+    blocks = set(found.alias_taps) - {None}
+    if found.shared and blocks and blocks != {taps[0]}:
+        raise CheckpointError(f"{path}: the shared adapter uses CLIP block {sorted(blocks)[0]}'s projections; this "
+                              f"implementation uses the first tap's ({taps[0]}): pass --taps starting with it")
+    if not found.shared and None not in found.alias_taps and len(blocks) < n_adapters:
+        raise CheckpointError(f"{path}: separate adapters that alias the same CLIP block are not supported")
     prompt, prompts_are_default = _prompt_config(sd, pre, path)
+    hparams = ckpt.get("hyper_parameters")
+    use_filter = hparams.get("filter", True) if isinstance(hparams, dict) else True
+    stages = found.stages
+    same = len(set(stages)) == 1
     try:
         cfg = ModelConfig(
             backbone=BackboneConfig(model_config=model_config, arch=_known_arch(model_config), weights="bundle"),
-            taps=tuple(taps), adapter=adapter_cfg, prompt=prompt, temperature=temperature,
+            taps=tuple(taps), adapter=stages[0], adapters=() if same else stages, share_weight=found.shared,
+            prompt=prompt, temperature=temperature, filter=use_filter if isinstance(use_filter, bool) else True,
         )
     except ConfigError as e:
         raise CheckpointError(f"{path}: inferred configuration is invalid: {e}") from None
@@ -239,7 +296,7 @@ def import_checkpoint(
     except RuntimeError as e:
         raise CheckpointError(f"{path}: CLIP weights do not fit the inferred architecture: "
                               f"{str(e).splitlines()[0]}") from None
-    _load_sowa_state(model, _sowa_state(sd, pre), path)
+    _load_sowa_state(model, _sowa_state(sd, pre, found), path)
     model.refresh_text()
     provenance = {
         "source": "import-checkpoint",
@@ -295,9 +352,15 @@ def _prompt_config(sd: dict[str, torch.Tensor], pre: str, path: Path) -> tuple[P
     return prompt, prompts_are_default
 
 
-def _sowa_state(sd: dict[str, torch.Tensor], pre: str) -> dict[str, torch.Tensor]:
+def _mlp_name(layers: tuple[int, ...], index: int) -> str:
+    """This implementation's name of the research MLP's `layers.{index}` (see `adapter.block_mlp`): `mlp` for a
+    single linear; else linear k is `mlp.{2k}` (its Dropouts, inactive at inference, are not kept)."""
+    return "mlp" if len(layers) == 1 else f"mlp.{2 * layers.index(index)}"
+
+
+def _sowa_state(sd: dict[str, torch.Tensor], pre: str, found: _Adapters) -> dict[str, torch.Tensor]:
     """Adapters, prompt contexts and fusion under this implementation's names; aliases and derived buffers
-    dropped."""
+    dropped; a shared adapter once."""
     own: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if key.startswith(pre + "visual_encoder.adapters."):
@@ -305,7 +368,13 @@ def _sowa_state(sd: dict[str, torch.Tensor], pre: str) -> dict[str, torch.Tensor
             if re.search(r"\.attn\.(qkv|proj\.weight|proj\.bias|relative_coords_table|relative_position_index)$",
                          name) or name.endswith(".attn_mask"):
                 continue  # frozen CLIP aliases and derived buffers
-            own[name.replace(".mlp.layers.0.", ".mlp.")] = value
+            stage = int(name.split(".")[1])
+            if found.shared and stage > 0:
+                continue  # the same tensors as stage 0's
+            m = re.search(r"\.mlp\.layers\.(\d+)\.", name)
+            if m:
+                name = name.replace(m.group(0), f".{_mlp_name(found.mlp_layers[stage], int(m.group(1)))}.")
+            own[name] = value
         elif key.startswith(pre + "prompt_learner.") and re.search(r"\.(ctx_pos|ctx_neg|tokenized_prompts_pos|"
                                                                     r"tokenized_prompts_neg)$", key):
             own[key[len(pre):]] = value
@@ -328,8 +397,9 @@ def _load_sowa_state(model: SowaModel, own: dict[str, torch.Tensor], path: Path)
 
 
 def import_to_bundle(ckpt: Path, out: Path, taps: list[int] | None = None, text_heads: int | None = None,
-                     temperature: float = 0.07, force: bool = False) -> BundleInfo:
+                     temperature: float = 0.07, force: bool = False, value_only: bool = True) -> BundleInfo:
     """`sowa import-checkpoint`: an official checkpoint written as a bundle at `out`."""
     check_output_dir(out, force)
-    imported = import_checkpoint(ckpt, taps=taps, text_heads=text_heads, temperature=temperature)
+    imported = import_checkpoint(ckpt, taps=taps, text_heads=text_heads, temperature=temperature,
+                                 value_only=value_only)
     return save_bundle(imported.model, out, {**provenance_base("import-checkpoint"), **imported.provenance})

@@ -14,12 +14,16 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--taps", type=int_list, help="tapped block indices, e.g. 5,11,17,23 (default: inferred)")
     c.add_argument("--text-heads", type=int, help="text tower heads (default: width // 64, the OpenAI rule)")
     c.add_argument("--temperature", type=float, default=0.07, help="image-level softmax temperature (0.07)")
+    c.add_argument("--qk-attention", action="store_true",
+                   help="the adapters were trained with value_only=false (query-key attention); checkpoints do not "
+                        "say")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
 
 
 def run(args: argparse.Namespace) -> int:
     from model.checkpoint_import import import_to_bundle
 
-    info = import_to_bundle(args.checkpoint, args.out, args.taps, args.text_heads, args.temperature, args.force)
+    info = import_to_bundle(args.checkpoint, args.out, args.taps, args.text_heads, args.temperature, args.force,
+                            value_only=not args.qk_attention)
     print(f"wrote {info.path} (taps {list(info.config.taps)}, arch {info.config.backbone.arch or 'custom'})")
     return 0

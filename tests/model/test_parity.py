@@ -3,8 +3,8 @@
 Every directory under `tests/data/golden/` holding an `expected.npz` is a case (checkpoint, shots/, test/,
 expected.npz, case.json), and so is every one under the directories named in `SOWA_GOLDEN_DIRS` (separated by
 the path separator), so further cases (production geometry, shifted windows) are added without code. A case's
-`case.json` may name `text_heads`: head counts cannot be read from weights, so the import is told, as
-`--text-heads` does.
+`case.json` may name `text_heads` and `value_only`: neither can be read from weights, so the import is told, as
+`--text-heads` and `--qk-attention` do.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     bundle = tmp_path_factory.mktemp(case.name) / "bundle"
     spec = json.loads((case / "case.json").read_text()) if (case / "case.json").is_file() else {}
     heads = ["--text-heads", str(spec["text_heads"])] if spec.get("text_heads") else []
-    assert main(["import-checkpoint", str(ckpt), "--out", str(bundle), *heads]) == 0
+    qk = ["--qk-attention"] if spec.get("value_only") is False else []  # checkpoints do not say
+    assert main(["import-checkpoint", str(ckpt), "--out", str(bundle), *heads, *qk]) == 0
     return case, bundle
 
 
