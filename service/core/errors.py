@@ -23,6 +23,8 @@ __all__ = [
     "NotReadyError",
     "PayloadTooLargeError",
     "QueueFullError",
+    "RecordNotFoundError",
+    "RecordsUnavailableError",
     "ResultNotFoundError",
     "ShotNotFoundError",
     "SowaError",
@@ -61,6 +63,10 @@ class ClassNotFoundError(SowaError):
 
 class ResultNotFoundError(SowaError):
     status, code = 404, "result_not_found"
+
+
+class RecordNotFoundError(SowaError):
+    status, code = 404, "record_not_found"
 
 
 class ShotNotFoundError(SowaError):
@@ -107,6 +113,10 @@ class NotReadyError(SowaError):
 
 class StoreUnavailableError(SowaError):
     status, code = 503, "store_unavailable"  # the class store is down: registrations wait, predictions go on
+
+
+class RecordsUnavailableError(SowaError):
+    status, code = 503, "records_unavailable"  # unrecordable="503": the spool is full and the store unreachable
 
 
 class InsufficientStorageError(SowaError):

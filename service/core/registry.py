@@ -43,6 +43,7 @@ from .errors import (
     TooManyClassesError,
     UnprocessableError,
 )
+from .records.record import shots_revision
 from .results import thumbnail_jpeg
 from .store.base import ClassRecord, ClassStore
 
@@ -68,6 +69,11 @@ class ClassEntry:
     def calibration(self) -> Calibration:
         cal = self.memory.calibration
         return cal if self.threshold_override is None else cal.with_threshold(self.threshold_override)
+
+    @property
+    def revision(self) -> str:
+        """Which calibration scores the class's parts (records name it): a digest of its shots."""
+        return shots_revision(self.shots)
 
     @property
     def serving_memory(self) -> ClassMemory:

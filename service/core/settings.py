@@ -69,6 +69,25 @@ class Settings(BaseSettings):
     results_max_mb: float = Field(128.0, ge=0, description="bytes of all kept results (thumbnails, uploads)")
     results_max_image_mb: float = Field(4.0, ge=0, description="an upload larger than this is kept without its "
                                         "image (it cannot become a shot by its id)")
+    # inspection records (service/core/records/, docs/records.md)
+    records: bool = Field(True, description="record every image scored against a class (record=false on /predict "
+                          "skips one request; keep=true records it whatever this says)")
+    records_dir: Path | None = Field(None, description="where the record database, images and spool live (default: "
+                                     "data_dir/records; with a PostgreSQL store only the spool and it holds records "
+                                     "in its database)")
+    record_sample_passed: int = Field(100, ge=0, description="keep the image and thumbnail of 1 in N passed parts "
+                                      "(0: none); flagged parts' are always kept")
+    record_images_max_mb: float = Field(2048.0, ge=0, description="bytes of kept images and thumbnails; the oldest "
+                                        "go first beyond it (their records stay)")
+    record_images_max_age_days: float = Field(30.0, gt=0, description="kept images older than this go")
+    records_max_age_days: float = Field(365.0, gt=0, description="records older than this go")
+    records_max_count: int = Field(10_000_000, ge=1, description="records at most; the oldest go first")
+    record_spool_max_mb: float = Field(256.0, gt=0, description="bytes the local spool may hold while the record "
+                                       "store cannot be written; past it a record is not kept (see unrecordable)")
+    records_sweep_s: float = Field(60.0, gt=0, description="how often retention runs")
+    unrecordable: Literal["answer", "503"] = Field("answer", description="a prediction whose record cannot be kept "
+                                                  "(spool full, store unreachable): answer anyway, saying "
+                                                  "record_kept=false, or refuse it with 503")
     # the HTTP server's own limits (service/http/server_config.py, service/http/guard.py): the service faces
     # clients directly when nothing sits in front of it
     header_timeout_s: float = Field(10.0, gt=0, description="time a request has to send its request line and "
@@ -90,7 +109,8 @@ class Settings(BaseSettings):
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got '{v}'")
         return v.lower()
 
-    @field_validator("api_key", "bank_device_budget_mb", "compile_mode", "workers", "store", mode="before")
+    @field_validator("api_key", "bank_device_budget_mb", "compile_mode", "workers", "store", "records_dir",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if v in ("", None) else v  # compose passes SOWA_X="" when none is configured
@@ -142,6 +162,11 @@ class Settings(BaseSettings):
         if self.device == "cpu" or not torch.cuda.is_available():
             return 1
         return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+    @property
+    def records_path(self) -> Path:
+        """Where the records live on this host: `records_dir`, or data_dir/records."""
+        return self.records_dir if self.records_dir is not None else self.data_dir / "records"
 
     @property
     def store_url(self) -> str:

@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 if TYPE_CHECKING:
     from .bank_residency import ResidencyStats
     from .records.drift import DriftMonitor
+    from .records.recorder import Recorder
     from .store import ClassStore
 
 __all__ = ["CONTENT_TYPE_LATEST", "Telemetry"]
@@ -82,8 +83,31 @@ class Telemetry:
         for at most the monitor's `max_classes` most recently active classes."""
         self.registry.register(_DriftCollector(monitor))
 
+    def track_records(self, recorder: Recorder) -> None:
+        """Inspection records (service/core/records/recorder.py), read at scrape time: written to the store, not
+        kept (past the spool's bound), waiting in the spool (records and bytes), whether the store is writable."""
+        self.registry.register(_RecordsCollector(recorder))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RecordsCollector:
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.recorder
+        yield CounterMetricFamily("sowa_records_written", "inspection records written to the record store",
+                                  value=r.stats.written)
+        yield CounterMetricFamily("sowa_records_not_kept", "inspection records not kept: the spool was full (the "
+                                  "store unreachable) or could not be written", value=r.stats.not_kept)
+        yield GaugeMetricFamily("sowa_records_spooled", "records in the local spool, not yet in the store",
+                                value=r.spooled)
+        yield GaugeMetricFamily("sowa_records_spool_bytes", "bytes of records in the local spool",
+                                value=r.spool_bytes)
+        yield GaugeMetricFamily("sowa_records_store_up", "1 while the record store can be written",
+                                value=1.0 if r.error is None and r.store is not None else 0.0)
 
 
 class _BankCollector:

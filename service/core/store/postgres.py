@@ -1,7 +1,7 @@
 """PostgresStore: classes as rows in PostgreSQL, shared by replicas on any host, changes pushed by LISTEN/NOTIFY.
 
-Schema (SCHEMA_VERSION 2, created and migrated by the service on start, see `MIGRATIONS`; version 2 adds the keys
-and the audit trail, service/core/access/postgres.py):
+Schema (SCHEMA_VERSION 3, created and migrated by the service on start, see `MIGRATIONS`; version 2 adds the keys
+and the audit trail, service/core/access/postgres.py; version 3 the inspection records, service/core/records/):
 
     sowa_meta(key, value)          'schema_version' -> the version the tables are at
     sowa_classes                   name (primary key), shots (sha256 array, registration order), bundle
@@ -93,6 +93,26 @@ MIGRATIONS: dict[int, str] = {
             target text NOT NULL, before jsonb, after jsonb
         );
         CREATE INDEX sowa_audit_time ON sowa_audit (time);
+    """,
+    # inspection records (service/core/records/postgres.py): numbers per row, images content-addressed
+    3: """
+        CREATE TABLE sowa_records (
+            id text PRIMARY KEY, time double precision NOT NULL, class_name text NOT NULL, revision text NOT NULL,
+            model text NOT NULL, threshold double precision NOT NULL, threshold_per_request boolean NOT NULL,
+            score double precision NOT NULL, normalized_score double precision NOT NULL,
+            text_score double precision NOT NULL, is_anomalous boolean NOT NULL, filename text NOT NULL,
+            width integer NOT NULL, height integer NOT NULL, regions text NOT NULL, part_id text, station text,
+            tags text NOT NULL, image_sha256 text, thumbnail_sha256 text, image_bytes bigint NOT NULL,
+            review text, review_note text, reviewed_by text, reviewed_at double precision
+        );
+        CREATE INDEX sowa_records_class ON sowa_records (class_name, id);
+        CREATE INDEX sowa_records_part ON sowa_records (part_id) WHERE part_id IS NOT NULL;
+        CREATE INDEX sowa_records_time ON sowa_records (time);
+        CREATE INDEX sowa_records_images ON sowa_records (id) WHERE image_sha256 IS NOT NULL;
+        CREATE INDEX sowa_records_image ON sowa_records (image_sha256) WHERE image_sha256 IS NOT NULL;
+        CREATE INDEX sowa_records_thumb ON sowa_records (thumbnail_sha256) WHERE thumbnail_sha256 IS NOT NULL;
+        CREATE INDEX sowa_records_reviewed ON sowa_records (class_name, id) WHERE review IS NOT NULL;
+        CREATE TABLE sowa_record_blobs (digest text PRIMARY KEY, data bytea NOT NULL);
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
