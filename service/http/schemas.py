@@ -10,7 +10,8 @@ __all__ = ["AuditEventOut", "AuditPage", "CalibrationOut", "ClassInfo", "ClassLi
            "Deleted", "FromResults",
            "FromResultsResponse", "Heatmap", "Histogram", "ImageResultOut", "KeptResultList", "KeptResultOut",
            "KeyCreated", "KeyInfo", "KeyList", "KeyRequest", "Me", "ModelInfo", "PredictResponse", "PreviousState",
-           "ReadyInfo", "RecentScore", "Region", "ShotList", "ShotRef", "ShotScore", "ThresholdUpdate"]
+           "ReadyInfo", "RecentScore", "RecordList", "RecordOut", "Region", "ReviewRequest", "ShotList", "ShotRef",
+           "ShotScore", "ThresholdUpdate"]
 
 
 class Heatmap(BaseModel):
@@ -38,7 +39,11 @@ class ImageResultOut(BaseModel):
     is_anomalous: bool
     heatmap: Heatmap | None = None
     regions: list[Region] = Field(default_factory=list, description="connected areas above the pixel threshold")
-    result_id: str | None = Field(None, description="id of the kept result (keep=true), else null")
+    result_id: str | None = Field(None, description="id of the kept result (keep=true: the record's id), else null")
+    record_id: str | None = Field(None, description="the inspection record's id (GET /records/{id}); null when not "
+                                  "recorded (zero-shot, record=false) or not kept")
+    record_kept: bool | None = Field(None, description="false: this image's record could not be kept (the record "
+                                     "store unreachable and the spool full); null: not recorded")
 
 
 class ModelInfo(BaseModel):
@@ -129,7 +134,7 @@ class ReadyInfo(BaseModel):
 
 # -- the console's API: kept results, shots, the numbers behind a threshold ------------------------------------
 class KeptResultOut(BaseModel):
-    id: str
+    id: str = Field(description="the record's id")
     class_name: str
     filename: str
     width: int
@@ -281,3 +286,48 @@ class AuditEventOut(BaseModel):
 class AuditPage(BaseModel):
     events: list[AuditEventOut] = Field(description="newest first")
     next: str | None = Field(description="pass as `after` for the next (older) page; null on the last")
+
+
+# -- inspection records (service/http/routes/records.py) ---------------------------------------------------------------
+class RecordOut(BaseModel):
+    id: str = Field(description="time-ordered: ids sort as the parts were scored")
+    time: float = Field(description="unix time it was scored")
+    class_name: str
+    revision: str = Field(description="the class's shots it was scored against (a digest; GET /classes/{name} "
+                          "names the current one)")
+    model: str = Field(description="the bundle fingerprint: which model scored it")
+    threshold: float = Field(description="the threshold in force for it")
+    threshold_per_request: bool = Field(description="the threshold was the request's own, not the class's")
+    score: float
+    normalized_score: float
+    text_score: float
+    is_anomalous: bool
+    verdict: Literal["pass", "fail"]
+    filename: str
+    width: int
+    height: int
+    regions: list[Region]
+    part_id: str | None
+    station: str | None
+    tags: list[str]
+    image_kept: bool = Field(description="the upload is kept: GET /records/{id}/image")
+    thumbnail_kept: bool = Field(description="the heatmap thumbnail is kept: GET /records/{id}/thumbnail")
+    image_sha256: str | None
+    thumbnail_sha256: str | None
+    image_bytes: int = Field(description="bytes of the kept image and thumbnail")
+    review: Literal["good", "defective"] | None = Field(description="what a reviewer said; null until reviewed")
+    review_note: str | None
+    reviewed_by: str | None = Field(description="the key that reviewed it")
+    reviewed_at: float | None
+
+
+class RecordList(BaseModel):
+    records: list[RecordOut] = Field(description="newest first")
+    next: str | None = Field(description="pass as `before` for the next page; null on the last")
+
+
+class ReviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Literal["good", "defective"] = Field(description="what the part really is")
+    note: str | None = Field(None, max_length=1000, description="free text, shown as text")
