@@ -78,6 +78,8 @@ class AdapterConfig:
             hidden = ()
         elif _is_int(hidden):
             hidden = (hidden,)
+        elif not isinstance(hidden, (list, tuple)):
+            raise ConfigError(f"adapter hidden_features must be positive integers, got {hidden!r}")
         object.__setattr__(self, "hidden_features", tuple(hidden))
         for name in ("window_size", "depth", "num_heads", "cpb_dim"):
             if not _is_int(getattr(self, name)):
