@@ -102,7 +102,8 @@ class DriftMonitor:
         self._lock = threading.Lock()
 
     def refresh(self, active: ActiveClasses, recent_passed: RecentPassed, reference: Reference) -> None:
-        """Recompute every figure (blocking: run it in a thread). A class that fails to read keeps no figure."""
+        """Recompute every figure (blocking: run it in a thread). A read that raises leaves the last figures as
+        they were (the caller logs it and tries again next time)."""
         figures: dict[str, ClassDrift] = {}
         for name in list(active(self.max_classes))[:self.max_classes]:
             ref = reference(name)

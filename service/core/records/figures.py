@@ -9,14 +9,15 @@ from before and after one count alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .drift import DEFAULT_MIN_RECENT, DEFAULT_WINDOW, drift_series, ks_drift
+from .drift import DEFAULT_MIN_RECENT, DEFAULT_WINDOW, DriftMonitor, drift_series, ks_drift
 from .quality import report
 
-__all__ = ["DRIFT_WINDOWS", "MAX_REVIEWED", "PassedPart", "RecordReads", "ReviewedPart", "class_figures"]
+__all__ = ["DRIFT_WINDOWS", "MAX_REVIEWED", "PassedPart", "RecordReads", "ReviewedPart", "class_figures",
+           "refresh_drift"]
 
 MAX_REVIEWED = 100_000  # the newest reviewed parts of a class that count: 1.6 MB of numbers at most
 DRIFT_WINDOWS = 24  # points on the drift chart
@@ -64,3 +65,27 @@ def class_figures(reads: RecordReads, class_name: str, calibration: str, thresho
             "series": drift_series(class_name, shot_scores, threshold, times, scores, window, DEFAULT_MIN_RECENT),
         },
     }
+
+
+# a class as drift needs it: its revision (records.record.shots_revision), shot scores and threshold in force; None
+# when it is gone
+ClassReference = Callable[[str], "tuple[str, Sequence[float], float] | None"]
+
+
+def refresh_drift(monitor: DriftMonitor, reads: RecordReads, active: Callable[[int], Sequence[str]],
+                  reference: ClassReference) -> None:
+    """One refresh of `monitor` from the records (blocking: the runtime runs it in a thread every minute): the
+    passed parts of each recently active class scored with its current calibration, against its shots."""
+    revisions: dict[str, str] = {}
+
+    def shots(name: str) -> tuple[Sequence[float], float] | None:
+        ref = reference(name)
+        if ref is None:
+            return None
+        revisions[name] = ref[0]
+        return ref[1], ref[2]
+
+    def recent(name: str, limit: int) -> list[float]:
+        return [p.score for p in reads.passed_parts(name, limit) if p.calibration == revisions[name]]
+
+    monitor.refresh(active, recent, shots)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from service.core.records.figures import PassedPart, ReviewedPart, class_figures
+from service.core.records.drift import DriftMonitor
+from service.core.records.figures import PassedPart, ReviewedPart, class_figures, refresh_drift
 
 
 @dataclass
@@ -44,3 +45,16 @@ def test_no_records_no_figures() -> None:
     f = class_figures(Records(), "a", "r1", 0.5, [0.1, 0.2])
     assert f["reviewed"] == 0 and f["suggested"] is None and f["at_threshold"]["f1"] is None
     assert f["drift"] == {"window": 200, "min_parts": 30, "ks": None, "p_value": None, "parts": 0, "series": []}
+
+
+def test_refresh_drift_reads_the_current_calibration_of_each_active_class() -> None:
+    records = Records(passed=[PassedPart(float(t), 0.45, "r2") for t in range(40)]
+                      + [PassedPart(100.0 + t, 0.15, "r1") for t in range(40)])  # newer, but of the old shots
+    monitor = DriftMonitor(window=100, min_recent=30)
+    classes = {"a": ("r2", [0.1, 0.2], 0.5)}
+    refresh_drift(monitor, records, lambda n: ["gone", "a"], classes.get)
+    [figure] = monitor.figures()
+    assert (figure.class_name, figure.recent, figure.ks) == ("a", 40, 1.0)
+    classes["a"] = ("r3", [0.1, 0.2], 0.5)  # shots changed: no passed part scored with them yet
+    refresh_drift(monitor, records, lambda n: ["a"], classes.get)
+    assert monitor.figures() == []
