@@ -1,4 +1,4 @@
-"""What `sowa train` feeds the network: labelled images with masks, in a seeded order that resumes exactly.
+"""What `sowa train` feeds the network: labelled images with masks (training/data_module.py batches them).
 
 The reference trains on a dataset's *test* split (the one with anomalies and masks) of another domain than the
 one it is evaluated on (SOWA_SPEC.md §7.3); masks are binarised > 0 for training (§7.4).
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .datasets import DatasetError, Item, list_items, load_raw, transform
 
-__all__ = ["TrainSet", "augment", "dataset_digest", "epoch_order", "rank_share"]
+__all__ = ["TrainSet", "augment", "dataset_digest"]
 
 TRAIN_MASK_THRESHOLD = 0.0  # > 0 in training, > 0.5 at test time
 
@@ -109,20 +109,3 @@ def dataset_digest(items: Sequence[Item], root: Path) -> str:
         rows.append([str(i.image.relative_to(root)), i.image.stat().st_size, i.anomaly, i.cls_name,
                      str(i.mask.relative_to(root)) if i.mask else ""])
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-
-
-def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
-    """This rank's share of epoch `epoch`'s shuffled order of n items.
-
-    The permutation depends only on (seed, epoch), so a resumed run sees the same batches; like
-    DistributedSampler the order is padded by wrapping around so every rank gets the same number of steps.
-    """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    order += order[: rank_share(n, world) * world - n]
-    return order[rank::world]
-
-
-def rank_share(n: int, world: int = 1) -> int:
-    """Items each rank sees per epoch: n over the ranks, rounded up (the order wraps around to pad)."""
-    return -(-n // world)
