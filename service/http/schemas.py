@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["AuditEventOut", "AuditPage", "CalibrationOut", "ClassInfo", "ClassList", "ClassListItem", "ClassScores",
-           "Deleted", "FromResults",
-           "FromResultsResponse", "Heatmap", "Histogram", "ImageResultOut", "KeptResultList", "KeptResultOut",
-           "KeyCreated", "KeyInfo", "KeyList", "KeyRequest", "Me", "ModelInfo", "PredictResponse", "PreviousState",
-           "ReadyInfo", "RecentScore", "RecordList", "RecordOut", "Region", "ReviewRequest", "ShotList", "ShotRef",
-           "ShotScore", "ThresholdUpdate"]
+__all__ = ["AuditEventOut", "AuditPage", "CalibrationOut", "ClassInfo", "ClassList", "ClassListItem", "ClassQuality",
+           "ClassScores", "ConfusionOut", "Deleted", "DriftOut", "DriftPoint", "FromResults", "FromResultsResponse",
+           "Heatmap", "Histogram", "ImageResultOut", "KeptResultList", "KeptResultOut", "KeyCreated", "KeyInfo",
+           "KeyList", "KeyRequest", "Me", "ModelInfo", "PredictResponse", "PreviousState", "ReadyInfo", "RecentScore",
+           "RecordList", "RecordOut", "Region", "ReviewRequest", "ShotList", "ShotRef", "ShotScore",
+           "SuggestedThreshold", "ThresholdUpdate"]
 
 
 class Heatmap(BaseModel):
@@ -331,3 +331,54 @@ class ReviewRequest(BaseModel):
 
     verdict: Literal["good", "defective"] = Field(description="what the part really is")
     note: str | None = Field(None, max_length=1000, description="free text, shown as text")
+
+
+class ConfusionOut(BaseModel):
+    """What one threshold does on the reviewed parts; defective is positive, a rate is null where it divides by 0."""
+
+    threshold: float
+    tp: int = Field(description="defective parts flagged")
+    fp: int = Field(description="good parts flagged: false calls")
+    fn: int = Field(description="defective parts passed: escapes")
+    tn: int = Field(description="good parts passed")
+    escape_rate: float | None = Field(description="fn / (tp + fn)")
+    false_call_rate: float | None = Field(description="fp / (fp + tn)")
+    precision: float | None
+    recall: float | None
+    f1: float | None
+
+
+class SuggestedThreshold(ConfusionOut):
+    rule: Literal["best_f1", "escape_target"]
+
+
+class DriftPoint(BaseModel):
+    until: float = Field(description="time of the window's newest part (Unix seconds)")
+    parts: int
+    ks: float
+    p_value: float
+
+
+class DriftOut(BaseModel):
+    window: int = Field(description="passed parts per window")
+    min_parts: int = Field(description="fewer recent passed parts give no figure")
+    ks: float | None = Field(description="KS D of the last window against the shots' scores (0 alike, 1 apart)")
+    p_value: float | None
+    parts: int = Field(description="passed parts in the last window")
+    series: list[DriftPoint] = Field(description="consecutive windows, oldest first")
+
+
+class ClassQuality(BaseModel):
+    class_name: str
+    threshold: float = Field(description="the threshold in force")
+    calibrated_threshold: float
+    threshold_overridden: bool
+    reviewed: int = Field(description="reviewed parts scored with the current shots")
+    defective: int
+    good: int
+    other_calibration: int = Field(description="reviewed parts scored with earlier shots: left out")
+    escape_target: float | None
+    at_threshold: ConfusionOut
+    suggested: SuggestedThreshold | None = Field(description="null until a good and a defective part are reviewed")
+    best_f1: SuggestedThreshold | None
+    drift: DriftOut
