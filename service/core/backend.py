@@ -2,7 +2,8 @@
 
 check the class -> admit (429 before any decoding) -> read the uploads -> stage (decode within the limits,
 resize, onto the device or a worker's shared-memory slots) -> predict (batched, within the deadline) ->
-post-process (per-request threshold, regions; for `keep`, thumbnails and the kept results). The steps and their
+post-process (per-request threshold, regions) -> record (an inspection record per image scored against a class,
+on disk in the spool before the answer leaves: service/core/records/recorder.py). The steps and their
 errors are this one method; a subclass says only where the model is: `LocalBackend` in this process,
 `RemoteBackend` in an HTTP worker (service/workers/remote.py), which asks the engine process's LocalBackend over a
 socket. So one request answers the same in either topology; the HTTP layer only parses the request before and
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,9 +26,11 @@ import torch
 from .batcher import DynamicBatcher, WorkItem
 from .codecs import find_regions
 from .engine import Engine, ImageResult
-from .errors import DeadlineExceededError, UnprocessableError
+from .errors import DeadlineExceededError, SowaError, UnprocessableError
+from .records.record import Draft, Record, RecordMeta, Sampler, clean_filename
+from .records.recorder import Recorder
 from .registry import ClassRegistry
-from .results import KeptResult, ResultStore, make_kept, override_threshold
+from .results import heat_thumbnail, override_threshold
 from .staging import ImageStager
 from .uploads import DecodeBudget, ImageSource, PixelLimits, StagedBatch, Upload, stage_uploads
 
@@ -40,11 +44,17 @@ class ScoreOptions:
     class_name: str | None = None  # None: zero-shot
     threshold: float | None = None  # this request's threshold on the raw score, instead of the class's
     need_maps: bool = True  # the answer encodes a heatmap: every map comes to the host, not only those with regions
-    keep: bool = False  # keep the results (numbers, thumbnail, the upload) for the console
+    keep: bool = False  # record the results with their thumbnail and upload whatever the sampling, for the console
+    record: bool | None = None  # record this request's images (None: as the service is set; keep=true: always)
+    meta: RecordMeta = field(default_factory=RecordMeta)  # the client's part_id, station, tags for the records
 
     def check(self) -> None:
         if self.keep and not self.class_name:
             raise UnprocessableError("keep=true needs a class_name: kept results belong to a class")
+
+    def records(self, default: bool) -> bool:
+        """Whether this request's images are recorded: only against a class (zero-shot scores are no inspection)."""
+        return bool(self.class_name) and (self.keep or (default if self.record is None else self.record))
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,13 @@ class ScoredImage:
     source: ImageSource
     result: ImageResult
     regions: list[dict[str, Any]] = field(default_factory=list)
-    result_id: str | None = None  # the kept result's id (keep=true)
+    record_id: str | None = None  # the inspection record's id (None: not recorded, or not kept)
+    record_kept: bool | None = None  # None: not recorded (record=false, zero-shot); False: its record was not kept
+
+    @property
+    def result_id(self) -> str | None:
+        """keep=true's id for the console: the record's."""
+        return self.record_id
 
 
 @dataclass(frozen=True)
@@ -65,18 +81,21 @@ class Scored:
 class Backend(ABC):
     image_size: int
     stager: ImageStager  # puts a request's resized images where `predict` reads them
+    recording: bool = True  # the service's default for `ScoreOptions.record`
+    sampler: Sampler = Sampler(0)  # which passed parts keep their images (set by each backend)
 
     async def score(self, read: Callable[[], Awaitable[Sequence[Upload]]], options: ScoreOptions, timeout_s: float,
                     limits: PixelLimits, budget: DecodeBudget, max_image_bytes: int = 0) -> Scored:
         """One request's results. `read` gives the uploads' bytes; it is called only once the class is known to
         exist, so an unknown class costs no reading. `timeout_s` bounds the wait for the device;
-        `max_image_bytes`: a kept upload larger than this is kept without its image."""
+        `max_image_bytes`: a recorded upload larger than this is recorded without its image."""
         options.check()
+        recording = options.records(self.recording)
         if options.class_name:
             await self.check_class(options.class_name)  # 404 (422 for a malformed name) before any work
         uploads = await read()
         self.admit(len(uploads))  # 429 before decoding: overload costs no decoding
-        batch = await stage_uploads(uploads, limits, self.stager, budget, thumbnails=options.keep)
+        batch = await stage_uploads(uploads, limits, self.stager, budget, thumbnails=recording)
         deadline = time.monotonic() + timeout_s
         need_maps = options.need_maps or options.keep
         try:
@@ -85,10 +104,13 @@ class Backend(ABC):
         except asyncio.TimeoutError:  # not the builtin before Python 3.11
             raise DeadlineExceededError(f"no result within {timeout_s:g} s") from None
         results = [override_threshold(r, options.threshold) for r in results]
-        images, kept = await asyncio.to_thread(_finish, batch, uploads, results, options, max_image_bytes)
-        if kept:
-            await self.keep(kept)
-        return Scored(options.class_name, images, self.describe())
+        model = self.describe()
+        images, drafts = await asyncio.to_thread(_finish, batch, uploads, results, options, recording,
+                                                 max_image_bytes, self.sampler, str(model.get("fingerprint", "")))
+        if drafts:
+            ids = await self.record(drafts)
+            images = [replace(im, record_id=i, record_kept=i is not None) for im, i in zip(images, ids, strict=True)]
+        return Scored(options.class_name, images, model)
 
     @abstractmethod
     async def check_class(self, name: str) -> None:
@@ -105,8 +127,8 @@ class Backend(ABC):
         the maps that can hold a region come to the host."""
 
     @abstractmethod
-    async def keep(self, kept: Sequence[KeptResult]) -> None:
-        """Keep results for the console (where the kept results live)."""
+    async def record(self, drafts: Sequence[Draft]) -> list[str | None]:
+        """Spool the records (where the record store lives); each one's id, or None where it was not kept."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
@@ -114,29 +136,42 @@ class Backend(ABC):
 
 
 def _finish(batch: StagedBatch, uploads: Sequence[Upload], results: list[ImageResult], options: ScoreOptions,
-            max_image_bytes: int) -> tuple[list[ScoredImage], list[KeptResult]]:
-    """Regions and, for `keep`, the kept results (CPU work: a worker thread, in the process that decoded)."""
-    images, kept = [], []
+            recording: bool, max_image_bytes: int, sampler: Sampler, model: str
+            ) -> tuple[list[ScoredImage], list[Draft]]:
+    """Regions and, when recording, the records' drafts with the images the policy keeps (flagged parts, a sample
+    of the passed, every one with keep=true): CPU work, a worker thread in the process that decoded."""
+    images, drafts = [], []
+    now = time.time()
     for i, (src, r) in enumerate(zip(batch.sources, results, strict=True)):
         regions = (find_regions(r.anomaly_map, r.pixel_threshold, src.width, src.height)
                    if r.anomaly_map is not None and r.may_hold_regions else [])
-        result_id = None
-        if options.keep and options.class_name:
-            k = make_kept(options.class_name, src, uploads[i][1], batch.thumbnails[i], r, regions, max_image_bytes)
-            kept.append(k)
-            result_id = k.id
-        images.append(ScoredImage(src, r, regions, result_id))
-    return images, kept
+        images.append(ScoredImage(src, r, regions))
+        if not recording or not options.class_name:
+            continue
+        image = thumb = None
+        data = uploads[i][1]
+        if (options.keep or sampler.keeps(r.is_anomalous)) and batch.thumbnails and batch.thumbnails[i] is not None:
+            thumb = heat_thumbnail(batch.thumbnails[i], r.anomaly_map, 2.0 * r.pixel_threshold)
+            image = data if len(data) <= max_image_bytes else None
+        meta = options.meta
+        drafts.append(Draft(Record(
+            id="", time=now, class_name=options.class_name, revision="", model=model, threshold=r.threshold,
+            threshold_per_request=options.threshold is not None, score=r.score, normalized_score=r.normalized_score,
+            text_score=r.text_score, is_anomalous=r.is_anomalous, filename=clean_filename(src.name), width=src.width,
+            height=src.height, regions=regions, part_id=meta.part_id, station=meta.station, tags=meta.tags,
+            image_sha256=None if image is None else hashlib.sha256(image).hexdigest(),
+            thumbnail_sha256=None if thumb is None else hashlib.sha256(thumb).hexdigest(),
+            image_bytes=len(image or b"") + len(thumb or b"")), image, thumb))
+    return images, drafts
 
 
 class LocalBackend(Backend):
-    """The model in this process: the class's memory from the registry, the batcher, the engine, the kept
-    results."""
+    """The model in this process: the class's memory from the registry, the batcher, the engine, the records."""
 
     def __init__(self, engine: Engine, stager: ImageStager, registry: ClassRegistry, batcher: DynamicBatcher,
-                 results: ResultStore) -> None:
+                 recorder: Recorder, recording: bool = True, sampler: Sampler | None = None) -> None:
         self.engine, self.stager, self.registry, self.batcher = engine, stager, registry, batcher
-        self.results = results
+        self.recorder, self.recording, self.sampler = recorder, recording, sampler or Sampler(0)
         self.image_size = engine.image_size
 
     async def check_class(self, name: str) -> None:
@@ -164,9 +199,20 @@ class LocalBackend(Backend):
                     await asyncio.wait_for(asyncio.shield(item.released.wait()), limit)
             raise
 
-    async def keep(self, kept: Sequence[KeptResult]) -> None:
-        for k in kept:
-            self.results.add(k)
+    async def record(self, drafts: Sequence[Draft]) -> list[str | None]:
+        """Spool the records, each naming its class's revision now (the shots it was scored against: a class
+        changed between the batch and this moment is the rare case where it names the newer one)."""
+        revisions: dict[str, str] = {}
+        named = []
+        for d in drafts:
+            name = d.record.class_name
+            if name not in revisions:
+                try:
+                    revisions[name] = self.registry.get(name).revision
+                except SowaError:  # deleted meanwhile: the record stays, its revision unknown
+                    revisions[name] = ""
+            named.append(replace(d, record=replace(d.record, revision=revisions[name])))
+        return await self.recorder.record(named)
 
     def describe(self) -> dict[str, Any]:
         return self.engine.describe()

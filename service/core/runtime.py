@@ -22,8 +22,10 @@ from .backend import Backend, LocalBackend
 from .batcher import DynamicBatcher
 from .engine import Engine
 from .errors import NotReadyError, SowaError
+from .records.open import open_recorder
+from .records.record import Sampler
+from .records.recorder import Recorder
 from .registry import ClassRegistry
-from .results import ResultStore
 from .settings import Settings
 from .staging import ImageStager
 from .store import ClassStore, open_store
@@ -123,8 +125,7 @@ class LocalRuntime(Runtime):
     def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
         super().__init__(settings, telemetry or Telemetry())
         s = settings
-        self.results = ResultStore(s.results_per_class, s.results_max_classes, int(s.results_max_mb * 2**20),
-                                   int(s.results_max_image_mb * 2**20))  # keep=true, in memory, bounded
+        self.records: Recorder = open_recorder(s)  # inspection records: spool here, store beside the classes
         self.engine: Engine | None = None
         self.store: ClassStore | None = None
         self._registry: ClassRegistry | None = None
@@ -187,6 +188,7 @@ class LocalRuntime(Runtime):
         try:
             await self.open_access()
             self._audit_upkeep = asyncio.create_task(self._keep_audit())
+            await asyncio.to_thread(self.records.start)  # takes up what the last run left in the spool
             budget = None if s.bank_device_budget_mb is None else int(s.bank_device_budget_mb * 2**20)
             engine = self.engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype, budget,
                                                            s.compile_mode, s.max_batch_size)
@@ -206,7 +208,9 @@ class LocalRuntime(Runtime):
             t.track_banks(engine.banks.stats)
             t.track_store(store)
             batcher = self.batcher = DynamicBatcher(engine.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, t)
-            self.local = self._backend = LocalBackend(engine, stager, registry, batcher, self.results)
+            t.track_records(self.records)
+            self.local = self._backend = LocalBackend(engine, stager, registry, batcher, self.records, s.records,
+                                                      Sampler(s.record_sample_passed))
             batcher.start()
             if s.sync_interval_s > 0:
                 self._sync = asyncio.create_task(registry.follow(s.sync_interval_s))
@@ -237,5 +241,6 @@ class LocalRuntime(Runtime):
             await self.batcher.close()
         if self.engine is not None:
             self.engine.close()
+        await asyncio.to_thread(self.records.close)  # after the queue drained: every answered record is spooled
         if self.store is not None:
             self.store.close()

@@ -12,13 +12,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..core.errors import SowaError
+from ..core.records.recorder import Recorder
 from ..core.registry import ClassRegistry
-from ..core.results import ResultStore
 from ..core.runtime import LocalRuntime, Runtime
 from ..core.settings import Settings
 from ..core.telemetry import Telemetry
 
-__all__ = ["LocalDep", "RegistryDep", "ResultsDep", "RuntimeDep", "ServingDep", "SettingsDep", "TelemetryDep",
+__all__ = ["LocalDep", "RecordsDep", "RegistryDep", "RuntimeDep", "ServingDep", "SettingsDep", "TelemetryDep",
            "runtime_of"]
 
 
@@ -57,8 +57,8 @@ async def _registry(local: Annotated[LocalRuntime, Depends(_local)]) -> ClassReg
     return local.registry  # 503 until the classes are restored
 
 
-async def _results(local: Annotated[LocalRuntime, Depends(_local)]) -> ResultStore:
-    return local.results
+async def _records(local: Annotated[LocalRuntime, Depends(_local)]) -> Recorder:
+    return local.records  # the records: the store and what is still in the spool
 
 
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
@@ -67,4 +67,4 @@ LocalDep = Annotated[LocalRuntime, Depends(_local)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 TelemetryDep = Annotated[Telemetry, Depends(_telemetry)]
 RegistryDep = Annotated[ClassRegistry, Depends(_registry)]
-ResultsDep = Annotated[ResultStore, Depends(_results)]
+RecordsDep = Annotated[Recorder, Depends(_records)]

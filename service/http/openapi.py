@@ -30,13 +30,14 @@ ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
     401: ("unauthorized: X-API-Key missing, wrong or revoked", ("WWW-Authenticate",)),
     403: ("forbidden: the key's role does not reach this operation, or the class is outside its pattern", ()),
     404: ("class_not_found: unknown class; result_not_found: no kept result with that id; shot_not_found: the "
-          "class has no shot with that hash", ()),
+          "class has no shot with that hash; record_not_found: no record with that id (or no kept image)", ()),
     409: ("class_damaged: the class is stored but damaged; replace its shots or delete it", ()),
     413: ("payload_too_large: body over max_request_bytes, or images over the pixel limits", ()),
     422: ("invalid_request: bad class name, field value, or too many images or shots", ()),
     429: ("queue_full: more images waiting than max_queue; too_many_failed_keys: this address sent too many wrong "
           "keys in the last minute", ("Retry-After",)),
-    503: ("not_ready: loading or shutting down; store_unavailable: the class store cannot be reached",
+    503: ("not_ready: loading or shutting down; store_unavailable: the class or record store cannot be reached; "
+          "records_unavailable: the inspection could not be recorded (unrecordable=503)",
           ("Retry-After",)),
     504: ("deadline_exceeded: no result within request_timeout_s", ()),
     507: ("insufficient_storage: the disk is full; nothing was changed", ("Retry-After",)),
@@ -44,7 +45,7 @@ ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
 _ANY = (400, 413)  # any request with a body may be malformed or too large
 # (method, path) -> the error statuses its route can answer, besides 401 (with a key) and 503 (not ready)
 _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
-    ("post", "/predict"): (*_ANY, 404, 409, 422, 429, 504),
+    ("post", "/predict"): (*_ANY, 404, 409, 422, 429, 504),  # 503 records_unavailable with unrecordable=503
     ("post", "/classes/{name}/shots"): (*_ANY, 409, 422, 507),
     ("get", "/classes"): (422,),
     ("get", "/classes/{name}"): (404, 409, 422),
@@ -58,6 +59,12 @@ _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/classes/{name}/shots/from-results"): (*_ANY, 404, 409, 422, 507),
     ("get", "/results/{result_id}"): (404, 422),
     ("get", "/results/{result_id}/thumbnail"): (404, 422),
+    # inspection records (service/http/routes/records.py)
+    ("get", "/records"): (403, 422), ("get", "/records/export"): (403, 422),
+    ("get", "/records/{record_id}"): (404, 422), ("get", "/records/{record_id}/image"): (404, 422),
+    ("get", "/records/{record_id}/thumbnail"): (404, 422),
+    ("post", "/records/{record_id}/review"): (*_ANY, 404, 422),
+    ("post", "/records/{record_id}/shot"): (*_ANY, 404, 409, 422, 507),
     ("get", "/auth/me"): (),
     ("get", "/keys"): (),
     ("post", "/keys"): (*_ANY, 409, 422, 507),

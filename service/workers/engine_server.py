@@ -1,5 +1,5 @@
 """EngineServer: the engine process's side of the worker socket. It serves the in-process backend (LocalBackend)
-to the workers' RemoteBackends: class checks, predictions, kept results.
+to the workers' RemoteBackends: class checks, predictions, records.
 
 Per connection (one worker): the engine says hello first (image size, the model, its queue counter), the worker
 answers with its slot segment, then requests flow. Each request runs as a task; its one reply is written when
@@ -17,9 +17,9 @@ from collections.abc import Awaitable
 
 from ..core.backend import LocalBackend
 from ..core.errors import ClientClosedError, SowaError, UnprocessableError
-from .protocol import Cancel, Check, Hello, Keep, Predict, Reply, parse, read_frame, to_frame
+from .protocol import Cancel, Check, Hello, Predict, Record, Reply, parse, read_frame, to_frame
 from .slots import SharedCounter, SlotSegment
-from .wire import error_to_wire, kept_from_wire, results_to_wire
+from .wire import drafts_from_wire, error_to_wire, results_to_wire
 
 __all__ = ["EngineServer"]
 
@@ -54,7 +54,7 @@ class EngineServer:
                 message = parse(frame)
                 if isinstance(message, Predict):
                     work = self._predict(message, segment)
-                elif isinstance(message, Check | Keep):
+                elif isinstance(message, Check | Record):
                     work = self._answer(message, frame.payload)
                 else:
                     if isinstance(message, Cancel) and message.id in tasks:
@@ -83,12 +83,11 @@ class EngineServer:
         rows, payload = results_to_wire(results, m.need_maps)
         return Reply(m.id, rows), payload
 
-    async def _answer(self, m: Check | Keep, payload: bytes) -> tuple[Reply, bytes]:
+    async def _answer(self, m: Check | Record, payload: bytes) -> tuple[Reply, bytes]:
         if isinstance(m, Check):
             await self.backend.check_class(m.class_name)
-        else:
-            await self.backend.keep(kept_from_wire(m.results, payload))
-        return Reply(m.id), b""
+            return Reply(m.id), b""
+        return Reply(m.id, await self.backend.record(drafts_from_wire(m.records, payload))), b""
 
     async def _reply(self, message_id: int, work: Awaitable[tuple[Reply, bytes]], writer: asyncio.StreamWriter,
                      tasks: dict[int, asyncio.Task]) -> None:

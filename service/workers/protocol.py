@@ -1,7 +1,7 @@
 """Frames between HTTP workers and the engine process: a JSON header and a binary payload, length-prefixed.
 
 The scoring path takes this socket (`Backend.score` through RemoteBackend): a class check, the
-prediction, and the results a request keeps; every other route a worker forwards to the engine process's own
+prediction, and the records of a request's images; every other route a worker forwards to the engine process's own
 HTTP server (proxy.py). Images never travel in frames: a worker writes them into its shared-memory slots
 (slots.py) and names the slots. The payload carries what does not fit JSON: the anomaly maps (float32) of a
 reply. Every message is one frozen dataclass; `Frame.header["op"]` says which. Both ends are processes of one
@@ -16,8 +16,8 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["MAX_PAYLOAD", "Cancel", "Check", "Frame", "Hello", "Keep", "Message", "Predict", "Reply", "encode", "parse",
-           "read_frame", "to_frame"]
+__all__ = ["MAX_PAYLOAD", "Cancel", "Check", "Frame", "Hello", "Message", "Predict", "Record", "Reply", "encode",
+           "parse", "read_frame", "to_frame"]
 
 _LENGTHS = struct.Struct("!II")  # header bytes, payload bytes
 MAX_HEADER = 16 * 2**20
@@ -77,13 +77,14 @@ class Check:
 
 
 @dataclass(frozen=True)
-class Keep:
-    """Keep these results for the console: one row of numbers each; the payload holds each row's thumbnail
-    (`thumbnail_bytes`) then its upload (`image_bytes`, -1 for none), in order."""
+class Record:
+    """Record these inspections (the engine process owns the record store): one row of numbers each; the payload
+    holds each row's upload (`image_len`, -1 for none) then its thumbnail (`thumbnail_len`), in order. The reply
+    is each record's id (None where it was not kept), sent once the records are in the spool."""
 
     id: int
-    results: list[dict[str, Any]]
-    op: str = "keep"
+    records: list[dict[str, Any]]
+    op: str = "record"
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,9 @@ class Reply:
     op: str = "reply"
 
 
-_MESSAGES: dict[str, type] = {"hello": Hello, "predict": Predict, "check": Check, "keep": Keep, "cancel": Cancel,
+_MESSAGES: dict[str, type] = {"hello": Hello, "predict": Predict, "check": Check, "record": Record, "cancel": Cancel,
                              "reply": Reply}
-Message = Hello | Predict | Check | Keep | Cancel | Reply
+Message = Hello | Predict | Check | Record | Cancel | Reply
 
 
 def to_frame(message: Message, payload: bytes = b"") -> bytes:

@@ -1,7 +1,7 @@
 """RemoteBackend: what an HTTP worker process calls instead of the engine: the engine process, over a Unix socket.
 
 It implements the same `Backend` interface as the in-process one (service/core/backend.py), so `Backend.score`
-runs the same steps in either process: the class check and kept results are asked of the engine's own backend,
+runs the same steps in either process: the class check and the records are asked of the engine's own backend,
 and admission reads the engine's queue depth from shared memory, through the batcher's own rule. A request's
 images are copied into this worker's shared-memory slots (numpy's copy: no torch thread pool on the event loop)
 and the engine reads them there; the run of slots is given back when the engine's reply arrives, also for a
@@ -24,12 +24,12 @@ from ..core.batcher import admit
 from ..core.class_names import check_class_name
 from ..core.engine import ImageResult
 from ..core.errors import NotReadyError, QueueFullError, SowaError
-from ..core.results import KeptResult
+from ..core.records.record import Draft, Sampler
 from ..core.settings import Settings
 from ..core.staging import ImageStager
-from .protocol import Cancel, Check, Hello, Keep, Predict, Reply, parse, read_frame, to_frame
+from .protocol import Cancel, Check, Hello, Predict, Record, Reply, parse, read_frame, to_frame
 from .slots import SharedCounter, SlotSegment
-from .wire import error_from_wire, kept_to_wire, results_from_wire
+from .wire import drafts_to_wire, error_from_wire, results_from_wire
 
 __all__ = ["RemoteBackend"]
 
@@ -41,6 +41,7 @@ class RemoteBackend(Backend):
                  on_lost: Callable[[], None] | None = None) -> None:
         """`on_lost` is called once the engine connection is gone for good (the worker then stops)."""
         self.socket_path, self.slots, self.settings, self.on_lost = socket_path, slots, settings, on_lost
+        self.recording, self.sampler = settings.records, Sampler(settings.record_sample_passed)  # this worker's share
         self.segment: SlotSegment | None = None
         self.description: dict[str, Any] = {}
         self.image_size = 0
@@ -109,12 +110,12 @@ class RemoteBackend(Backend):
             if self.on_lost is not None:
                 self.on_lost()
 
-    def _send(self, message: Cancel | Check | Keep | Predict, payload: bytes = b"") -> None:
+    def _send(self, message: Cancel | Check | Record | Predict, payload: bytes = b"") -> None:
         if self.lost or self._writer is None:
             raise NotReadyError("the engine process is gone", headers={"Retry-After": "5"})
         self._writer.write(to_frame(message, payload))
 
-    async def _ask(self, message: Check | Keep, payload: bytes = b"") -> Any:
+    async def _ask(self, message: Check | Record, payload: bytes = b"") -> Any:
         """Send a message that takes one reply, and wait for it (the engine answers every message once)."""
         future = asyncio.get_running_loop().create_future()
         self._pending[message.id] = (future, None)
@@ -139,10 +140,10 @@ class RemoteBackend(Backend):
         s = self.settings
         admit(self._queued.value, count, s.max_queue, s.max_wait_ms / 1000.0, s.max_batch_size)
 
-    async def keep(self, kept: Sequence[KeptResult]) -> None:
-        """Kept results live in the engine process (the console reads them there)."""
-        rows, payload = kept_to_wire(kept)
-        await self._ask(Keep(next(self._ids), rows), payload)
+    async def record(self, drafts: Sequence[Draft]) -> list[str | None]:
+        """Records are spooled by the engine process (it owns the record store); the reply is their ids."""
+        rows, payload = drafts_to_wire(drafts)
+        return list(await self._ask(Record(next(self._ids), rows), payload))
 
     async def predict(self, images: torch.Tensor, class_name: str | None, deadline: float,
                       need_maps: bool = True) -> list[ImageResult]:

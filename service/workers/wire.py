@@ -7,7 +7,7 @@ needs (a heatmap was asked for, or the map reaches the pixel threshold and so ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -16,9 +16,11 @@ from model.inference import ScoreColumns
 
 from ..core import errors
 from ..core.engine import ImageResult
-from ..core.results import KeptResult
+from ..core.records.record import Draft, Record
 
-__all__ = ["error_from_wire", "error_to_wire", "kept_from_wire", "kept_to_wire", "results_from_wire", "results_to_wire"]
+__all__ = ["drafts_from_wire", "drafts_to_wire", "error_from_wire", "error_to_wire", "results_from_wire",
+           "results_to_wire"]
+
 
 def results_to_wire(results: list[ImageResult], need_maps: bool) -> tuple[list[dict[str, Any]], bytes]:
     """JSON rows (`ScoreColumns` by name, the pixel threshold, whether a map follows) and the maps' payload; a
@@ -64,30 +66,31 @@ def error_from_wire(d: dict[str, Any]) -> errors.SowaError:
     return e
 
 
-_KEPT_BYTES = ("thumbnail", "image")  # KeptResult's fields that travel in the payload, not the JSON
-
-
-def kept_to_wire(kept: Sequence[KeptResult]) -> tuple[list[dict[str, Any]], bytes]:
-    """JSON rows (the numbers) and one payload of each result's thumbnail then its upload."""
+def drafts_to_wire(drafts: Sequence[Draft]) -> tuple[list[dict[str, Any]], bytes]:
+    """JSON rows (the records' numbers) and one payload of each one's upload then its thumbnail."""
     rows, parts = [], []
-    for k in kept:
-        row = {f.name: getattr(k, f.name) for f in fields(k) if f.name not in _KEPT_BYTES}
-        row["thumbnail_bytes"], row["image_bytes"] = len(k.thumbnail), -1 if k.image is None else len(k.image)
+    for d in drafts:
+        row = asdict(d.record)
+        row["tags"] = list(d.record.tags)
+        row["image_len"] = -1 if d.image is None else len(d.image)
+        row["thumbnail_len"] = -1 if d.thumbnail is None else len(d.thumbnail)
         rows.append(row)
-        parts += [k.thumbnail, k.image or b""]
+        parts += [d.image or b"", d.thumbnail or b""]
     return rows, b"".join(parts)
 
 
-def kept_from_wire(rows: list[dict[str, Any]], payload: bytes) -> list[KeptResult]:
+def drafts_from_wire(rows: list[dict[str, Any]], payload: bytes) -> list[Draft]:
     out, at = [], 0
     for row in rows:
         row = dict(row)
-        n_thumb, n_image = int(row.pop("thumbnail_bytes")), int(row.pop("image_bytes"))
-        thumbnail, at = payload[at:at + n_thumb], at + n_thumb
-        image = None
-        if n_image >= 0:
-            image, at = payload[at:at + n_image], at + n_image
-        out.append(KeptResult(**row, thumbnail=thumbnail, image=image))
+        blobs = []
+        for n in (int(row.pop("image_len")), int(row.pop("thumbnail_len"))):
+            blob = None
+            if n >= 0:
+                blob, at = payload[at:at + n], at + n
+            blobs.append(blob)
+        row["tags"] = tuple(row["tags"])
+        out.append(Draft(Record(**row), blobs[0], blobs[1]))
     if at != len(payload):
-        raise errors.UnprocessableError(f"kept results' payload holds {len(payload)} bytes, {at} described")
+        raise errors.UnprocessableError(f"records' payload holds {len(payload)} bytes, {at} described")
     return out

@@ -29,7 +29,7 @@ log = logging.getLogger("sowa.audit")
 
 # every kind of change the trail records (a test holds that each happens in a scripted sequence)
 AuditAction = Literal["class.created", "shots.added", "shots.replaced", "threshold.set", "threshold.reset",
-                      "class.deleted", "key.added", "key.revoked"]
+                      "class.deleted", "key.added", "key.revoked", "record.reviewed"]
 ACTIONS: tuple[str, ...] = get_args(AuditAction)
 
 

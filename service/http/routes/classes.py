@@ -14,9 +14,10 @@ from ...core.errors import UnprocessableError
 from ...core.registry import ClassRegistry
 from ...core.uploads import decode_uploads
 from ..auth import PrincipalDep, Requires
-from ..deps import LocalDep, RegistryDep, ResultsDep
+from ..deps import LocalDep, RecordsDep, RegistryDep
 from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
 from .multipart import read_files
+from .results import recent_kept
 
 __all__ = ["router"]
 
@@ -50,12 +51,12 @@ PAGE_DEFAULT, PAGE_MAX = 100, 1000  # 1000 plain items are about 250 KiB of JSON
 async def list_classes(
     request: Request,
     registry: RegistryDep,
-    results: ResultsDep,
+    records: RecordsDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX, description="classes per page")] = PAGE_DEFAULT,
     after: Annotated[str | None, Query(max_length=64, description="the previous page's `next`: this page starts "
                                        "after that name")] = None,
-    recent: Annotated[int, Query(ge=0, le=8, description="with each class, its last N kept results")] = 0,
+    recent: Annotated[int, Query(ge=0, le=8, description="with each class, its last N records")] = 0,
     thumbnails: Annotated[bool, Query(description="with each class, its first shot as a JPEG thumbnail (and the "
                                       "recent results' thumbnails)")] = False,
 ) -> dict:
@@ -70,9 +71,7 @@ async def list_classes(
     for entry in entries:
         item = {**entry.info(), "first_shot": entry.shots[0] if entry.shots else None}
         if recent:
-            item["recent_results"] = [
-                {**r.summary(), "thumbnail": base64.b64encode(r.thumbnail).decode("ascii") if thumbnails else None}
-                for r in results.recent(entry.name, recent)]
+            item["recent_results"] = await asyncio.to_thread(recent_kept, records, entry.name, recent, thumbnails)
         items.append(item)
     if thumbnails:
         thumbs = await asyncio.to_thread(_first_thumbnails, registry, items)
@@ -106,7 +105,6 @@ async def set_threshold(name: ClassName, update: ThresholdUpdate, registry: Regi
 
 @router.delete("/{name}", response_model=Deleted, summary="Remove a class and its files",
                dependencies=[Depends(Requires(Role.ADMIN))])
-async def delete_class(name: ClassName, registry: RegistryDep, results: ResultsDep, principal: PrincipalDep) -> dict:
-    await registry.delete(name, principal.name)
-    results.forget_class(name)  # its kept results go with it
+async def delete_class(name: ClassName, registry: RegistryDep, principal: PrincipalDep) -> dict:
+    await registry.delete(name, principal.name)  # its records stay: they are the line's history
     return {"deleted": name}

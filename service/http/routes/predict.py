@@ -17,6 +17,7 @@ from ...core.backend import ScoredImage, ScoreOptions
 from ...core.class_names import CLASS_NAME
 from ...core.codecs import png_heatmap, raw_heatmap
 from ...core.errors import ClientClosedError, ForbiddenError
+from ...core.records.record import MAX_TAGS, MAX_TEXT, RecordMeta
 from ..auth import PrincipalDep, Requires
 from ..deps import ServingDep
 from ..schemas import PredictResponse
@@ -65,7 +66,7 @@ def _encode(image: ScoredImage, heatmap: HeatmapKind) -> dict:
         hm = png_heatmap(r.anomaly_map, src.width, src.height, 2.0 * r.pixel_threshold)
     return {"filename": src.name, "score": r.score, "normalized_score": r.normalized_score, "text_score": r.text_score,
             "threshold": r.threshold, "is_anomalous": r.is_anomalous, "heatmap": hm, "regions": image.regions,
-            "result_id": image.result_id}
+            "result_id": image.result_id, "record_id": image.record_id, "record_kept": image.record_kept}
 
 
 @router.post("/predict", response_model=PredictResponse, summary="Score images")  # errors: service/http/openapi.py
@@ -79,15 +80,23 @@ async def predict(
     heatmap: Annotated[HeatmapKind, Form(description="none, png (8-bit, original size) or raw (float32)")] = "png",
     threshold: Annotated[float | None, Form(gt=0.0, lt=1.0, description="this request's threshold on `score`, "
                                             "instead of the class's; never stored")] = None,
-    keep: Annotated[bool, Form(description="keep the results (thumbnail, upload) in memory for the console, "
-                               "each with a `result_id`; needs class_name")] = False,
+    keep: Annotated[bool, Form(description="record the results with their thumbnail and upload whatever the "
+                               "sampling, for the console, each with a `result_id`; needs class_name")] = False,
+    record: Annotated[bool | None, Form(description="record this request's images (default: as the service is "
+                                        "set, on unless started with --no-records); only with a class")] = None,
+    part_id: Annotated[str | None, Form(max_length=MAX_TEXT, description="the part's id, kept in its records "
+                                        "(printable text)")] = None,
+    station: Annotated[str | None, Form(max_length=MAX_TEXT, description="the station that took the image")] = None,
+    tags: Annotated[list[str] | None, Form(max_length=MAX_TAGS, description=f"up to {MAX_TAGS} tags (repeat the "
+                                           "field, or comma-separate): letters, digits, _.:/@+=-")] = None,
 ) -> dict:
     """Anomaly score, decision, regions and heatmap for every image."""
     s = runtime.settings
     if class_name is not None and not principal.may_touch(class_name):
         raise ForbiddenError(f"key '{principal.name}' may touch classes matching '{principal.classes}' only, not "
                              f"'{class_name}'")
-    options = ScoreOptions(class_name, threshold, need_maps=heatmap != "none", keep=keep)
+    meta = RecordMeta.of(part_id, station, tags)  # 422 on bad metadata, before any image is read
+    options = ScoreOptions(class_name, threshold, need_maps=heatmap != "none", keep=keep, record=record, meta=meta)
     scored = await _unless_client_leaves(request, runtime.backend.score(
         lambda: read_files(images, s.max_images_per_request), options, s.request_timeout_s, runtime.limits,
         runtime.decode_budget, int(s.results_max_image_mb * 2**20)))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query
 
 from ...core.access.roles import Role
+from ...core.records.store import RecordQuery
 from ..auth import Requires
-from ..deps import RegistryDep, ResultsDep
+from ..deps import RecordsDep, RegistryDep, SettingsDep
 from ..schemas import CalibrationOut, ClassScores
 
 __all__ = ["histogram", "router"]
@@ -30,15 +32,18 @@ def histogram(shots: list[float], recent: list[float], thresholds: list[float], 
 
 @router.get("/classes/{name}/scores", response_model=ClassScores, summary="The numbers behind a threshold")
 async def class_scores(
-    name: str, registry: RegistryDep, store: ResultsDep,
+    name: str, registry: RegistryDep, records: RecordsDep, settings: SettingsDep,
     bins: Annotated[int, Query(ge=1, le=200, description="histogram bins")] = 20,
 ) -> dict:
-    """The shots' leave-one-out scores (the calibration), the kept results' scores, both thresholds and a
-    histogram of both score sets. Recent scores are as computed then: shots added since move the calibration."""
+    """The shots' leave-one-out scores (the calibration), the class's recent records' scores (scored with its
+    current shots), both thresholds and a histogram of both score sets."""
     entry = registry.get(name)
     cal = entry.memory.calibration
     shot_scores = cal.shot_scores()
-    recent = store.recent(name)
+    revision = entry.revision
+    recent = [r for r in await asyncio.to_thread(records.query, RecordQuery(class_name=name,
+                                                                             limit=settings.results_per_class))
+              if r.revision == revision]  # scores against other shots say nothing about this threshold
     thresholds = [entry.calibration.threshold, cal.threshold]
     return {
         "class_name": name, "threshold": entry.calibration.threshold, "calibrated_threshold": cal.threshold,

@@ -8,13 +8,18 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response
 from starlette.convertors import Convertor, register_url_convertor
 
-from ...core.access.roles import Role
+from ...core.access.roles import Principal, Role
 from ...core.errors import ShotNotFoundError, UnprocessableError
+from ...core.records.record import Record
+from ...core.records.recorder import Recorder
+from ...core.registry import ClassRegistry
 from ...core.results import thumbnail_jpeg
+from ...core.runtime import LocalRuntime
 from ...core.uploads import check_count, decode_uploads
 from ..auth import PrincipalDep, Requires
-from ..deps import LocalDep, RegistryDep, ResultsDep
+from ..deps import LocalDep, RecordsDep, RegistryDep
 from ..schemas import CalibrationOut, FromResults, FromResultsResponse, ShotList
+from .results import visible
 
 __all__ = ["router"]
 
@@ -64,24 +69,38 @@ async def get_shot(
              summary="Add kept results of the class as shots, by id", dependencies=[Depends(Requires(Role.OPERATE))],
              responses={404: {"description": "unknown class or result"},
                         422: {"description": "a result of another class, or kept without its image"}})
-async def shots_from_results(name: str, request: FromResults, registry: RegistryDep, store: ResultsDep,
+async def shots_from_results(name: str, request: FromResults, registry: RegistryDep, records: RecordsDep,
                              local: LocalDep, principal: PrincipalDep) -> dict:
-    """"This one is good": the kept uploads become shots (appended, as `POST /classes/{name}/shots` would with the
-    same files) and the class is recalibrated; the answer carries the class before and after."""
-    before = registry.get(name)
+    """"This one is good": the recorded uploads become shots (appended, as `POST /classes/{name}/shots` would with
+    the same files) and the class is recalibrated; the answer carries the class before and after."""
     ids = list(dict.fromkeys(request.result_ids))
     check_count(len(ids), local.settings.max_shots_per_class)  # before any image is looked at
-    kept = [store.get(i) for i in ids]
-    for r in kept:
-        if r.class_name != name:
-            raise UnprocessableError(f"result '{r.id}' was scored against class '{r.class_name}', not '{name}'")
-        if r.image is None:
-            raise UnprocessableError(f"result '{r.id}' was kept without its image (over "
-                                     f"{store.max_image_bytes} bytes); upload it as a shot instead")
+    return await shots_from_records(name, ids, registry, records, local, principal)
+
+
+async def shots_from_records(name: str, ids: list[str], registry: ClassRegistry, records: Recorder,
+                             local: LocalRuntime, principal: Principal) -> dict:
+    """Records' uploads appended as shots of `name` (also POST /records/{id}/shot)."""
+    before = registry.get(name)
+
+    def read() -> list[tuple[Record, bytes]]:
+        out = []
+        for i in ids:
+            r = visible(records, i, principal)
+            if r.class_name != name:
+                raise UnprocessableError(f"result '{r.id}' was scored against class '{r.class_name}', not '{name}'")
+            image = records.image(r.id)
+            if image is None:
+                raise UnprocessableError(f"result '{r.id}' is recorded without its image (not sampled, over the "
+                                         "size limit, or removed by retention); upload it as a shot instead")
+            out.append((r, image))
+        return out
+
+    kept = await asyncio.to_thread(read)
     # as uploaded shots are: within the per-image and per-request pixel limits and the decode budget
-    decoded = await decode_uploads([(r.filename, r.image or b"") for r in kept], local.limits, local.decode_budget)
+    decoded = await decode_uploads([(r.filename, image) for r, image in kept], local.limits, local.decode_budget)
     entry = await registry.add_shots(name, list(decoded.images), "append", principal.name)
     return {"class_info": entry.info(), "calibration": CalibrationOut.of(entry.memory.calibration),
             "previous": {"shots": len(before.shots), "threshold": before.calibration.threshold,
                          "calibrated_threshold": before.memory.calibration.threshold},
-            "added": [r.id for r in kept]}
+            "added": [r.id for r, _ in kept]}

@@ -51,6 +51,13 @@ EXPECTED: dict[tuple[str, str], Role | None] = {
     ("delete", "/keys/{key_name}"): Role.ADMIN,
     ("get", "/audit"): Role.ADMIN,
     ("get", "/audit/export"): Role.ADMIN,
+    ("get", "/records"): Role.INSPECT,
+    ("get", "/records/export"): Role.INSPECT,
+    ("get", "/records/{record_id}"): Role.INSPECT,
+    ("get", "/records/{record_id}/image"): Role.INSPECT,
+    ("get", "/records/{record_id}/thumbnail"): Role.INSPECT,
+    ("post", "/records/{record_id}/review"): Role.OPERATE,
+    ("post", "/records/{record_id}/shot"): Role.OPERATE,
     # the Open Inference Protocol v2 (service/http/routes/v2.py); its health is open, as /healthz and /readyz
     ("get", "/v2/health/live"): None, ("get", "/v2/health/ready"): None,
     ("get", "/v2"): Role.INSPECT,
@@ -69,6 +76,7 @@ BODIES: dict[tuple[str, str], dict] = {
     ("post", "/classes/{name}/shots"): {"data": {"mode": "bogus"}},
     ("post", "/classes/{name}/shots/from-results"): {"json": {"result_ids": []}},
     ("post", "/keys"): {"json": {"name": "Not A Name!", "role": "inspect"}},
+    ("post", "/records/{record_id}/review"): {"json": {"verdict": "bogus"}},
     ("post", "/v2/models/{model_name}/infer"): {"json": {"inputs": []}},
     ("post", "/v2/models/{model_name}/versions/{model_version}/infer"): {"json": {"inputs": []}},
 }
@@ -126,7 +134,7 @@ async def test_every_operation_answers_as_each_role_allows(served: tuple[InProce
         assert op.get("x-sowa-role") == (role.value if role else None), (method, path)
 
     shot = (await s.http.get("/classes/widget/shots", headers=admin)).json()["shots"][0]["sha256"]
-    values = {"name": "widget", "sha256": shot, "result_id": "0" * 32, "key_name": "nosuch-key",
+    values = {"name": "widget", "sha256": shot, "result_id": "0" * 32, "record_id": "0" * 32, "key_name": "nosuch-key",
               "model_name": "widget", "model_version": "1"}
     failures = []
     for (method, path), role in sorted(EXPECTED.items(), key=lambda kv: kv[0]):
