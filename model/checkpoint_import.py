@@ -251,7 +251,7 @@ def _adapter_config(sd: dict[str, torch.Tensor], pre: str, clip: dict[str, torch
 
 def import_checkpoint(
     path: str | Path, taps: list[int] | None = None, text_heads: int | None = None, temperature: float = 0.07,
-    value_only: bool = True,
+    value_only: bool = True, class_names: list[str] | None = None,
 ) -> ImportedCheckpoint:
     """Official SOWA checkpoint -> SowaModel (eval, float32, text vectors computed) + provenance.
 
@@ -277,7 +277,7 @@ def import_checkpoint(
                               f"implementation uses the first tap's ({taps[0]}): pass --taps starting with it")
     if not found.shared and None not in found.alias_taps and len(blocks) < n_adapters:
         raise CheckpointError(f"{path}: separate adapters that alias the same CLIP block are not supported")
-    prompt, prompts_are_default = _prompt_config(sd, pre, path)
+    prompt, prompts_are_default = _prompt_config(sd, pre, path, class_names)
     hparams = ckpt.get("hyper_parameters")
     use_filter = hparams.get("filter", True) if isinstance(hparams, dict) else True
     stages = found.stages
@@ -334,8 +334,11 @@ def _choose_taps(taps: list[int] | None, alias_taps: list[int | None], n_adapter
     return taps
 
 
-def _prompt_config(sd: dict[str, torch.Tensor], pre: str, path: Path) -> tuple[PromptConfig, bool]:
-    """The prompt layout from the learned contexts' shape, and whether the token ids are the default prompts'."""
+def _prompt_config(sd: dict[str, torch.Tensor], pre: str, path: Path, class_names: list[str] | None = None
+                   ) -> tuple[PromptConfig, bool]:
+    """The prompt layout from the learned contexts' shape, and whether the token ids are the default prompts'.
+    `class_names` (the research config's, in order) name the prompt classes; they must reproduce the file's
+    token ids with the default templates, so a wrong or reordered list is refused."""
     try:
         ctx = sd[pre + "prompt_learner.ctx_pos"]
         ids_pos = sd[pre + "prompt_learner.tokenized_prompts_pos"]
@@ -343,12 +346,19 @@ def _prompt_config(sd: dict[str, torch.Tensor], pre: str, path: Path) -> tuple[P
     except KeyError as e:
         raise CheckpointError(f"{path}: prompt learner tensor missing: {e}") from None
     m, k, length = ctx.shape[0], ctx.shape[1], ctx.shape[2]
-    prompt = PromptConfig(length=length)
-    if (m, k) != (1, 1):
-        prompt = PromptConfig(length=length, class_names=tuple(f"class{i}" for i in range(m)),
-                              normal_templates=("{}",) * k, anomaly_templates=("damaged {}",) * k)
+    if class_names is not None and len(class_names) != m:
+        raise CheckpointError(f"{path}: {len(class_names)} class names given for the checkpoint's {m} prompt classes")
+    names = tuple(class_names) if class_names else ("object",) if m == 1 else tuple(f"class{i}" for i in range(m))
+    try:
+        prompt = PromptConfig(length=length, class_names=names, normal_templates=("{}",) * k,
+                              anomaly_templates=("damaged {}",) * k)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     default_ids = tokenize_prompts(prompt, ids_pos.shape[-1])
     prompts_are_default = torch.equal(default_ids[0], ids_pos.int()) and torch.equal(default_ids[1], ids_neg.int())
+    if class_names and not prompts_are_default:
+        raise CheckpointError(f"{path}: the class names {list(class_names)} (with the default templates) do not "
+                              "give the checkpoint's prompt token ids: wrong names or order, or other templates")
     return prompt, prompts_are_default
 
 
@@ -397,9 +407,10 @@ def _load_sowa_state(model: SowaModel, own: dict[str, torch.Tensor], path: Path)
 
 
 def import_to_bundle(ckpt: Path, out: Path, taps: list[int] | None = None, text_heads: int | None = None,
-                     temperature: float = 0.07, force: bool = False, value_only: bool = True) -> BundleInfo:
+                     temperature: float = 0.07, force: bool = False, value_only: bool = True,
+                     class_names: list[str] | None = None) -> BundleInfo:
     """`sowa import-checkpoint`: an official checkpoint written as a bundle at `out`."""
     check_output_dir(out, force)
     imported = import_checkpoint(ckpt, taps=taps, text_heads=text_heads, temperature=temperature,
-                                 value_only=value_only)
+                                 value_only=value_only, class_names=class_names)
     return save_bundle(imported.model, out, {**provenance_base("import-checkpoint"), **imported.provenance})

@@ -120,11 +120,15 @@ def memory_from_outputs(raw: torch.Tensor, zero_shot: torch.Tensor, text_scores:
 
 @torch.inference_mode()
 def predict_scored(
-    model: SowaModel, images: torch.Tensor, memories: Sequence[ClassMemory | None] | None = None
+    model: SowaModel, images: torch.Tensor, memories: Sequence[ClassMemory | None] | None = None,
+    prompt_names: Sequence[str | None] | None = None,
 ) -> Prediction:
-    """Maps and online scores for a batch; `memories[i]` is image i's class, or None for zero-shot."""
+    """Maps and online scores for a batch; `memories[i]` is image i's class, or None for zero-shot.
+    `prompt_names[i]` picks image i's prompt class (default: its memory's `prompt_name`; None: class 0)."""
     memories = list(memories) if memories is not None else [None] * images.shape[0]
-    ids = _prompt_ids(model, [m.prompt_name if m else None for m in memories])
+    if prompt_names is None:
+        prompt_names = [m.prompt_name if m else None for m in memories]
+    ids = _prompt_ids(model, prompt_names)
     out = model.predict(images, [m.bank if m else None for m in memories], class_ids=ids)
     scores = image_scores(out.text_scores, out.anomaly_maps.flatten(1).amax(dim=1),
                           [m.calibration if m else None for m in memories])
@@ -133,21 +137,23 @@ def predict_scored(
 
 def predict_files(
     bundle: Path, images: Sequence[Path], shots: Sequence[Path] = (), device: str = "auto", dtype: str = "fp32",
-    batch_size: int = 8,
+    batch_size: int = 8, class_name: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Offline inference on image files; returns the arrays `sowa predict` writes to its npz."""
+    """Offline inference on image files; returns the arrays `sowa predict` writes to its npz. `class_name` picks
+    the prompt class as the service does (the bundle's of that name, else 0), shots or not."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     model, _ = load_bundle(bundle, resolve_device(device), resolve_dtype(dtype))
     size = model.image_size
     memory = None
     if shots:
-        memory = fit_class(model, preprocess_batch([load_image(p) for p in shots], size))
+        memory = fit_class(model, preprocess_batch([load_image(p) for p in shots], size), prompt_name=class_name)
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("anomaly_maps", "text_scores", "scores",
                                                             "normalized_scores", "thresholds", "is_anomalous")}
     for start in range(0, len(images), batch_size):
         batch = preprocess_batch([load_image(p) for p in images[start:start + batch_size]], size)
-        pred = predict_scored(model, batch, [memory] * batch.shape[0]).to_host()
+        n = batch.shape[0]
+        pred = predict_scored(model, batch, [memory] * n, prompt_names=[class_name] * n).to_host()
         chunks["anomaly_maps"].append(pred.anomaly_maps.numpy())
         chunks["text_scores"].append(pred.text_scores.numpy())
         chunks["scores"].append(pred.scores.raw.numpy())

@@ -17,6 +17,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--qk-attention", action="store_true",
                    help="the adapters were trained with value_only=false (query-key attention); checkpoints do not "
                         "say")
+    c.add_argument("--class-names", type=lambda v: [n for n in v.split(",") if n],
+                   help="the research config's class_names, in order, e.g. bottle,screw: each names its prompt "
+                        "context, which serves the class of that name (default: class0, class1, ...)")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
 
 
@@ -24,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
     from model.checkpoint_import import import_to_bundle
 
     info = import_to_bundle(args.checkpoint, args.out, args.taps, args.text_heads, args.temperature, args.force,
-                            value_only=not args.qk_attention)
+                            value_only=not args.qk_attention, class_names=args.class_names)
     print(f"wrote {info.path} (taps {list(info.config.taps)}, arch {info.config.backbone.arch or 'custom'})")
     return 0

@@ -15,6 +15,8 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     c.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
     c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--class", dest="class_name",
+                   help="the parts' class name: picks the bundle's prompt class of that name (else the first)")
     c.add_argument("--out", type=Path, required=True, help="npz file to write")
     c.add_argument("images", type=Path, nargs="+")
 
@@ -24,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
     from model.inference import predict_files
 
-    arrays = predict_files(args.bundle, args.images, args.shots, args.device, args.dtype, args.batch_size)
+    arrays = predict_files(args.bundle, args.images, args.shots, args.device, args.dtype, args.batch_size,
+                           args.class_name)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.out, **arrays)
     for path, s, t, a in zip(args.images, arrays["scores"], arrays["thresholds"], arrays["is_anomalous"],

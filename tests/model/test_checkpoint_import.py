@@ -11,7 +11,7 @@ from model.checkpoint_import import CheckpointError, import_checkpoint, import_t
 from model.inference import fit_class, predict_scored
 from model.sowa import SowaModel
 from sowa.cli import main
-from tests.helpers import perturb_trainables, tiny_config, write_reference_checkpoint
+from tests.helpers import GOLDEN, perturb_trainables, tiny_config, write_reference_checkpoint
 
 
 class _Exploit:
@@ -115,3 +115,25 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert err.count("\n") == 1 and "x.ckpt" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["import-checkpoint", str(bad), "--out", str(tmp_path / "b"), "--taps", "a,b"])
+
+
+def test_golden_variants_import_as_their_research_configuration() -> None:
+    """The research code's own checkpoints of issue 21's variants: per-stage adapters, a shared module with a
+    hidden MLP, query-key attention, two prompt classes (tests/data/golden/*/case.json)."""
+    stages = import_checkpoint(GOLDEN / "parity_stages" / "reference.ckpt").model.cfg
+    assert [(a.window_size, a.depth, a.num_heads) for a in stages.stage_adapters] == \
+        [(2, 2, 8), (4, 1, 4), (4, 3, 8), (8, 1, 2)]
+    assert stages.taps == (0, 1, 2, 3) and not stages.share_weight
+    shared = import_checkpoint(GOLDEN / "parity_shared_hidden" / "reference.ckpt")
+    assert shared.model.cfg.share_weight and shared.model.cfg.adapters == ()
+    assert shared.model.cfg.adapter.hidden_features == (48, 32) and len(shared.model.adapters) == 1
+    qk = import_checkpoint(GOLDEN / "parity_qk" / "reference.ckpt", value_only=False).model
+    assert not qk.cfg.adapter.value_only and not qk.adapters[0].blocks[1].attn.value_only
+    ckpt = GOLDEN / "parity_classes" / "reference.ckpt"
+    named = import_checkpoint(ckpt, class_names=["widget", "gadget"])
+    assert named.model.cfg.prompt.class_names == ("widget", "gadget") and named.provenance["prompts"] == "default"
+    assert import_checkpoint(ckpt).model.cfg.prompt.class_names == ("class0", "class1")
+    with pytest.raises(CheckpointError, match="do not give the checkpoint's prompt token ids"):
+        import_checkpoint(ckpt, class_names=["gadget", "widget"])
+    with pytest.raises(CheckpointError, match="3 class names given for the checkpoint's 2 prompt classes"):
+        import_checkpoint(ckpt, class_names=["a", "b", "c"])

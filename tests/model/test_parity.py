@@ -4,7 +4,8 @@ Every directory under `tests/data/golden/` holding an `expected.npz` is a case (
 expected.npz, case.json), and so is every one under the directories named in `SOWA_GOLDEN_DIRS` (separated by
 the path separator), so further cases (production geometry, shifted windows) are added without code. A case's
 `case.json` may name `text_heads` and `value_only`: neither can be read from weights, so the import is told, as
-`--text-heads` and `--qk-attention` do.
+`--text-heads` and `--qk-attention` do. A case with several `class_names` is imported with `--class-names` and
+predicted as its `class_name` (`--class`): each class's own prompt context.
 """
 
 from __future__ import annotations
@@ -51,12 +52,16 @@ def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     spec = json.loads((case / "case.json").read_text()) if (case / "case.json").is_file() else {}
     heads = ["--text-heads", str(spec["text_heads"])] if spec.get("text_heads") else []
     qk = ["--qk-attention"] if spec.get("value_only") is False else []  # checkpoints do not say
-    assert main(["import-checkpoint", str(ckpt), "--out", str(bundle), *heads, *qk]) == 0
+    names = ["--class-names", ",".join(spec["class_names"])] if len(spec.get("class_names", [])) > 1 else []
+    assert main(["import-checkpoint", str(ckpt), "--out", str(bundle), *heads, *qk, *names]) == 0
     return case, bundle
 
 
 def _predict(bundle: Path, case: Path, out: Path, shots: bool) -> dict[str, np.ndarray]:
     args = ["predict", "--bundle", str(bundle), "--device", "cpu", "--dtype", "fp32"]
+    spec = json.loads((case / "case.json").read_text()) if (case / "case.json").is_file() else {}
+    if len(spec.get("class_names", [])) > 1:  # several prompt classes: the parts are of class `class_name`
+        args += ["--class", spec["class_name"]]
     if shots:  # the documented order: --shots IMG ... --out F.npz IMG ...
         args += ["--shots", *sorted(str(p) for p in (case / "shots").glob("*.png"))]
     args += ["--out", str(out), *sorted(str(p) for p in (case / "test").glob("*.png"))]
