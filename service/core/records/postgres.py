@@ -88,7 +88,6 @@ class PostgresRecordStore:
 
     def query(self, q: RecordQuery) -> list[Record]:
         where, params = q.where("%s")
-        where = where.replace("TAGS_CONTAIN(%s)", "strpos(tags, %s) > 0")
         rows = self._read(f"SELECT {COLUMNS} FROM sowa_records{where} ORDER BY id DESC LIMIT %s", (*params, q.limit))
         return [Record.from_row(r) for r in rows]
 

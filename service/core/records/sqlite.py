@@ -54,7 +54,7 @@ def _sha(data: bytes) -> str:
 
 def _disk_full(e: BaseException) -> bool:
     text = str(e)
-    return isinstance(e, OSError) and e.errno in (28, 122, 27) or "full" in text or "disk I/O" in text
+    return (isinstance(e, OSError) and e.errno in (28, 122, 27)) or "full" in text or "disk I/O" in text
 
 
 class SqliteRecordStore:
@@ -70,7 +70,8 @@ class SqliteRecordStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.create_function("TAGS_CONTAIN", 2, lambda tags, t: t in (tags or ""), deterministic=True)
+            # PostgreSQL's strpos, which RecordQuery.where uses for tags (SQLite's instr is the same, by another name)
+            self._db.create_function("strpos", 2, lambda text, part: (text or "").find(part) + 1, deterministic=True)
             self._migrate()
 
     def _migrate(self) -> None:

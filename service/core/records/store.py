@@ -47,7 +47,7 @@ class RecordQuery:
 
     def where(self, mark: str) -> tuple[str, list[Any]]:
         """The SQL condition (with ` WHERE ` in front, or empty) and its parameters; `mark` is the driver's
-        placeholder ('?' or '%s'). Tags are stored as ',a,b,', so a tag is a substring test (`_contains`)."""
+        placeholder ('?' or '%s'). Tags are stored as ',a,b,', so a tag is a substring test for ',tag,'."""
         terms: list[str] = []
         params: list[Any] = []
         for column, value in (("class_name", self.class_name), ("part_id", self.part_id),
@@ -67,7 +67,7 @@ class RecordQuery:
         if self.reviewed is not None:
             terms.append("review IS NOT NULL" if self.reviewed else "review IS NULL")
         if self.tag is not None:
-            terms.append(f"TAGS_CONTAIN({mark})")
+            terms.append(f"strpos(tags, {mark}) > 0")  # PostgreSQL's; the SQLite store defines it
             params.append(f",{self.tag},")
         if self.before is not None:
             terms.append(f"id < {mark}")
