@@ -21,10 +21,13 @@ from .access.store import AccessStore, open_access
 from .backend import Backend, LocalBackend
 from .batcher import DynamicBatcher
 from .engine import Engine
-from .errors import NotReadyError, SowaError
+from .errors import ClassDamagedError, ClassNotFoundError, NotReadyError, SowaError
+from .records.drift import DriftMonitor
+from .records.figures import refresh_drift
 from .records.open import open_recorder
-from .records.record import Sampler
+from .records.record import Sampler, shots_revision
 from .records.recorder import Recorder
+from .records.store import RecordQuery
 from .registry import ClassRegistry
 from .settings import Settings
 from .staging import ImageStager
@@ -126,6 +129,8 @@ class LocalRuntime(Runtime):
         super().__init__(settings, telemetry or Telemetry())
         s = settings
         self.records: Recorder = open_recorder(s)  # inspection records: spool here, store beside the classes
+        self.drift = DriftMonitor()  # score drift per class, refreshed off the request path (docs/quality.md)
+        self._drift_upkeep: asyncio.Task | None = None
         self.engine: Engine | None = None
         self.store: ClassStore | None = None
         self._registry: ClassRegistry | None = None
@@ -169,6 +174,37 @@ class LocalRuntime(Runtime):
                     log.error("audit trail: pruning failed (%s); trying again in %g s", e, self.audit_prune_s)
             await asyncio.sleep(min(self.audit_flush_s, self.audit_prune_s))
 
+    drift_refresh_s = 60.0  # how often the drift figures are recomputed from the records
+    drift_scan = 5000  # the newest records whose classes count as recently active
+
+    def refresh_drift(self) -> None:
+        """Recompute the drift figures from the records (blocking): the classes of the newest records, at most
+        the monitor's `max_classes`, each against its current shots."""
+        registry = self._registry
+        if registry is None:
+            return
+
+        def active(limit: int) -> list[str]:
+            seen = dict.fromkeys(r.class_name for r in self.records.query(RecordQuery(limit=self.drift_scan)))
+            return list(seen)[:limit]
+
+        def reference(name: str) -> tuple[str, list[float], float] | None:
+            try:
+                entry = registry.get(name)
+            except (ClassNotFoundError, ClassDamagedError):
+                return None
+            return shots_revision(entry.shots), entry.memory.calibration.shot_scores(), entry.calibration.threshold
+
+        refresh_drift(self.drift, self.records, active, reference)
+
+    async def _keep_drift(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh_drift)
+            except Exception as e:  # the store is down, say: the last figures stay, and the next refresh retries
+                log.warning("drift: refresh failed (%s); trying again in %g s", e, self.drift_refresh_s)
+            await asyncio.sleep(self.drift_refresh_s)
+
     @property
     def registry(self) -> ClassRegistry:
         """The classes; 503 until they are restored."""
@@ -209,11 +245,13 @@ class LocalRuntime(Runtime):
             t.track_store(store)
             batcher = self.batcher = DynamicBatcher(engine.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, t)
             t.track_records(self.records)
+            t.track_drift(self.drift)
             self.local = self._backend = LocalBackend(engine, stager, registry, batcher, self.records, s.records,
                                                       Sampler(s.record_sample_passed))
             batcher.start()
             if s.sync_interval_s > 0:
                 self._sync = asyncio.create_task(registry.follow(s.sync_interval_s))
+            self._drift_upkeep = asyncio.create_task(self._keep_drift())
             await self.started()
             status.accepting = True
             log.info("ready: %s, %d classes", engine.describe(), len(registry))
@@ -237,6 +275,8 @@ class LocalRuntime(Runtime):
         await self.stopping()
         if self._sync is not None:
             self._sync.cancel()
+        if self._drift_upkeep is not None:
+            self._drift_upkeep.cancel()
         if self.batcher is not None:
             await self.batcher.close()
         if self.engine is not None:

@@ -24,13 +24,27 @@ from .handlers import install_error_handlers
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RouteHeaderMiddleware
 from .openapi import install_openapi
 from .protections import ProtectionsMiddleware
-from .routes import audit, classes, console, health, keys, metrics, predict, records, results, scores, shots, v2
+from .routes import (
+    audit,
+    classes,
+    console,
+    health,
+    keys,
+    metrics,
+    predict,
+    quality,
+    records,
+    results,
+    scores,
+    shots,
+    v2,
+)
 
 __all__ = ["create_app"]
 
 # the routes whose state (classes, records, the engine's metrics) lives where the model is
-ENGINE_ROUTERS = (classes.router, shots.router, scores.router, results.router, records.router, keys.router,
-                  metrics.router, audit.router, v2.repository_router)
+ENGINE_ROUTERS = (classes.router, shots.router, scores.router, results.router, records.router, quality.router,
+                  keys.router, metrics.router, audit.router, v2.repository_router)
 
 
 @asynccontextmanager

@@ -56,6 +56,7 @@ _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/classes/{name}/shots/{sha256}"): (404, 409, 422),
     ("get", "/classes/{name}/results"): (404, 409, 422),
     ("get", "/classes/{name}/scores"): (404, 409, 422),
+    ("get", "/classes/{name}/quality"): (404, 409, 422),
     ("post", "/classes/{name}/shots/from-results"): (*_ANY, 404, 409, 422, 507),
     ("get", "/results/{result_id}"): (404, 422),
     ("get", "/results/{result_id}/thumbnail"): (404, 422),

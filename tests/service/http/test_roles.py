@@ -43,6 +43,7 @@ EXPECTED: dict[tuple[str, str], Role | None] = {
     ("get", "/classes/{name}/shots/{sha256}"): Role.INSPECT,
     ("post", "/classes/{name}/shots/from-results"): Role.OPERATE,
     ("get", "/classes/{name}/scores"): Role.INSPECT,
+    ("get", "/classes/{name}/quality"): Role.INSPECT,
     ("get", "/classes/{name}/results"): Role.INSPECT,
     ("get", "/results/{result_id}"): Role.INSPECT,
     ("get", "/results/{result_id}/thumbnail"): Role.INSPECT,
