@@ -65,11 +65,6 @@ class ScoredImage:
     record_id: str | None = None  # the inspection record's id (None: not recorded, or not kept)
     record_kept: bool | None = None  # None: not recorded (record=false, zero-shot); False: its record was not kept
 
-    @property
-    def result_id(self) -> str | None:
-        """keep=true's id for the console: the record's."""
-        return self.record_id
-
 
 @dataclass(frozen=True)
 class Scored:

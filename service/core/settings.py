@@ -62,13 +62,9 @@ class Settings(BaseSettings):
                                                          "the device (within 2 grey levels of it)")
     workers: int | None = Field(None, ge=1, le=64, description="HTTP worker processes in front of the one engine "
                                 "process that owns the device (unset: 1 on a CPU, on a GPU half the cores, 2 to 8)")
-    results_per_class: int = Field(500, ge=1, description="kept results (keep=true on /predict) per class, the "
-                                   "oldest dropped")
-    results_max_classes: int = Field(32, ge=1, description="classes with kept results; the one kept least recently "
-                                     "is dropped whole")
-    results_max_mb: float = Field(128.0, ge=0, description="bytes of all kept results (thumbnails, uploads)")
-    results_max_image_mb: float = Field(4.0, ge=0, description="an upload larger than this is kept without its "
-                                        "image (it cannot become a shot by its id)")
+    results_per_class: int = Field(500, ge=1, description="a class's recent records the threshold page shows")
+    results_max_image_mb: float = Field(4.0, ge=0, description="a recorded upload larger than this is recorded "
+                                        "without its image (it cannot become a shot by its id)")
     # inspection records (service/core/records/, docs/records.md)
     records: bool = Field(True, description="record every image scored against a class (record=false on /predict "
                           "skips one request; keep=true records it whatever this says)")

@@ -13,7 +13,9 @@ __all__ = ["add_arguments", "run", "settings_from_args"]
 
 _FLAGS = ("bundle", "host", "port", "grpc_port", "data_dir", "store", "device", "dtype", "workers", "max_batch_size",
           "max_wait_ms", "max_queue", "bank_device_budget_mb", "compile_mode", "image_decoder", "api_key",
-          "allowed_hosts")
+          "allowed_hosts", "records", "records_dir", "record_sample_passed", "record_images_max_mb",
+          "record_images_max_age_days", "records_max_age_days", "records_max_count", "record_spool_max_mb",
+          "unrecordable")
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
@@ -45,6 +47,22 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--allowed-hosts", type=lambda v: [h.strip() for h in v.split(",") if h.strip()],
                    help="host names the service answers to, comma-separated (SOWA_ALLOWED_HOSTS; default "
                    "localhost,127.0.0.1,::1; '*' for any): others are refused, against DNS rebinding")
+    r = c.add_argument_group("inspection records (docs/records.md)")
+    r.add_argument("--records", action=argparse.BooleanOptionalAction, default=None,
+                   help="record every image scored against a class (SOWA_RECORDS, on)")
+    r.add_argument("--records-dir", type=Path, help="record database, images and spool (SOWA_RECORDS_DIR; default "
+                   "data_dir/records; with a PostgreSQL store the records are in its database, the spool here)")
+    r.add_argument("--record-sample-passed", type=int, metavar="N", help="keep the image of 1 in N passed parts, "
+                   "0 none (SOWA_RECORD_SAMPLE_PASSED, 100); flagged parts' images are always kept")
+    r.add_argument("--record-images-max-mb", type=float, help="byte budget of kept images, oldest out "
+                   "(SOWA_RECORD_IMAGES_MAX_MB, 2048)")
+    r.add_argument("--record-images-max-age-days", type=float, help="kept images older than this go (30)")
+    r.add_argument("--records-max-age-days", type=float, help="records older than this go (365)")
+    r.add_argument("--records-max-count", type=int, help="records at most, oldest out (10000000)")
+    r.add_argument("--record-spool-max-mb", type=float, help="what the local spool holds while the store is "
+                   "unreachable (SOWA_RECORD_SPOOL_MAX_MB, 256)")
+    r.add_argument("--unrecordable", choices=["answer", "503"], help="past the spool's bound: answer with "
+                   "record_kept=false, or refuse with 503 (SOWA_UNRECORDABLE, answer)")
     c.add_argument("--log-level", default="info")
 
 

@@ -57,7 +57,7 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-def _encode(image: ScoredImage, heatmap: HeatmapKind) -> dict:
+def _encode(image: ScoredImage, heatmap: HeatmapKind, keep: bool) -> dict:
     r, src = image.result, image.source
     hm = None
     if heatmap == "raw":
@@ -66,7 +66,8 @@ def _encode(image: ScoredImage, heatmap: HeatmapKind) -> dict:
         hm = png_heatmap(r.anomaly_map, src.width, src.height, 2.0 * r.pixel_threshold)
     return {"filename": src.name, "score": r.score, "normalized_score": r.normalized_score, "text_score": r.text_score,
             "threshold": r.threshold, "is_anomalous": r.is_anomalous, "heatmap": hm, "regions": image.regions,
-            "result_id": image.result_id, "record_id": image.record_id, "record_kept": image.record_kept}
+            "result_id": image.record_id if keep else None, "record_id": image.record_id,
+            "record_kept": image.record_kept}
 
 
 @router.post("/predict", response_model=PredictResponse, summary="Score images")  # errors: service/http/openapi.py
@@ -100,6 +101,6 @@ async def predict(
     scored = await _unless_client_leaves(request, runtime.backend.score(
         lambda: read_files(images, s.max_images_per_request), options, s.request_timeout_s, runtime.limits,
         runtime.decode_budget, int(s.results_max_image_mb * 2**20)))
-    body = await asyncio.to_thread(lambda: [_encode(image, heatmap) for image in scored.images])
+    body = await asyncio.to_thread(lambda: [_encode(image, heatmap, keep) for image in scored.images])
     runtime.telemetry.images.inc(len(body))
     return {"class_name": class_name, "results": body, "model": scored.model}

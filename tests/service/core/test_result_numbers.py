@@ -11,7 +11,7 @@ from PIL import Image
 
 from model.inference import ScoreColumns
 from service.core.engine import ImageResult
-from service.core.results import THUMB_SIZE, _thumbnail, override_threshold
+from service.core.results import THUMB_SIZE, heat_thumbnail, override_threshold
 
 
 def _old_override(score: float, threshold: float) -> tuple[float, bool]:  # results.py's formula, as it was
@@ -50,7 +50,7 @@ def test_thumbnails_keep_their_colours() -> None:
     rng = np.random.default_rng(4)
     img = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
     anomaly_map = (rng.random((32, 32)) * 5).astype(np.float32)
-    assert _thumbnail(img, anomaly_map, 3.0) == _old_thumbnail(img, anomaly_map, 3.0)
+    assert heat_thumbnail(img, anomaly_map, 3.0) == _old_thumbnail(img, anomaly_map, 3.0)
 
 
 def test_image_results_are_score_columns_by_name() -> None:

@@ -8,7 +8,6 @@ import io
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from PIL import Image
 
 from model.calibration import calibrate, image_scores
 from service.core.engine import ImageResult
-from service.core.results import KeptResult, ResultStore, override_threshold
+from service.core.results import override_threshold
 from service.core.settings import Settings
 from service.http.app import create_app
 from tests.helpers import PARITY
@@ -58,19 +57,23 @@ def widget(client: TestClient) -> dict:
     return r.json()
 
 
-def test_keep_is_opt_in_and_bounded_per_class(client: TestClient, widget: dict) -> None:
+def test_kept_results_are_views_of_the_records(client: TestClient, widget: dict) -> None:
     r = client.post("/predict", files=_files(TESTS[:1]), data={"class_name": "widget"}, headers=HEADERS)
-    assert r.status_code == 200 and r.json()["results"][0]["result_id"] is None
-    assert client.get("/classes/widget/results", headers=HEADERS).json()["results"] == []
+    plain = r.json()["results"][0]
+    assert r.status_code == 200 and plain["result_id"] is None and plain["record_id"]  # recorded, not asked to keep
+    listed = client.get("/classes/widget/results", headers=HEADERS).json()["results"]
+    assert [g["id"] for g in listed] == [plain["record_id"]]  # one notion: the class's records
     ids = []
-    for p in TESTS:  # 4 kept, 3 per class at most
+    for p in TESTS:
         body = client.post("/predict", files=_files([p]), data={"class_name": "widget", "keep": "true"},
                            headers=HEADERS).json()
+        assert body["results"][0]["result_id"] == body["results"][0]["record_id"]
         ids.append(body["results"][0]["result_id"])
-    got = client.get("/classes/widget/results?thumbnails=true", headers=HEADERS).json()["results"]
-    assert [g["id"] for g in got] == ids[:0:-1]  # newest first, the oldest dropped
-    assert client.get(f"/results/{ids[0]}", headers=HEADERS).status_code == 404
-    assert client.get(f"/results/{ids[0]}", headers=HEADERS).json()["error"]["code"] == "result_not_found"
+    got = client.get("/classes/widget/results?thumbnails=true&limit=3", headers=HEADERS).json()["results"]
+    assert [g["id"] for g in got] == ids[:0:-1]  # newest first
+    assert client.get(f"/results/{ids[0]}", headers=HEADERS).status_code == 200  # records are not dropped
+    missing = client.get(f"/results/{'0' * 32}", headers=HEADERS)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "result_not_found"
     thumb = Image.open(io.BytesIO(client.get(f"/results/{ids[-1]}/thumbnail", headers=HEADERS).content))
     assert thumb.format == "JPEG" and max(thumb.size) <= 128
     assert got[0]["thumbnail"] and got[0]["image_kept"] and got[0]["filename"] == TESTS[-1].name
@@ -114,7 +117,7 @@ def test_scores_hold_the_calibration_and_recent(client: TestClient, widget: dict
     assert s["threshold"] == widget["threshold"] and s["calibrated_threshold"] == widget["calibrated_threshold"]
     assert len(s["shots"]) == len(SHOTS) and s["calibration"]["shots_recorded"]
     assert all(0 < x["score"] < 1 for x in s["shots"])
-    recent = client.get("/classes/widget/results", headers=HEADERS).json()["results"]
+    recent = client.get("/classes/widget/results?limit=3", headers=HEADERS).json()["results"]  # results_per_class
     assert [r["id"] for r in s["recent"]] == [r["id"] for r in recent]
     h = s["histogram"]
     assert len(h["edges"]) == 11 and sum(h["shots"]) == len(SHOTS) and sum(h["recent"]) == len(recent)
@@ -225,25 +228,3 @@ def test_openapi_documents_the_new_api(client: TestClient) -> None:
     assert {"keep", "threshold"} <= set(form)
 
 
-def _kept(i: int, cls: str, nbytes: int = 100) -> KeptResult:
-    return KeptResult(f"id{i}", cls, "f.png", 8, 8, 0.5, 0.5, 0.1, 0.6, False, float(i), [], b"t" * nbytes,
-                      b"i" * nbytes)
-
-
-def test_store_bounds_classes_and_bytes() -> None:
-    store = ResultStore(per_class=5, max_classes=2, max_bytes=10_000)
-    for i in range(4):
-        store.add(_kept(i, "a"))
-    store.add(_kept(10, "b"))
-    store.add(_kept(11, "c"))  # a third class: "a", the least recently kept, goes whole
-    assert [r.id for r in store.recent("a")] == [] and len(store) == 2
-    for i in range(20, 40):
-        store.add(_kept(i, "b", nbytes=1000))  # 1.5 kB each
-    assert store.nbytes <= 10_000 and len(store.recent("b")) <= 5
-    assert store.recent("b")[0].id == "id39"
-    assert store.recent("c") == []  # the oldest overall made room for the bytes
-    store.forget_class("b")
-    assert store.recent("b") == [] and len(store) == 0 and store.nbytes == 0
-    big = replace(_kept(50, "c"), image=None)
-    store.add(big)
-    assert store.get("id50").summary()["image_kept"] is False
