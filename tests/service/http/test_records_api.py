@@ -151,7 +151,8 @@ async def test_hostile_metadata_is_refused_or_inert(bundle: Path, tmp_path: Path
         await _register(s)
         for data, words in (({"part_id": "x" * 129}, "part_id"), ({"part_id": "a\x00b"}, "control"),
                             ({"station": "a\u202eb"}, "control"), ({"part_id": " pad"}, "white space"),
-                            ({"tags": ["ok", "bad tag"]}, "tag"), ({"tags": ",".join(f"t{i}" for i in range(17))}, "tags"),
+                            ({"tags": ["ok", "bad tag"]}, "tag"),
+                            ({"tags": ",".join(f"t{i}" for i in range(17))}, "tags"),
                             ({"tags": "<script>"}, "tag"), ({"tags": "x" * 65}, "tag")):
             r = await s.http.post("/predict", files=_files(TESTS[:1]), headers=H,
                                   data={"class_name": "widget", **data})
