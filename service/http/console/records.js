@@ -241,10 +241,10 @@ async function pageReview(main) {
     const n = list.querySelectorAll("li:not(.done)").length;
     left.textContent = n ? `${n} part${n === 1 ? "" : "s"} to review.` : "Nothing left to review.";
   }
-  function advance(li) {
-    li.classList.add("done");
+  function advance(li, done) {
+    li.classList.add(done ? "done" : "skipped");  // a skipped part stays in the count: it is still to review
     let next = li.nextElementSibling;
-    while (next && next.classList.contains("done")) next = next.nextElementSibling;
+    while (next && (next.classList.contains("done") || next.classList.contains("skipped"))) next = next.nextElementSibling;
     count();
     (next || left).focus();
   }
@@ -252,12 +252,12 @@ async function pageReview(main) {
     await api(`/records/${encodeURIComponent(r.id)}/review`, { method: "POST", json: { verdict } });
     li.dataset.review = verdict;
     li.querySelector(".review-state").textContent = `reviewed: ${verdict}`;
-    advance(li);
+    advance(li, true);
   }
   async function reviewItem(r) {
     const li = el("li", { tabindex: "0", dataset: { id: r.id, anomalous: r.is_anomalous },
                           "aria-label": `${r.is_anomalous ? "flagged" : "passed"} part ${r.part_id || r.filename || r.id}, score ${fmt(r.score)}` });
-    const act = (verdict) => guard(() => (verdict === "skip" ? advance(li) : review(li, r, verdict)));
+    const act = (verdict) => guard(() => (verdict === "skip" ? advance(li, false) : review(li, r, verdict)));
     li.append(await recordThumb(r, 96),
       el("div", { class: "review-facts" },
         el("p", {}, verdictBadge(r.is_anomalous), " ", el("span", { class: "part-id", text: r.part_id || r.filename || r.id })),
