@@ -37,6 +37,7 @@ log = logging.getLogger("sowa.records")
 
 DRAIN_BATCH = 1000  # records per store transaction at most
 DRAIN_BYTES = 32 * 2**20  # and bytes of images
+ROTATE_BYTES = 4 * 2**20  # a drained segment this large is closed and removed
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Recorder:
         self._drain.set()
         for t in self._threads:
             t.join(timeout=10)
-        self.spool.close()
+        self.spool.close(drained=not self._pending)
         if self.store is not None:
             self.store.close()
 
@@ -218,6 +219,8 @@ class Recorder:
                 batch.append((rid, pos))
                 size += pos.size
         if not batch:
+            if self.spool.sizes.get(self.spool.current, 0) >= ROTATE_BYTES:
+                self.spool.rotate()  # all drained: a fresh segment, so this one can go
             self._release_segments()
             return False
         drafts = self.spool.read_many([pos for _, pos in batch])

@@ -148,6 +148,14 @@ class Spool:
                 self._start_segment()
             return positions
 
+    def rotate(self) -> None:
+        """Start a new segment, so the current one can be released once drained (the drainer calls it when
+        everything is drained and the segment has grown: a restart then replays nothing)."""
+        with self._lock:
+            if self._file is not None and self.sizes.get(self._current, 0) > 0:
+                self._current += 1
+                self._start_segment()
+
     def _cut(self, size: int) -> None:
         """Back to `size` bytes after a failed write (the file object's buffer holds the rest: reopened)."""
         seg = self._current
@@ -190,8 +198,13 @@ class Spool:
     def current(self) -> int:
         return self._current
 
-    def close(self) -> None:
+    def close(self, drained: bool = False) -> None:
+        """Close the log; `drained`: everything in it is in the store, so its segments go too."""
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            if drained:
+                for seg in list(self.sizes):
+                    self.path(seg).unlink(missing_ok=True)
+                self.sizes.clear()
