@@ -3,11 +3,13 @@
 The mapping (docs/service.md, "Open Inference Protocol"):
 - every registered class is a model of that name; the model `zero-shot` scores without a class;
 - one input, exactly: `images`, BYTES `[N]`, each element an encoded image (any format the service decodes), or
-  `pixels`, UINT8 `[N, H, W, 3]`, RGB. Pixels travel to the decoder as a binary PPM (a 15-byte header on the
+  `pixels`, UINT8 `[N, H, W, 3]`, RGB. Pixels travel to the decoder as a binary PPM (a short header on the
   same bytes), so both take the one path of /predict: the same limits, decode budget, staging and numbers;
-- request parameters: `threshold` (this request's threshold on `score`, in (0, 1), never stored); Triton's
-  reserved ones (`binary_data_output`, `priority`, `timeout`, sequence ids) are accepted and ignored, anything
-  else is refused, so a misspelt option never passes unseen;
+- request parameters: `threshold` (this request's threshold on `score`, in (0, 1), never stored), and for the
+  inspection records of a class's images `record` (bool: record them or not, default as the service is set),
+  `part_id`, `station` and `tags` (comma-separated), checked as /predict's; Triton's reserved ones
+  (`binary_data_output`, `priority`, `timeout`, sequence ids) are accepted and ignored, anything else is refused,
+  so a misspelt option never passes unseen;
 - outputs, each `[N]`: `score`, `normalized_score`, `threshold`, `text_score` (FP64: /predict's numbers exactly),
   `is_anomalous` (BOOL), `record_id` (BYTES, where the service keeps inspection records), and `anomaly_map`
   (FP32 `[N, S, S]`, reference scale) only when a request names it among its outputs: without it no map leaves
@@ -29,6 +31,7 @@ import numpy as np
 from .backend import Backend, Scored, ScoreOptions
 from .class_names import CLASS_NAME
 from .errors import ClassNotFoundError, UnprocessableError
+from .records.record import RecordMeta
 from .uploads import Upload, check_count
 
 __all__ = [
@@ -128,18 +131,32 @@ def model_metadata(model: str, image_size: int) -> dict[str, Any]:
             "outputs": outputs}
 
 
+_TEXT_PARAMETERS = ("part_id", "station", "tags")
+
+
 def score_options(request: InferRequest) -> ScoreOptions:
-    threshold = None
+    threshold, record, text = None, None, {}
     for key, value in request.parameters.items():
         if key == "threshold":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0 \
                     or not math.isfinite(value):
                 raise UnprocessableError("parameter threshold: a number in (0, 1)")
             threshold = float(value)
+        elif key == "record":
+            if not isinstance(value, bool):
+                raise UnprocessableError("parameter record: true or false")
+            record = value
+        elif key in _TEXT_PARAMETERS:
+            if not isinstance(value, str):
+                raise UnprocessableError(f"parameter {key}: a string")
+            text[key] = value
         elif key not in _IGNORED_PARAMETERS:
-            raise UnprocessableError(f"unknown parameter '{str(key)[:64]}': this server takes 'threshold'")
+            raise UnprocessableError(f"unknown parameter '{str(key)[:64]}': this server takes threshold, record, "
+                                     "part_id, station and tags")
+    meta = RecordMeta.of(text.get("part_id"), text.get("station"), [text["tags"]] if "tags" in text else None)
     wanted = _wanted(request.outputs)
-    return ScoreOptions(class_of(request.model), threshold, need_maps="anomaly_map" in wanted)
+    return ScoreOptions(class_of(request.model), threshold, need_maps="anomaly_map" in wanted, record=record,
+                        meta=meta)
 
 
 def _wanted(outputs: Sequence[str] | None) -> tuple[str, ...]:
@@ -235,22 +252,22 @@ def _pixel_uploads(t: InputTensor, count: int) -> list[Upload]:
 
 
 async def infer(backend: Backend, request: InferRequest, timeout_s: float, limits: Any, budget: Any,
-                max_images: int) -> tuple[Scored, list[OutputTensor]]:
+                max_images: int, max_image_bytes: int = 0) -> tuple[Scored, list[OutputTensor]]:
     """Score the request's images through `Backend.score` (the class checked before the tensors are read) and
-    give the outputs asked for."""
+    give the outputs asked for; `max_image_bytes`: a recorded upload larger than this is recorded without it."""
     options = score_options(request)
 
     async def read() -> list[Upload]:
         return to_uploads(request, max_images)
 
-    scored = await backend.score(read, options, timeout_s, limits, budget)
+    scored = await backend.score(read, options, timeout_s, limits, budget, max_image_bytes)
     return scored, outputs(scored, request.outputs)
 
 
 def outputs(scored: Scored, asked: Sequence[str] | None) -> list[OutputTensor]:
     results = [image.result for image in scored.images]
     n = len(results)
-    records = [getattr(image, "record_id", None) for image in scored.images]  # where records are kept
+    records = [image.record_id for image in scored.images]  # None: not recorded (zero-shot, record=false)
     out = []
     for name in _wanted(asked):
         if name == "record_id":

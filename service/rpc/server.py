@@ -207,7 +207,8 @@ class GrpcServer:
         s = self.settings
         parsed = _parse(request)
         scored, outputs = await oip.infer(self.runtime.backend, parsed, s.request_timeout_s, self.runtime.limits,
-                                          self.runtime.decode_budget, s.max_images_per_request)
+                                          self.runtime.decode_budget, s.max_images_per_request,
+                                          int(s.results_max_image_mb * 2**20))
         self.runtime.telemetry.images.inc(len(scored.images))
         return await asyncio.to_thread(_answer, request, outputs)
 

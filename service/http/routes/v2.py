@@ -136,7 +136,7 @@ async def _infer(request: Request, runtime: Any, principal: Principal, model_nam
     s = runtime.settings
     scored, outputs = await _unless_client_leaves(request, oip.infer(
         runtime.backend, parsed, s.request_timeout_s, runtime.limits, runtime.decode_budget,
-        s.max_images_per_request))
+        s.max_images_per_request, int(s.results_max_image_mb * 2**20)))
     runtime.telemetry.images.inc(len(scored.images))
     return await asyncio.to_thread(_answer, parsed, outputs, binary_out)
 

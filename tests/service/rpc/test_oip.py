@@ -163,6 +163,26 @@ def test_the_threshold_parameter_is_predicts(server: Server) -> None:
     _same(server.grpc().infer("widget", [_images(tg, paths)], parameters={"threshold": 0.3}, headers={**G}), expected)
 
 
+def test_images_of_a_class_are_recorded_with_the_protocols_parameters(server: Server) -> None:
+    meta = {"part_id": "P-0042", "station": "cam-2", "tags": "oip,line-3"}
+    http = server.http().infer("widget", [_images(th, TESTS[:2])], parameters=meta, headers={**H})
+    over_grpc = server.grpc().infer("widget", [_images(tg, TESTS[:1])], parameters=meta, headers={**G})
+    ids = [i.decode() for i in (*http.as_numpy("record_id"), *over_grpc.as_numpy("record_id"))]
+    assert len(set(ids)) == 3 and all(ids)
+    for record_id in ids:
+        record = httpx.get(f"{server.proc.url}/records/{record_id}", headers=H, timeout=30).json()
+        assert (record["class_name"], record["part_id"], record["station"]) == ("widget", "P-0042", "cam-2")
+        assert record["tags"] == ["oip", "line-3"]
+    # record=false, and zero-shot (no inspection): no record, so no record_id among the outputs
+    assert server.grpc().infer("widget", [_images(tg, TESTS[:1])], parameters={"record": False},
+                               headers={**G}).as_numpy("record_id") is None
+    assert server.http().infer("zero-shot", [_images(th, TESTS[:1])], headers={**H}).as_numpy("record_id") is None
+    bad = server.http()
+    status, message = _http_error(lambda: bad.infer("widget", [_images(th, TESTS[:1])],
+                                                    parameters={"tags": "<script>"}, headers={**H}))
+    assert status == "422" and "tag" in message
+
+
 def test_a_stream_answers_each_request_in_order_and_goes_on_after_an_error(server: Server) -> None:
     expected = {p.name: _predict(server, [p], class_name="widget")[0] for p in TESTS[:3]}
     answers: queue.Queue = queue.Queue()
