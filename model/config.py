@@ -6,6 +6,7 @@ builder in `sowa.py` unpacks them into plain arguments.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -46,13 +47,22 @@ def default_taps(layers: int) -> tuple[int, ...]:
 
 def _strict(cls: type, d: Any, where: str) -> dict[str, Any]:
     """`d` as keyword arguments of dataclass `cls`; an unknown key is a ConfigError naming it."""
-    if not isinstance(d, dict):
+    if not isinstance(d, Mapping):  # a dict, or e.g. an OmegaConf DictConfig
         raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(sorted(names))})")
     return dict(d)
+
+
+def _plain(v: Any) -> Any:
+    """Mappings and sequences (e.g. OmegaConf containers) as plain dicts and lists, recursively."""
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, Sequence) and not isinstance(v, str):
+        return [_plain(x) for x in v]
+    return v
 
 
 def _is_int(v: Any) -> bool:
@@ -78,7 +88,7 @@ class AdapterConfig:
             hidden = ()
         elif _is_int(hidden):
             hidden = (hidden,)
-        elif not isinstance(hidden, (list, tuple)):
+        elif isinstance(hidden, str) or not isinstance(hidden, Sequence):
             raise ConfigError(f"adapter hidden_features must be positive integers, got {hidden!r}")
         object.__setattr__(self, "hidden_features", tuple(hidden))
         for name in ("window_size", "depth", "num_heads", "cpb_dim"):
@@ -316,11 +326,11 @@ class ModelConfig:
         if "backbone" not in d:
             raise ConfigError("model config lacks 'backbone'")
         adapters = d.get("adapters", ())
-        if adapters is None or isinstance(adapters, (str, dict)):
+        if adapters is None or isinstance(adapters, (str, Mapping)) or not isinstance(adapters, Sequence):
             raise ConfigError(f"adapters must be a list, got {adapters!r}")
         try:
             return cls(
-                backbone=BackboneConfig(**_strict(BackboneConfig, d["backbone"], "backbone")),
+                backbone=BackboneConfig(**_plain(_strict(BackboneConfig, d["backbone"], "backbone"))),
                 taps=tuple(d.get("taps") or ()),
                 adapter=AdapterConfig.from_dict(d.get("adapter", {})),
                 prompt=PromptConfig.from_dict(d.get("prompt", {})),

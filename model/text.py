@@ -81,6 +81,7 @@ class PromptFusion(nn.Module):
 
 
 def text_vectors(clip: CLIP, prompt_learner: PromptLearner, fusion: PromptFusion) -> torch.Tensor:
-    """(M, 2, D) normalised text vectors; differentiable in the contexts and the fusion linear."""
+    """(M, 2, D) normalised text vectors of learned prompts (scheme "learned"; `SowaModel.text_vectors` serves
+    every scheme); differentiable in the contexts and the fusion linear."""
     prompts, ids = prompt_learner(clip.token_embedding)
     return fusion(encode_prompts(clip, prompts, ids), prompt_learner.ctx_pos.shape[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -140,3 +141,12 @@ def test_template_scheme_allows_unequal_state_lists_and_text_taps_are_checked_ag
 def test_class_index_falls_back_to_zero() -> None:
     p = PromptConfig(class_names=("bolt", "nut"))
     assert (p.class_index("nut"), p.class_index("bolt"), p.class_index("washer")) == (1, 0, 0)
+
+
+def test_any_mapping_and_sequence_is_read_as_plain_data() -> None:
+    """Hydra hands over OmegaConf containers (a Mapping and Sequences, not dict and list)."""
+    d = _dict(adapters=STAGES)
+    frozen = MappingProxyType({**d, "backbone": MappingProxyType(d["backbone"]),
+                               "adapters": tuple(MappingProxyType(a) for a in STAGES)})
+    cfg = ModelConfig.from_dict(frozen)
+    assert cfg == ModelConfig.from_dict(d) and type(cfg.backbone.model_config) is dict
