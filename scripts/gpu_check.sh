@@ -5,7 +5,8 @@
 #   cuda_tests.txt  the CUDA-only tests (`pytest -m cuda`), which skip on a CPU
 #   bench_model.json / bench_serve.json   `sowa bench model` (ViT-L-14-336, bf16 and fp32, eager and compiled)
 #                   and a short `sowa bench serve`
-#   probes.jsonl    host syncs in one served batch, nvJPEG throughput and error against PIL
+#   probes.jsonl    host syncs in one served batch, nvJPEG throughput and error against PIL, and a short
+#                   Lightning training run (bf16-mixed, eager and torch.compile'd: scripts/gpu_train_step.py)
 #   gpu_util.csv    GPU utilisation and memory sampled during the serve bench
 #   summary.md      the tables;  log.txt  everything printed
 #
@@ -38,13 +39,15 @@ if [ $cpu = 1 ]; then
     arch=sowa-tiny device=cpu dtypes=fp32 model_batches=1,4 compile_batches=1 iters=1
     serve="--concurrency 2 --workers 1,2 --duration 1 --registrations 1 --max-batch-size 8 --dtype fp32"
     probe_batch=4 nvjpeg="--size 112 --source-size 256 --count 32"
-    limits=(60 90 120 150 60 60)
+    train="--arch sowa-tiny --device cpu --precision 32-true --steps 4 --warmup 1 --batch 4"
+    limits=(60 90 120 150 60 60 90)
 else
     arch=ViT-L-14-336 device=cuda dtypes=bf16,fp32 model_batches=1,16,64 compile_batches=64 iters=10
     serve="--concurrency 32,128 --workers 1,4 --duration 8 --registrations 3 --max-batch-size 64 --max-wait-ms 5
            --dtype bf16"
     probe_batch=32 nvjpeg="--size 336 --source-size 1024 --count 256"
-    limits=(90 60 120 210 45 25)
+    train="--arch ViT-B-16 --device cuda --precision bf16-mixed --compile --steps 12 --warmup 3 --batch 16"
+    limits=(90 60 120 210 45 25 120)
 fi
 sowa=(python3 -m sowa)
 failed=0
@@ -89,6 +92,8 @@ step "host syncs" "${limits[4]}" bash -c "python3 scripts/gpu_probe.py syncs --a
 # shellcheck disable=SC2086
 step "nvJPEG" "${limits[5]}" bash -c "python3 scripts/gpu_probe.py nvjpeg --device $device $nvjpeg \
     >> '$out/probes.jsonl'"
+# shellcheck disable=SC2086
+step "training step" "${limits[6]}" bash -c "python3 scripts/gpu_train_step.py $train >> '$out/probes.jsonl'"
 python3 scripts/gpu_summary.py "$out" > "$out/summary.md" 2>> "$out/log.txt" || failed=$((failed + 1))
 # the two model benches go back as one file, the serve table lives in summary.md: 8 files at most
 python3 - "$out" <<'PY' 2>> "$out/log.txt"

@@ -86,6 +86,12 @@ def main(out: Path) -> None:
                   f"(PIL, one thread: {p['pil_images_per_s_one_thread']}); grey levels vs PIL: max {g['max']}, "
                   f"mean {g['mean']}, p99 {g['p99']}, p99.9 {g['p999']}, {g['share_differing']:.2%} of values "
                   "differ")
+        elif p.get("probe") == "train":
+            modes = "; ".join(f"{'compiled' if r['compile'] else 'eager'} {r['steps_per_s']} steps/s (first step "
+                              f"{r['first_step_s']} s, losses {'finite' if r['losses_finite'] else 'NOT finite'})"
+                              for r in p["rows"])
+            print(f"- training ({p['arch']}, {p['precision']}, batch {p['batch']}, Lightning {p['lightning']}): "
+                  f"{modes}")
 
 
 if __name__ == "__main__":

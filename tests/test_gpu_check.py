@@ -35,8 +35,11 @@ def test_gpu_check_cpu_plan(tmp_path: Path) -> None:
     probes = {p["probe"]: p for p in map(json.loads, (out / "probes.jsonl").read_text().splitlines())}
     assert probes["syncs"]["syncs"] is None  # nothing to wait for on a CPU; a GPU run counts them
     assert probes["nvjpeg"]["grey_levels"]["max"] <= 2 and probes["nvjpeg"]["device_images_per_s"] > 0
+    train = probes["train"]["rows"]
+    assert [r["compile"] for r in train] == [False] and train[0]["losses_finite"] and train[0]["steps"] == 4
     summary = (out / "summary.md").read_text()
-    for needle in ("CUDA tests:", "| fp32 | default | 1 |", "| batching | 2 | 2 |", "device JPEG decode"):
+    for needle in ("CUDA tests:", "| fp32 | default | 1 |", "| batching | 2 | 2 |", "device JPEG decode",
+                   "- training (sowa-tiny, 32-true, batch 4"):
         assert needle in summary
     assert "0 step(s) failed" in done.stdout
 
