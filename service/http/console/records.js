@@ -125,13 +125,19 @@ async function pageHistory(main) {
   const verdict = el("select", { id: "history-verdict" }, el("option", { value: "", text: "any" }),
                      el("option", { value: "fail", text: "flagged" }), el("option", { value: "pass", text: "passed" }));
   const [part, partField] = input("history-part", "Part id", { maxlength: "128" });
-  const [station, stationField] = input("history-station", "Station", { maxlength: "64" });
+  const [station, stationField] = input("history-station", "Station", { maxlength: "128" });
+  const [tag, tagField] = input("history-tag", "Tag", { maxlength: "64" });
+  const reviewed = el("select", { id: "history-reviewed" }, el("option", { value: "", text: "any" }),
+                      el("option", { value: "false", text: "not yet" }), el("option", { value: "good", text: "good" }),
+                      el("option", { value: "defective", text: "defective" }));
   const [since, sinceField] = input("history-since", "From", { type: "datetime-local" });
   const [until, untilField] = input("history-until", "Before", { type: "datetime-local" });
   const filters = () => {
     const q = new URLSearchParams();
     for (const [k, v] of [["class_name", cls.value], ["verdict", verdict.value], ["part_id", part.value.trim()],
-                          ["station", station.value.trim()]]) if (v) q.set(k, v);
+                          ["station", station.value.trim()], ["tag", tag.value.trim()]]) if (v) q.set(k, v);
+    if (reviewed.value === "false") q.set("reviewed", "false");
+    else if (reviewed.value) q.set("review", reviewed.value);
     for (const [k, node] of [["since", since], ["until", until]]) if (node.value) q.set(k, String(new Date(node.value).getTime() / 1000));
     return q;
   };
@@ -161,7 +167,8 @@ async function pageHistory(main) {
     await load(true);
   }) }, el("div", { class: "field" }, el("label", { for: "history-class", text: "Class" }), cls),
   el("div", { class: "field" }, el("label", { for: "history-verdict", text: "Verdict" }), verdict),
-  partField, stationField, sinceField, untilField, el("button", { type: "submit", text: "Filter" }));
+  partField, stationField, tagField, el("div", { class: "field" }, el("label", { for: "history-reviewed", text: "Review" }), reviewed),
+  sinceField, untilField, el("button", { type: "submit", text: "Filter" }));
   main.append(form, el("table", { class: "records", id: "history" },
     el("caption", { text: "Every inspection: what the station said, with which threshold, and its review" }),
     el("thead", {}, el("tr", {}, ["", "Time", "Class", "Part", "Station", "Verdict", "Score", "Threshold", "Review", ""].map((h) => el("th", { scope: "col", text: h })))),

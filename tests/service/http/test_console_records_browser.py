@@ -53,7 +53,7 @@ def test_history_review_and_quality_pages(tmp_path: Path) -> None:
         files = [("images", (f"s{i}.png", b, "image/png")) for i, b in enumerate(shots)]
         assert api.post("/classes/widget/shots", files=files).status_code == 200
         passed = _predict(api, good, station="line-1")
-        flagged = _predict(api, bad, part_id=HOSTILE, station="line-2")
+        flagged = _predict(api, bad, part_id=HOSTILE, station="line-2", tags="night")
         ids = {r["record_id"] for r in passed + flagged}
         assert None not in ids and len(ids) == len(good) + len(bad)
         verdicts = [r["is_anomalous"] for r in passed + flagged]
@@ -84,6 +84,8 @@ def test_history_review_and_quality_pages(tmp_path: Path) -> None:
             expect(rows).to_have_count(len(good) + len(bad))
             page.select_option("#history-verdict", "fail")
             page.fill("#history-station", "line-2")
+            page.fill("#history-tag", "night")
+            page.select_option("#history-reviewed", "false")
             page.click("#history-filters button[type='submit']")
             expect(rows).to_have_count(sum(r["is_anomalous"] for r in flagged))
             cell = rows.first.locator("td.part-id")
