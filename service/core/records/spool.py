@@ -126,6 +126,8 @@ class Spool:
         """Write `frames` and sync once; their positions. On an error nothing of them stays (cut back) and it is
         raised: none of them is durable."""
         with self._lock:
+            if self._file is None and self.sizes:  # a cut that could not reopen the tail: try again
+                self._file = open(self.path(self._current), "ab")  # noqa: SIM115
             f, seg = self._file, self._current
             if f is None:
                 raise RuntimeError("the spool is not open")
@@ -157,16 +159,21 @@ class Spool:
                 self._start_segment()
 
     def _cut(self, size: int) -> None:
-        """Back to `size` bytes after a failed write (the file object's buffer holds the rest: reopened)."""
+        """Back to `size` bytes after a failed write (the file object's buffer holds the rest: reopened). The cut
+        is synced when the disk allows; either way no later frame is written after a partial one."""
         seg = self._current
         try:
             if self._file is not None:
                 self._file.close()
         except OSError:
             pass  # its buffered bytes could not be written: nothing to keep of them
+        self._file = None
         with open(self.path(seg), "r+b") as f:
             f.truncate(size)
-            os.fsync(f.fileno())
+            try:
+                os.fsync(f.fileno())
+            except OSError as e:
+                log.warning("spool: the cut back to %d bytes is not synced yet (%s)", size, e)
         self._file = open(self.path(seg), "ab")  # noqa: SIM115
 
     def read(self, pos: Position) -> Draft:
