@@ -30,13 +30,14 @@ import numpy as np
 
 from .backend import Backend, Scored, ScoreOptions
 from .class_names import CLASS_NAME
-from .errors import ClassNotFoundError, UnprocessableError
+from .errors import ClassNotFoundError, PayloadTooLargeError, UnprocessableError
 from .records.record import RecordMeta
 from .uploads import Upload, check_count
 
 __all__ = [
     "EXTENSIONS",
     "INPUTS",
+    "MAX_LISTED_VALUES",
     "OUTPUTS",
     "PLATFORM",
     "SERVER_NAME",
@@ -66,6 +67,9 @@ _DEFAULT_OUTPUTS = ("score", "normalized_score", "threshold", "text_score", "is_
 # request parameters Triton's clients set on their own; accepted, not acted on
 _IGNORED_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start",
                                  "sequence_end", "headers"})
+# values a tensor may carry one by one (JSON numbers, gRPC's typed contents) rather than as raw bytes: each costs a
+# Python object on the way in, so this bounds that memory (an image's pixels belong in binary tensors)
+MAX_LISTED_VALUES = 1 << 20
 _DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
                 "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
 
@@ -204,6 +208,9 @@ def to_uploads(request: InferRequest, max_images: int) -> list[Upload]:
         raise UnprocessableError(f"{len(request.inputs)} inputs: give exactly one, 'images' (BYTES [N], encoded) "
                                  "or 'pixels' (UINT8 [N,H,W,3])")
     t = request.inputs[0]
+    if isinstance(t.data, list) and len(t.data) > MAX_LISTED_VALUES:
+        raise PayloadTooLargeError(f"input {t.name[:64]}: more than {MAX_LISTED_VALUES} values one by one; send it "
+                                   "as a binary tensor")
     expected = {i["name"]: i for i in INPUTS}.get(t.name)
     if expected is None:
         raise UnprocessableError(f"unknown input '{t.name[:64]}': 'images' (BYTES [N]) or 'pixels' (UINT8 [N,H,W,3])")

@@ -31,6 +31,7 @@ from ..core.errors import (
     ClassNotFoundError,
     ForbiddenError,
     NotReadyError,
+    PayloadTooLargeError,
     QueueFullError,
     SowaError,
     UnauthorizedError,
@@ -281,6 +282,9 @@ def _parse(request: pb.ModelInferRequest) -> oip.InferRequest:
         elif t.datatype == "BYTES":
             data = list(t.contents.bytes_contents)
         else:
+            if len(t.contents.uint_contents) > oip.MAX_LISTED_VALUES:  # each would become a Python int
+                raise PayloadTooLargeError(f"input {t.name[:64]}: more than {oip.MAX_LISTED_VALUES} values in "
+                                           "contents; send it in raw_input_contents")
             data = list(t.contents.uint_contents)
         inputs.append(oip.InputTensor(t.name, t.datatype, tuple(t.shape), data))
     parameters = {k: _parameter(v) for k, v in request.parameters.items()}

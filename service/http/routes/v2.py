@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...core import oip
 from ...core.access.roles import Principal, Role
-from ...core.errors import ClassNotFoundError, ForbiddenError, UnprocessableError
+from ...core.errors import ClassNotFoundError, ForbiddenError, PayloadTooLargeError, UnprocessableError
 from ..auth import PrincipalDep, Requires
 from ..deps import RegistryDep, RuntimeDep, ServingDep
 from .predict import _unless_client_leaves
@@ -27,6 +27,7 @@ __all__ = ["PREFIX", "ProtocolErrors", "health_router", "repository_router", "ro
 
 PREFIX = "/v2"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_MAX_JSON = 4 * 2**20  # bytes of a request's JSON: about a million numbers (oip.MAX_LISTED_VALUES)
 _MODEL = Annotated[str, Path(max_length=128, description="a registered class, or 'zero-shot'")]
 _VERSION = Annotated[str, Path(max_length=16, description="'1', the only version")]
 
@@ -154,6 +155,9 @@ def _parse(body: bytes, header_length: str | None, model: str) -> tuple[oip.Infe
         header, binary = view[:int(header_length)], view[int(header_length):]
     else:
         header, binary = view, view[len(view):]
+    if len(header) > _MAX_JSON:  # parsed into Python objects: bounded apart from the body (binary tensors are not)
+        raise PayloadTooLargeError(f"a JSON request header over {_MAX_JSON} bytes; send images as binary tensors "
+                                   f"({HEADER_LENGTH})")
     try:
         doc = json.loads(bytes(header))
     except (ValueError, UnicodeDecodeError):
@@ -196,6 +200,9 @@ def _flatten(data: list, name: str) -> list:
     out: list = []
     stack = [iter(data)]
     while stack:
+        if len(out) > oip.MAX_LISTED_VALUES:
+            raise PayloadTooLargeError(f"input {name}: more than {oip.MAX_LISTED_VALUES} values as JSON; send it as "
+                                       "a binary tensor")
         for item in stack[-1]:
             if isinstance(item, list):
                 if len(stack) > 8:

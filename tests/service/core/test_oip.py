@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.core import oip
-from service.core.errors import ClassNotFoundError, UnprocessableError
+from service.core.errors import ClassNotFoundError, PayloadTooLargeError, UnprocessableError
 from service.core.uploads import decode_upload
 
 
@@ -62,6 +62,15 @@ def test_bad_tensors_are_refused_before_any_copy(name: str, datatype: str, shape
                                                  word: str) -> None:
     with pytest.raises(UnprocessableError, match=word):
         oip.to_uploads(_request(name, datatype, shape, data), 4)
+
+
+def test_values_listed_one_by_one_are_bounded() -> None:
+    """JSON numbers and gRPC's typed contents become Python objects: a frame's pixels that way are refused (413),
+    where the same bytes as a binary tensor pass."""
+    n = oip.MAX_LISTED_VALUES // 3 + 1
+    with pytest.raises(PayloadTooLargeError, match="binary tensor"):
+        oip.to_uploads(_request("pixels", "UINT8", (1, 1, n, 3), [0] * (3 * n)), 4)
+    assert len(oip.to_uploads(_request("pixels", "UINT8", (1, 1, n, 3), bytes(3 * n)), 4)) == 1
 
 
 def test_parameters_and_outputs() -> None:
