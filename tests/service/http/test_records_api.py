@@ -179,3 +179,40 @@ async def test_metrics_count_records(bundle: Path, tmp_path: Path) -> None:
         text = (await s.http.get("/metrics")).text
         assert "sowa_records_written_total 2.0" in text and "sowa_records_spooled 0.0" in text
         assert "sowa_records_not_kept_total 0.0" in text and "sowa_records_store_up 1.0" in text
+
+
+@pytest.mark.slow
+async def test_retention_keeps_its_bounds_while_serving(bundle: Path, tmp_path: Path) -> None:
+    budget = 40_000  # bytes of kept images and thumbnails: a handful of records' worth
+    async with serve_in_process(bundle, tmp_path / "data", api_key=KEY, records_max_count=12,
+                                record_images_max_mb=budget / 2**20, records_sweep_s=0.2) as s:
+        await _register(s)
+        recorder = s.app.state.runtime.records
+        for _ in range(10):  # 20 records, each keeping its upload and thumbnail
+            await _predict(s, TESTS[:2], keep="true")
+            await asyncio.sleep(0.05)
+        _drained(s)
+        await asyncio.sleep(0.6)  # a sweep or two
+        stats = await asyncio.to_thread(recorder.store.stats)
+        assert stats["records"] <= 12 and 0 < stats["image_bytes"] <= budget, stats
+        newest = (await s.http.get("/records", params={"limit": 1}, headers=H)).json()["records"][0]
+        assert newest["image_kept"]  # the oldest went first
+        assert recorder.stats.swept_records >= 8 and recorder.stats.swept_images > 0
+
+
+async def test_past_the_spool_bound_answers_say_not_kept_or_503(bundle: Path, tmp_path: Path) -> None:
+    for unrecordable, status in (("answer", 200), ("503", 503)):
+        async with serve_in_process(bundle, tmp_path / unrecordable, api_key=KEY, unrecordable=unrecordable) as s:
+            await _register(s)
+            recorder = s.app.state.runtime.records
+            recorder.spool_max_bytes = 0  # as if the store had been unreachable until the spool filled up
+            r = await s.http.post("/predict", files=_files(TESTS[:2]), headers=H,
+                                  data={"class_name": "widget", "heatmap": "none"})
+            assert r.status_code == status, r.text
+            if status == 200:
+                assert [(x["record_id"], x["record_kept"]) for x in r.json()["results"]] == [(None, False)] * 2
+            else:
+                assert r.json()["error"]["code"] == "records_unavailable" and r.headers["Retry-After"]
+            zero = await s.http.post("/predict", files=_files(TESTS[:1]), headers=H, data={"heatmap": "none"})
+            assert zero.status_code == 200  # zero-shot is never recorded: unaffected
+            assert "sowa_records_not_kept_total 2.0" in (await s.http.get("/metrics")).text
