@@ -41,16 +41,14 @@ class SowaLitModule(L.LightningModule):
         self.model.train()  # SowaModel starts in eval mode; Lightning keeps the modes it finds (adapter dropout on)
         self.optim_cfg, self.sched_cfg, self.map_size = dict(optimizer), dict(scheduler), int(map_size)
         self.strict_loading = False  # checkpoints hold no backbone: on_load_checkpoint checks the rest
-        self._per_class = len(model_cfg.prompt.class_names) > 1
         # the compiled callable is not a submodule: parameters and state_dict keys stay the model's own
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
         self._val: list[tuple[torch.Tensor, ...]] = []
 
     # -- passes ------------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, class_ids: torch.Tensor | None = None) -> TrainOutput:
-        if self._per_class and class_ids is not None:  # each image with its class's prompt context
-            return self._forward(images, class_ids)
-        return self._forward(images)
+        """Each image against its own class's prompt context (class_ids (B,); None: prompt class 0)."""
+        return self._forward(images, class_ids)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, masks, labels, class_ids = batch

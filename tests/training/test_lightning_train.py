@@ -110,6 +110,22 @@ def test_items_carry_their_class_prompt_context(toy: dict[str, Path]) -> None:
     assert ids == {"c1": 0, "c2": 1}  # an unknown class takes the first context, as the research code does
 
 
+def test_each_class_trains_its_own_prompt_context(toy: dict[str, Path], tmp_path: Path) -> None:
+    """Classes c1 and 'unused': c1's images train context 0, c2's (an unknown name) context 0 too, as the research
+    code maps them; context 1 gets no gradient, so only AdamW's decoupled weight decay moves it."""
+    cfg = compose_config("train", base(toy, tmp_path / "run", "model.prompt.class_names=[c1,unused]",
+                                       "~callbacks.model_checkpoint", "~callbacks.early_stopping",
+                                       "validation.enabled=false", "monitor.metric=train/loss_epoch",
+                                       "monitor.mode=min", "model.adapter.attn_drop=0"))
+    init = build_module(cfg).model.prompt_learner.ctx_pos.detach().clone()
+    info = train(cfg)
+    trained = load_file(info.path / "sowa.safetensors")["prompt_learner.ctx_pos"]
+    assert info.provenance["steps"] == 3 and info.provenance["checkpoint"]["path"] is None  # the last weights
+    decay = (1 - 1e-3 * 0.2) ** 3
+    assert torch.allclose(trained[1], init[1] * decay, atol=1e-7)
+    assert (trained[0] - init[0] * decay).abs().max() > 1e-4
+
+
 # -- one run with every logger, then its checkpoints ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def logged_run(toy: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
