@@ -25,7 +25,7 @@ from .errors import ClassDamagedError, ClassNotFoundError, NotReadyError, SowaEr
 from .records.drift import DriftMonitor
 from .records.figures import refresh_drift
 from .records.open import open_recorder
-from .records.record import Sampler, shots_revision
+from .records.record import Sampler
 from .records.recorder import Recorder
 from .records.store import RecordQuery
 from .registry import ClassRegistry
@@ -193,7 +193,7 @@ class LocalRuntime(Runtime):
                 entry = registry.get(name)
             except (ClassNotFoundError, ClassDamagedError):
                 return None
-            return shots_revision(entry.shots), entry.memory.calibration.shot_scores(), entry.calibration.threshold
+            return entry.revision, entry.memory.calibration.shot_scores(), entry.calibration.threshold
 
         refresh_drift(self.drift, self.records, active, reference)
 

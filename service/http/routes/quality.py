@@ -14,9 +14,8 @@ from fastapi import APIRouter, Depends, Query
 from ...core.access.roles import Role
 from ...core.class_names import check_class_name
 from ...core.records.figures import class_figures
-from ...core.records.record import shots_revision
 from ..auth import Requires
-from ..deps import LocalDep, RegistryDep
+from ..deps import RecordsDep, RegistryDep
 from ..schemas import ClassQuality
 from .classes import ClassName
 
@@ -27,7 +26,7 @@ router = APIRouter(tags=["records"], dependencies=[Depends(Requires(Role.INSPECT
 
 @router.get("/classes/{name}/quality", response_model=ClassQuality, summary="A class's quality and drift figures")
 async def class_quality(
-    name: ClassName, registry: RegistryDep, local: LocalDep,
+    name: ClassName, registry: RegistryDep, records: RecordsDep,
     escape_target: Annotated[float | None, Query(ge=0.0, le=1.0, description="the largest share of defective parts "
                                                  "that may pass (0..1): the suggestion is then the threshold with "
                                                  "the fewest false calls within it; without it, the best F1")] = None,
@@ -37,7 +36,7 @@ async def class_quality(
     of the recent passed parts against the shots' scores, now and over consecutive windows."""
     check_class_name(name)
     entry = registry.get(name)
-    figures = await asyncio.to_thread(class_figures, local.records, name, shots_revision(entry.shots),
+    figures = await asyncio.to_thread(class_figures, records, name, entry.revision,
                                       entry.calibration.threshold, entry.memory.calibration.shot_scores(),
                                       escape_target)
     return {"class_name": name, "threshold": entry.calibration.threshold,
