@@ -6,6 +6,7 @@ as text and runs nothing; no Content-Security-Policy violation. Skipped without 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from model.bundle import init_bundle
 from sowa.demo import ARCH
 from sowa.server_process import ServerProcess
+from tests.service.http.test_console_browser import snap
 from training.synth import DEFECT_KINDS, make_part, with_defect
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
@@ -42,6 +44,9 @@ def _predict(api: httpx.Client, images: list[bytes], **form: str) -> list[dict]:
 
 
 def test_history_review_and_quality_pages(tmp_path: Path) -> None:
+    """Screenshots go to SOWA_CONSOLE_SCREENSHOTS when set (docs/console/ holds the committed ones)."""
+    shots_dir = Path(os.environ.get("SOWA_CONSOLE_SCREENSHOTS") or tmp_path / "screenshots")
+    shots_dir.mkdir(parents=True, exist_ok=True)
     init_bundle(ARCH, "none", tmp_path / "bundle", seed=0, force=True)  # what `sowa demo` serves
     rng = np.random.default_rng(0)
     shots = [_png(make_part(rng, jitter=0.1)) for _ in range(8)]
@@ -97,6 +102,7 @@ def test_history_review_and_quality_pages(tmp_path: Path) -> None:
             expect(page.locator("#record-image")).to_be_visible()
             assert page.locator("#record-image").evaluate("(img) => img.naturalWidth") > 0
             expect(page.locator("#record-facts")).to_contain_text(HOSTILE)
+            snap(page, shots_dir / "history.png")
 
             # Review: flagged parts first; g, d and s from the keyboard on the part in focus
             goto("#/review")
@@ -111,6 +117,7 @@ def test_history_review_and_quality_pages(tmp_path: Path) -> None:
             page.keyboard.press("s")
             expect(items.nth(2)).to_be_focused()
             page.keyboard.press("g")
+            snap(page, shots_dir / "review.png")
             expect(page.locator("#review-left")).to_have_text(f"{len(good) + len(bad) - 2} parts to review.")
             assert api.get(f"/records/{queue[0]}").json()["review"] == "defective"
             assert api.get(f"/records/{queue[1]}").json()["review"] is None  # skipped
@@ -132,6 +139,7 @@ def test_history_review_and_quality_pages(tmp_path: Path) -> None:
             assert api.get("/classes/widget").json()["threshold"] == pytest.approx(suggested)
             expect(page.locator("#drift-chart circle")).to_have_count(len(quality["drift"]["series"]))
             expect(page.locator("#drift-now")).to_contain_text("KS D")
+            snap(page, shots_dir / "quality.png")
 
             assert page.evaluate("window.__xss") is None
             problems += page.evaluate("window.__csp")
