@@ -95,6 +95,8 @@ async def test_every_change_is_recorded_in_order_with_who_and_before_after(bundl
         assert r.status_code == 200, r.text
         from_results = await _shots(s, "widget")
         last = r.json()["class_info"]
+        r = await s.http.post(f"/records/{rid}/review", json={"verdict": "good", "note": "fine"}, headers=ops)
+        assert r.status_code == 200, r.text
         assert (await s.http.delete("/classes/widget", headers=boss)).status_code == 200
         temp = await s.http.post("/keys", json={"name": "temp", "role": "inspect"}, headers=boss)
         assert temp.status_code == 201
@@ -114,11 +116,13 @@ async def test_every_change_is_recorded_in_order_with_who_and_before_after(bundl
             ("SOWA_API_KEY", "key.added", "viewer"),
             ("ops", "class.created", "widget"), ("ops", "shots.added", "widget"), ("ops", "shots.replaced", "widget"),
             ("ops", "threshold.set", "widget"), ("ops", "threshold.reset", "widget"),
-            ("ops", "shots.added", "widget"), ("boss", "class.deleted", "widget"),
+            ("ops", "shots.added", "widget"), ("ops", "record.reviewed", rid), ("boss", "class.deleted", "widget"),
             ("boss", "key.added", "temp"), ("boss", "key.revoked", "temp")]
         assert {a for _, a, _ in story} == set(ACTIONS)  # every kind of change happened, and was recorded
         by = {(e["action"], i): e for i, e in enumerate(reversed(events))}
-        cr, add, rep, tset, treset, add2, dele = (by[k] for k in sorted(by, key=lambda k: k[1])[3:10])
+        cr, add, rep, tset, treset, add2, review, dele = (by[k] for k in sorted(by, key=lambda k: k[1])[3:11])
+        assert review["before"] == {"review": None, "note": None}
+        assert review["after"] == {"review": "good", "note": "fine", "class_name": "widget"}
 
         assert cr["before"] is None
         assert cr["after"] == {"shots": created, "shot_count": 2, "threshold_override": None,
@@ -156,12 +160,12 @@ async def test_every_change_is_recorded_in_order_with_who_and_before_after(bundl
             assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (bad, r.text)
 
         # keyset pages: any page size walks every event once, in order
-        for size in (1, 3, 5, 12, 13):
+        for size in (1, 3, 5, 13, 14):
             assert await _all(s, boss, limit=size) == events
         r = (await s.http.get("/audit", params={"limit": 4, "after": events[3]["id"]}, headers=boss)).json()
         assert r["events"] == events[4:8] and r["next"] == events[7]["id"]
-        r = (await s.http.get("/audit", params={"limit": 4, "after": events[7]["id"]}, headers=boss)).json()
-        assert r["events"] == events[8:12] and r["next"] is None
+        r = (await s.http.get("/audit", params={"limit": 5, "after": events[7]["id"]}, headers=boss)).json()
+        assert r["events"] == events[8:13] and r["next"] is None
 
         # the export equals the query, as CSV and as JSON Lines, filtered or not
         texts = []
