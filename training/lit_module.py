@@ -107,11 +107,14 @@ class SowaLitModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(_BACKBONE)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        want = {k for k in self.state_dict() if not k.startswith(_BACKBONE)}
-        missing = sorted(want - set(checkpoint["state_dict"]))
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} of this model's tensors, e.g. {missing[0]}: "
-                             "it was made with another model config")
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(_BACKBONE)}
+        theirs = checkpoint["state_dict"]
+        missing = sorted(set(own) - set(theirs))
+        differ = sorted(k for k in set(own) & set(theirs) if own[k].shape != theirs[k].shape)
+        if missing or differ:
+            k = (missing or differ)[0]
+            what = "lacks" if missing else f"has {tuple(theirs[k].shape)}, not {tuple(own[k].shape)}, for"
+            raise ValueError(f"checkpoint {what} this model's tensor {k}: it was made with another model config")
 
     def sowa_weights(self) -> dict[str, torch.Tensor]:
         """The weights a bundle's sowa.safetensors holds (every tensor but the backbone)."""

@@ -202,7 +202,8 @@ def test_early_stopping_stops_a_run_whose_metric_stalls(toy: dict[str, Path], tm
     assert info.provenance["epochs_completed"] == 2 and info.provenance["steps"] == 2
 
 
-def test_resume_continues_from_a_checkpoint(toy: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_continues_from_a_checkpoint(toy: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     first = train(compose_config("train", base(toy, run, "trainer.max_epochs=1")))
     assert first.provenance["steps"] == 3 and first.provenance["resumed_from_step"] is None
@@ -210,6 +211,9 @@ def test_resume_continues_from_a_checkpoint(toy: dict[str, Path], tmp_path: Path
     assert resumed.provenance["resumed_from_step"] == 3
     assert resumed.provenance["steps"] == 6 and resumed.provenance["epochs_completed"] == 2
     assert (run / "checkpoints" / "epoch_001-step_000006.ckpt").is_file()
+    # a checkpoint of another model config is refused in one line
+    assert main(["train", *base(toy, run, "model.adapter.depth=2", "ckpt_path=last", "force=true")]) == 2
+    assert "made with another model config" in capsys.readouterr().err
 
 
 def test_earlier_flags_still_train(toy: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
