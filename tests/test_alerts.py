@@ -64,7 +64,7 @@ def test_the_rule_fires_only_on_a_large_shift_that_is_not_chance(tmp_path: Path)
         "exp_labels": {"severity": "warning", "class_name": "shifted"},
         "exp_annotations": {
             "summary": "Scores of class shifted have drifted from its calibration",
-            "description": "KS D between the recent passed parts of shifted and its shots is 0.80 (alert above 0.5). "
+            "description": "KS D+ between the recent passed parts of shifted and its shots is 0.80 (alert above 0.5). "
                            "Check the station (light, camera, fixture), then the class's Quality page in the "
                            "console: review recent parts, add shots or set a new threshold."}}]}
     tests = {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": [{

@@ -147,8 +147,9 @@ class _DriftCollector:
         self.monitor = monitor
 
     def collect(self) -> Iterator[Metric]:
-        ks = GaugeMetricFamily("sowa_score_drift_ks", "KS statistic D between a class's recent passed scores and its "
-                               "calibration's shot scores (0 alike, 1 apart); the most recently active classes only",
+        ks = GaugeMetricFamily("sowa_score_drift_ks", "one-sided KS statistic D+: how far a class's recent passed "
+                               "scores lie above its calibration's shot scores (0 not above, 1 all above); the most "
+                               "recently active classes only",
                                labels=["class_name"])
         p = GaugeMetricFamily("sowa_score_drift_pvalue", "p-value of sowa_score_drift_ks (small: not chance)",
                               labels=["class_name"])

@@ -362,7 +362,8 @@ class DriftPoint(BaseModel):
 class DriftOut(BaseModel):
     window: int = Field(description="passed parts per window")
     min_parts: int = Field(description="fewer recent passed parts give no figure")
-    ks: float | None = Field(description="KS D of the last window against the shots' scores (0 alike, 1 apart)")
+    ks: float | None = Field(description="one-sided KS D+ of the last window against the shots' scores: how far "
+                             "the passed parts' scores rose (0 not above, 1 all above)")
     p_value: float | None
     parts: int = Field(description="passed parts in the last window")
     series: list[DriftPoint] = Field(description="consecutive windows, oldest first")

@@ -1,19 +1,23 @@
-"""Drift: how far a class's recently passed scores have moved from its calibration, as a few bounded gauges.
+"""Drift: how far a class's recently passed scores have moved up from its calibration, as a few bounded gauges.
 
-The figure is the two-sample Kolmogorov-Smirnov statistic D (scipy.stats.ks_2samp) between
+The figure is the one-sided two-sample Kolmogorov-Smirnov statistic D+ (scipy.stats.ks_2samp, alternative
+"greater": the recent scores lie above the reference) between
 
     reference  the calibration's scores of the shots (leave-one-out, Calibration.shot_scores), those at or below
                the threshold in force: passed parts are cut at the threshold, so the reference is cut the same way
     recent     the scores of the class's last `window` passed parts
 
-D is the largest gap between the two empirical distribution functions, 0 (same) to 1 (no overlap). KS rather than
+D+ is the largest amount by which the reference's empirical distribution function lies above the recent one's: 0
+when the recent scores are no higher, 1 when every one is above every reference score. KS rather than
 the population stability index: a class has few shots (often 1 to 16), and PSI's bins would be mostly empty, its
 figure then set by the smoothing constant that keeps log(0) away; KS needs no bins and no constant, and reads the
 same whatever the score range. Its p-value is exported beside it, so an alert can ask for a shift that is both
 large (D) and not chance (p), with as many shots as the class has: with 4 shots a D of 0.6 is still chance.
 
-Shots are scored leave-one-out (against K-1 others) and line parts against all K, so a line that has not moved
-scores a little below its shots: D is not 0 on an unchanged line; docs/records.md gives the alert's margin.
+One-sided, upwards, for two reasons. The harm of drift is passed parts creeping toward the threshold: more false
+calls, and defects standing out less. And shots are scored leave-one-out (against K-1 others) while line parts are
+scored against all K, so an unchanged line scores a little below its shots: a two-sided figure would report that
+bias as drift (parts just like the shots would show the most), the upward one does not.
 
 Label cardinality is bounded: a figure is kept for at most `max_classes` classes, those most recently active
 (a class's latest record time); the rest drop out of /metrics until they are active again. The figures are
@@ -40,7 +44,7 @@ DEFAULT_MAX_CLASSES = 50  # classes with a figure on /metrics
 
 @dataclass(frozen=True)
 class ClassDrift:
-    """One class's figure: KS D and its p-value, over `recent` passed parts against `reference` shot scores."""
+    """One class's figure: KS D+ and its p-value, over `recent` passed parts against `reference` shot scores."""
 
     class_name: str
     ks: float
@@ -60,7 +64,7 @@ def ks_drift(class_name: str, reference: Sequence[float], threshold: float, rece
     now = np.asarray(recent, dtype=np.float64)
     if ref.size == 0 or now.size < min_recent:
         return None
-    result = ks_2samp(ref, now, alternative="two-sided", method="auto")
+    result = ks_2samp(ref, now, alternative="greater", method="auto")  # F_ref > F_recent somewhere: recent higher
     return ClassDrift(class_name, float(result.statistic), float(result.pvalue), int(now.size), int(ref.size),
                       float(np.median(now)), float(np.median(ref)))
 

@@ -76,7 +76,7 @@ function qualityFigures(f, name, reload) {
 
 function driftChart(d) {
   const now = d.ks === null ? `Not enough passed parts yet (${d.parts} of ${d.min_parts}).`
-    : `Now: KS D ${fmt(d.ks, 3)} (p ${d.p_value < 0.001 ? "< 0.001" : fmt(d.p_value, 3)}) over the last ${d.parts} passed parts; ` +
+    : `Now: KS D+ ${fmt(d.ks, 3)} (p ${d.p_value < 0.001 ? "< 0.001" : fmt(d.p_value, 3)}) over the last ${d.parts} passed parts; ` +
       `the alert fires above ${DRIFT_ALERT} when it is not chance.`;
   const summary = el("p", { id: "drift-now", text: now });
   if (!d.series.length) return el("div", {}, summary);
@@ -86,10 +86,10 @@ function driftChart(d) {
   const y = (v) => H - B - v * (H - T - B);
   const path = d.series.map((p, i) => `${i ? "L" : "M"}${x(i).toFixed(1)},${y(p.ks).toFixed(1)}`).join(" ");
   const dots = d.series.map((p, i) => svg("circle", { class: `dot${p.ks > DRIFT_ALERT ? " high" : ""}`, cx: x(i), cy: y(p.ks), r: 4 },
-    svg("title", { text: `until ${new Date(p.until * 1000).toLocaleString()}: D ${fmt(p.ks, 3)} over ${p.parts} parts` })));
+    svg("title", { text: `until ${new Date(p.until * 1000).toLocaleString()}: D+ ${fmt(p.ks, 3)} over ${p.parts} parts` })));
   const ticks = [0, 0.25, 0.5, 0.75, 1].map((v) => svg("text", { class: "axis", x: L - 6, y: y(v) + 4, "text-anchor": "end", text: String(v) }));
   const chart = svg("svg", { id: "drift-chart", viewBox: `0 0 ${W} ${H}`, role: "img",
-                             "aria-label": `KS D of the last ${n} windows of ${d.window} passed parts, oldest first` },
+                             "aria-label": `KS D+ (how far the scores rose) of the last ${n} windows of ${d.window} passed parts, oldest first` },
     svg("line", { class: "axis-line", x1: L, x2: W - R, y1: H - B, y2: H - B }),
     svg("line", { class: "alert-line", x1: L, x2: W - R, y1: y(DRIFT_ALERT), y2: y(DRIFT_ALERT) }),
     svg("text", { class: "axis", x: W / 2, y: H - 8, "text-anchor": "middle", text: `windows of ${d.window} passed parts, oldest to newest` }),

@@ -11,7 +11,8 @@ from service.core.telemetry import Telemetry
 
 
 def test_ks_worked_by_hand() -> None:
-    # reference CDF steps 0.5 at 0.1 and 1 at 0.3; recent steps 0.5 at 0.2 and 1 at 0.4: the gap is 0.5 at 0.1 and 0.3
+    # reference CDF steps 0.5 at 0.1 and 1 at 0.3; recent steps 0.5 at 0.2 and 1 at 0.4: the reference's lies 0.5 above
+    # at 0.1 and at 0.3
     f = ks_drift("bottle", [0.1, 0.3, 0.9], 0.5, [0.2] * 15 + [0.4] * 15)
     assert f is not None
     assert f.ks == pytest.approx(0.5)
@@ -25,6 +26,11 @@ def test_same_scores_give_zero_and_apart_give_one() -> None:
     assert same is not None and apart is not None
     assert same.ks == 0.0 and same.p_value == pytest.approx(1.0)
     assert apart.ks == 1.0 and apart.p_value < 1e-3
+
+
+def test_only_an_upward_shift_counts() -> None:
+    down = ks_drift("a", [0.1, 0.2, 0.3], 0.5, [0.05] * 30)  # parts even more like the shots: no harm
+    assert down is not None and down.ks == 0.0 and down.p_value == 1.0
 
 
 def test_a_shift_is_told_from_chance() -> None:
@@ -78,9 +84,9 @@ def test_gauges_on_metrics() -> None:
     samples = {(s.name, s.labels["class_name"]): s.value for fam in text_string_to_metric_families(
         telemetry.render().decode()) for s in fam.samples if s.name.startswith("sowa_score_drift")}
     assert samples[("sowa_score_drift_ks", "bottle")] == 1.0
-    assert samples[("sowa_score_drift_ks", "cable")] == 0.5  # all 0.15: the reference's CDF is 0.5 there
+    assert samples[("sowa_score_drift_ks", "cable")] == 0.5  # all 0.15: 0.1 is below, 0.2 above
     assert samples[("sowa_score_drift_recent", "bottle")] == 30.0
-    assert samples[("sowa_score_drift_pvalue", "bottle")] < 0.01  # exact: 2 / C(32, 2) = 0.004
+    assert samples[("sowa_score_drift_pvalue", "bottle")] < 0.01  # exact: 1 / C(32, 2) = 0.002
     assert len(samples) == 6
 
 
