@@ -27,7 +27,11 @@ from model.sowa import TrainOutput
 from .losses import sowa_loss
 from .metrics import auroc
 
-__all__ = ["SowaLitModule"]
+__all__ = ["METRICS", "SowaLitModule"]
+
+# what a run logs, so what monitor.metric may name (val/* only when validating)
+METRICS = ("train/loss", "train/loss_epoch", "train/ce", "train/focal", "train/dice", "val/loss",
+           "val/image_accuracy", "val/image_auroc", "val/pixel_auroc")
 
 _BACKBONE = "model.clip."
 

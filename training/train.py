@@ -25,7 +25,7 @@ from model.bundle import BundleInfo, check_output_dir, save_bundle
 from model.provenance import provenance_base
 
 from .data_module import SowaDataModule
-from .lit_module import SowaLitModule
+from .lit_module import METRICS, SowaLitModule
 from .run_config import RunConfigError, model_config, pretrained_source, to_yaml
 from .train_data import dataset_digest
 
@@ -68,6 +68,9 @@ def _instantiate_all(node: DictConfig | None, what: str) -> list[Any]:
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer)
     kwargs["precision"] = _precision(kwargs)
+    if cfg.monitor.metric not in METRICS or cfg.monitor.mode not in ("min", "max"):
+        raise RunConfigError(f"monitor.metric must be one of {', '.join(METRICS)} and monitor.mode min or max, got "
+                             f"{cfg.monitor.metric} and {cfg.monitor.mode}")
     if not cfg.validation.enabled:
         kwargs["limit_val_batches"] = 0
         if str(cfg.monitor.metric).startswith("val/"):

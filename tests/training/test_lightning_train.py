@@ -92,7 +92,7 @@ def test_wrong_overrides_exit_2_with_one_line(toy: dict[str, Path], tmp_path: Pa
                                               capsys: pytest.CaptureFixture[str]) -> None:
     cases = {"model.adapter.dpth=2": "dpth", "data=nope": "data/nope", "trainer.max_epochs=[1": "parse",
              "model.adapter.window_size=3": "window_size", "trainer.precision=fp64": "precision",
-             "experiment=best": "+experiment=best"}
+             "experiment=best": "+experiment=best", "monitor.metric=val/typo": "monitor.metric"}
     for override, words in cases.items():
         assert main(["train", *base(toy, tmp_path / "bad"), override]) == 2, override
         err = capsys.readouterr().err
