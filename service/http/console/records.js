@@ -207,7 +207,19 @@ async function showRecord(id, box) {
                  ["Threshold", `${fmt(r.threshold)}${r.threshold_per_request ? " (this request's)" : ""}`],
                  ["Text score", fmt(r.text_score)], ["Regions", String((r.regions || []).length)],
                  ["Model", r.model], ["Class revision (shots)", r.revision], ["Review", reviewText(r) || "not reviewed"]];
-  box.replaceChildren(el("h3", { text: `Record ${r.id}` }), el("div", { class: "recent" }, pics),
+  const note = el("p", { class: "note", id: "record-note", "aria-live": "polite" });
+  // a good part (reviewed so, or not yet reviewed) with its upload kept can become a shot of its class in one call
+  const asShot = r.image_kept && r.review !== "defective" ? allowed("operate", "Adding a part as a shot", el("button", {
+    type: "button", id: "add-shot", class: "secondary", text: "Good part: add as a shot", onclick: guard(async () => {
+      asShot.disabled = true;
+      const out = await api(`/records/${encodeURIComponent(r.id)}/shot`, { method: "POST" });
+      const p = out.previous;
+      const msg = `Shots ${p.shots} → ${out.class_info.shots}; calibrated threshold ${fmt(p.calibrated_threshold)} → ` +
+                  `${fmt(out.calibration.threshold)}. The class's earlier records were scored with other shots.`;
+      note.textContent = msg;
+      setStatus(msg, "ok");
+    }) })) : null;
+  box.replaceChildren(el("h3", { text: `Record ${r.id}` }), el("div", { class: "recent" }, pics), asShot, note,
     el("dl", { class: "facts wide", id: "record-facts" }, facts.map(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })])));
   box.scrollIntoView({ block: "nearest" });
 }

@@ -141,6 +141,17 @@ def test_history_review_and_quality_pages(tmp_path: Path) -> None:
             expect(page.locator("#drift-now")).to_contain_text("KS D")
             snap(page, shots_dir / "quality.png")
 
+            # a good part with its upload kept becomes a shot from its record
+            goto("#/history")
+            page.select_option("#history-reviewed", "good")
+            page.click("#history-filters button[type='submit']")
+            kept = page.locator("#history tbody tr", has=page.locator("img.record-thumb"))
+            expect(kept.first).to_be_visible()  # the first passed part keeps its images (1 in 100 from the first)
+            kept.first.locator("button.open-record").click()
+            page.click("#add-shot")
+            expect(page.locator("#record-note")).to_contain_text(f"Shots {len(shots)} → {len(shots) + 1}")
+            assert api.get("/classes/widget").json()["shots"] == len(shots) + 1
+
             assert page.evaluate("window.__xss") is None
             problems += page.evaluate("window.__csp")
             browser.close()
