@@ -104,7 +104,7 @@ def test_kill_9_under_load_loses_no_answered_record(bundle: Path, tmp_path: Path
     srv = ServerProcess(bundle, data, tmp_path / "server.log").start()
     try:
         _register(srv.url)
-        with Load(srv.url) as load:
+        with Load(srv.url, clients=3) as load:
             _wait_for(lambda: len(load.ids) >= 20, 60, "20 recorded answers")
             srv.kill()  # mid-load: requests in flight, records in the spool not yet drained
             answered = list(load.ids)
