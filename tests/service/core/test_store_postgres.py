@@ -44,7 +44,8 @@ def test_schema_from_an_empty_database_and_a_newer_one_refused(pg_url: str) -> N
         with psycopg.connect(pg_url) as conn:
             tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
             version = conn.execute("SELECT value FROM sowa_meta WHERE key = 'schema_version'").fetchone()
-        assert tables == {"sowa_meta", "sowa_classes", "sowa_shots", "sowa_keys", "sowa_audit"}
+        assert tables == {"sowa_meta", "sowa_classes", "sowa_shots", "sowa_keys", "sowa_audit", "sowa_records",
+                          "sowa_record_blobs"}
         assert version == (str(SCHEMA_VERSION),)
         assert store.migrate() == SCHEMA_VERSION  # again: nothing to do
         shots = _shots(b"a")
