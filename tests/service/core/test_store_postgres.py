@@ -152,7 +152,14 @@ async def test_two_replicas_register_on_one_predict_on_the_other(bundle: Path, t
         await wait_for_async(lambda: _threshold(a, "widget", 0.77), 1.0, "A sees B's threshold")
         await a.client.delete_class("widget")
         await wait_for_async(lambda: _gone(b, "widget"), 1.0, "B sees A's delete")
-        assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing on shared files
+        # nothing on local files but each replica's own record spool (records/spool: what an answer waits for)
+        local = {p.relative_to(tmp_path).parts[1:3] for p in tmp_path.rglob("*") if p.is_file()}
+        assert local <= {("records", "spool")}, local
+        # every replica answers from the same records: each sees the other's
+        assert a.app.state.runtime.records.wait_drained(10) and b.app.state.runtime.records.wait_drained(10)
+        for x, y, scored in ((a, b, pa), (b, a, pb)):
+            for r in scored.results:
+                assert (await y.http.get(f"/records/{r.record_id}")).json()["class_name"] == "widget", x
         metrics = await b.client.metrics()
         assert _metric(metrics, "sowa_store_up") == 1 and _metric(metrics, "sowa_store_notifications_total") >= 2
 
