@@ -108,6 +108,10 @@ async def test_records_answer_query_review_export_and_survive_a_restart(bundle: 
         assert (await s.http.post(f"/records/{'0' * 32}/review", json={"verdict": "good"},
                                   headers=H)).status_code == 404
         assert (await s.http.get("/records/not-an-id", headers=H)).status_code == 422
+        for bad in ({"part": "P-4711"}, {"verdict": "maybe"}, {"limit": 1001}, {"tag": "a b"}):
+            r = await s.http.get("/records", params=bad, headers=H)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", bad
+        assert (await s.http.get("/records/export?part=1", headers=H)).status_code == 422  # never everything
 
         # the threshold page reads the records scored with the class's current shots
         recent = (await s.http.get("/classes/widget/scores", headers=H)).json()["recent"]
