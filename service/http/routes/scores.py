@@ -35,15 +35,14 @@ async def class_scores(
     name: str, registry: RegistryDep, records: RecordsDep, settings: SettingsDep,
     bins: Annotated[int, Query(ge=1, le=200, description="histogram bins")] = 20,
 ) -> dict:
-    """The shots' leave-one-out scores (the calibration), the class's recent records' scores (scored with its
-    current shots), both thresholds and a histogram of both score sets."""
+    """The shots' leave-one-out scores (the calibration), the class's recent records' scores, both thresholds and a
+    histogram of both score sets. Recent scores are as computed then: shots added since move the calibration."""
     entry = registry.get(name)
     cal = entry.memory.calibration
     shot_scores = cal.shot_scores()
-    revision = entry.revision
-    recent = [r for r in await asyncio.to_thread(records.query, RecordQuery(class_name=name,
-                                                                             limit=settings.results_per_class))
-              if r.revision == revision]  # scores against other shots say nothing about this threshold
+    # as the console's kept results list them (its threshold page labels those): scores as computed then, so shots
+    # added since move the calibration, not them (a record's `revision` says which shots scored it)
+    recent = await asyncio.to_thread(records.query, RecordQuery(class_name=name, limit=settings.results_per_class))
     thresholds = [entry.calibration.threshold, cal.threshold]
     return {
         "class_name": name, "threshold": entry.calibration.threshold, "calibrated_threshold": cal.threshold,
