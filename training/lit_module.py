@@ -58,9 +58,11 @@ class SowaLitModule(L.LightningModule):
         images, masks, labels, class_ids = batch
         terms = sowa_loss(self(images, class_ids), masks, labels)
         b = images.shape[0]
-        # two calls, not five: each self.log costs host time every step (the values stay on the device)
-        self.log_dict({"train/loss": terms.total, "train/ce": terms.ce, "train/focal": terms.focal,
-                       "train/dice": terms.dice}, on_step=True, on_epoch=False, batch_size=b)
+        # a step's terms only where the loggers write them (every log_every_n_steps) or a bar shows them: each
+        # self.log costs host time, a few % of a small model's step
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.progress_bar_callback:
+            self.log_dict({"train/loss": terms.total, "train/ce": terms.ce, "train/focal": terms.focal,
+                           "train/dice": terms.dice}, on_step=True, on_epoch=False, batch_size=b)
         self.log("train/loss_epoch", terms.total, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True,
                  batch_size=b)
         return terms.total
