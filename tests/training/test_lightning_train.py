@@ -245,3 +245,15 @@ def test_ddp_two_gloo_processes_complete_and_agree(toy: dict[str, Path], tmp_pat
 def test_a_config_error_is_a_run_config_error() -> None:
     with pytest.raises(RunConfigError, match="dpth"):
         compose_config("train", ["model.adapter.dpth=1"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; CI and dev machines have none")
+def test_cuda_bf16_training_tracks_fp32(toy: dict[str, Path], tmp_path: Path) -> None:
+    """bf16-mixed on the GPU (precision auto): the bundle is written and its epoch losses follow the fp32 CPU run."""
+    common = ["trainer.max_epochs=2", "model.adapter.attn_drop=0", "logger=csv"]
+    cpu = train(compose_config("train", base(toy, tmp_path / "cpu", *common)))
+    gpu = train(compose_config("train", [*base(toy, tmp_path / "gpu", *common), "trainer.accelerator=gpu"]))
+    assert gpu.provenance["precision"] == "bf16-mixed" and gpu.provenance["device"].startswith("cuda")
+    assert gpu.provenance["final_metrics"]["train/loss_epoch"] == pytest.approx(
+        cpu.provenance["final_metrics"]["train/loss_epoch"], rel=0.03)
