@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.core.records.record import Draft, Record  # noqa: E402
+from service.core.records.store import RecordStore  # noqa: E402
 from sowa.server_process import ServerProcess  # noqa: E402
 
 CLIENTS = 16
@@ -97,7 +98,7 @@ def _drafts(n: int) -> list[Draft]:
             for i in range(n)]
 
 
-def store_rate(store, drafts: list[Draft], batch: int = 1000) -> float:  # noqa: ANN001
+def store_rate(store: RecordStore, drafts: list[Draft], batch: int = 1000) -> float:
     start = time.perf_counter()
     for i in range(0, len(drafts), batch):
         store.write(drafts[i:i + batch])
