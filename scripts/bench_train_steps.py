@@ -118,6 +118,46 @@ def run_after(data: Path, work: Path, name: str, steps: int, warmup: int) -> flo
     return steps_per_s(STEP_ENDS, warmup)
 
 
+def lightning_overhead(steps: int = 300) -> dict[str, float]:
+    """Lightning's own host time per step: a 4->1 linear model stepped by a plain loop, by a Trainer, and by a
+    Trainer whose step logs five metrics; shortest step in ms."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(L.LightningModule):
+        def __init__(self, logs: bool) -> None:
+            super().__init__()
+            self.lin, self.logs = torch.nn.Linear(4, 1), logs
+
+        def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
+            loss = self.lin(batch[0]).mean()
+            if self.logs:
+                self.log_dict({"a": loss, "b": loss, "c": loss, "d": loss})
+                self.log("e", loss, on_step=False, on_epoch=True, sync_dist=True)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters())
+
+    data = TensorDataset(torch.randn(steps * 8, 4))
+    out = {}
+    for name, logs in (("trainer_ms", False), ("trainer_5_logs_ms", True)):
+        STEP_ENDS.clear()
+        L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[StepTimer()]).fit(
+            Tiny(logs), DataLoader(data, batch_size=8))
+        out[name] = 1e3 / steps_per_s(STEP_ENDS, 10)
+    lin = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(lin.parameters())
+    STEP_ENDS.clear()
+    for (x,) in DataLoader(data, batch_size=8):
+        opt.zero_grad()
+        lin(x).mean().backward()
+        opt.step()
+        STEP_ENDS.append(time.perf_counter())
+    out["plain_loop_ms"] = 1e3 / steps_per_s(STEP_ENDS, 10)
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -126,7 +166,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--before-rev", default="f38cb00", help="the commit whose training/train.py is BEFORE")
     p.add_argument("--json", type=Path)
+    p.add_argument("--overhead", action="store_true", help="also Lightning's own host time per step (ms)")
     args = p.parse_args()
+    overhead = lightning_overhead() if args.overhead else None
+    if overhead:
+        print(f"per-step host time, shortest step: {overhead}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         legacy = load_before(args.before_rev, work / "src")
@@ -145,7 +189,7 @@ def main() -> None:
                   f"(runs: {[round(x, 3) for x in before]} / {[round(x, 3) for x in after]})", flush=True)
     info = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
             "torch": torch.__version__, "lightning": L.__version__, "steps": args.steps, "warmup": args.warmup,
-            "repeats": args.repeats, "batch_size": 8, "results": results}
+            "repeats": args.repeats, "batch_size": 8, "lightning_overhead": overhead, "results": results}
     if args.json:
         args.json.write_text(json.dumps(info, indent=1) + "\n")
 
