@@ -5,8 +5,9 @@ A batch is written images first (each file to a temporary name, renamed), then e
 (synchronous=FULL): a crash leaves the old rows or all the new ones, never part of a batch, and at most image files
 no row names yet (the spool replays the batch, naming them). Image files are not fsync'd one by one (two syncs per
 flagged part cost the drainer more than the rows): a process crash loses none (the page cache holds them), a power
-cut may lose the latest images, never a record; an image lost so reads as not kept (its hash is checked on read). A full disk is an OSError or SQLite's
-"database or disk is full": the transaction rolls back and the spool keeps the batch.
+cut may lose the latest images, never a record; an image lost so reads as not kept (its hash is checked on read).
+A full disk is an OSError or SQLite's "database or disk is full": the transaction rolls back and the spool keeps
+the batch.
 """
 
 from __future__ import annotations
