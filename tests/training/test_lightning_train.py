@@ -192,6 +192,14 @@ def test_the_bundle_is_made_from_the_best_checkpoint(logged_run: dict) -> None:
     assert info.provenance["checkpoint"]["score"] == pytest.approx(losses[0])
 
 
+def test_eval_takes_overrides(logged_run: dict, toy: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    assert main(["eval", f"bundle={logged_run['info'].path}", f"data.test_root={toy['data']}", "k=[0]", "seeds=[0]",
+                 f"out={out}", "metric_workers=0", "progress=false", "batch_size=12"]) == 0
+    report = json.loads(out.read_text())
+    assert report["results"]["0"]["mean"]["pixel_auroc"] > 0.5
+
+
 def test_early_stopping_stops_a_run_whose_metric_stalls(toy: dict[str, Path], tmp_path: Path) -> None:
     # lr 0: the weights never move, so the validation metric repeats and patience 1 stops after the second epoch
     cfg = compose_config("train", base(toy, tmp_path / "run", "optimizer.lr=0", "optimizer.weight_decay=0",
