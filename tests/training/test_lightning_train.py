@@ -86,6 +86,11 @@ def test_overrides_reach_the_built_model(toy: dict[str, Path], tmp_path: Path) -
     assert all(len(a.blocks) == 2 for a in model.adapters)
     assert model.adapters[0].blocks[0].attn.num_heads == 4
     assert model.prompt_learner.ctx_pos.shape[-2] == 5 and model.cfg.temperature == 0.05
+    # per-stage adapters: a list of dicts, each tap its own window and depth (the grid is 8x8)
+    cfg = compose_config("train", base(toy, tmp_path, "model.adapters=[{window_size:2,depth:2},{},{},{window_size:4}]"))
+    model = build_module(cfg).model
+    assert [len(a.blocks) for a in model.adapters] == [2, 1, 1, 1]
+    assert [a.blocks[0].attn.window for a in model.adapters] == [2, 8, 8, 4]
 
 
 def test_wrong_overrides_exit_2_with_one_line(toy: dict[str, Path], tmp_path: Path,
