@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from model.bundle import read_manifest
+from model.config import AdapterConfig, ModelConfig, PromptConfig
 from sowa.cli import main
 from tests.helpers import REPO, TINY_CLIP
 from training.data_module import ClassIdSet
@@ -74,6 +76,12 @@ def test_each_config_group_composes() -> None:
     assert cfg.data.val_root == "data/visa" and cfg.model.adapter.depth == 2 and cfg.model.prompt.scheme == "template"
     assert sorted(cfg.logger) == ["csv", "tensorboard"] and cfg.model.prompt.length == 24  # experiment's
     assert cfg.callbacks.model_checkpoint.dirpath == f"{cfg.run_dir}/checkpoints"
+    # the model node is ModelConfig's dict form, every key of it: a new model knob is an override at once
+    for option in ("sowa_hfwa", "vit_b16", "tiny"):
+        m = compose_config("train", [f"model={option}"]).model
+        assert set(m) == {f.name for f in fields(ModelConfig)}, option
+        assert set(m.adapter) == {f.name for f in fields(AdapterConfig)}
+        assert set(m.prompt) == {f.name for f in fields(PromptConfig)}
     ev = compose_config("eval", ["bundle=b", "out=r.json", "data=mvtec", "k=[0,1]"])
     assert ev.data.test_root == "data/mvtec" and list(ev.k) == [0, 1]
 
