@@ -115,17 +115,19 @@ def _stack(batch: Sequence[Sample]) -> torch.Tensor:
 @torch.inference_mode()
 def run_class(
     model: SowaModel, tests: Sequence[Item], draws: Mapping[Setting, Sequence[Item]], batch_size: int,
-    pool: Executor, bar: tqdm | None = None,
+    pool: Executor, bar: tqdm | None = None, class_name: str | None = None,
 ) -> ClassMaps:
     """Network passes of one class: once over the union of the shots of all `draws` (fitting one bank and
-    calibration per setting), once over the `tests`, scoring every batch against every bank."""
+    calibration per setting), once over the `tests`, scoring every batch against every bank. The class is scored
+    with the bundle's prompt class of the same name, else prompt class 0, as the service does."""
     size = model.image_size
+    prompt = model.cfg.prompt.class_index(class_name) if class_name else 0
     memories: dict[Setting, ClassMemory] = {}
     union = list(dict.fromkeys(it for shots in draws.values() for it in shots))
     if union:
         outs = []
         for batch in _batches(union, size, batch_size, pool):
-            outs.append(model.predict(_stack(batch)))
+            outs.append(model.predict(_stack(batch), class_ids=[prompt] * len(batch)))
             if bar is not None:
                 bar.update(len(batch))
         raw = torch.cat([o.raw_patches for o in outs])
@@ -140,7 +142,7 @@ def run_class(
     zs, texts, masks = [], [], []
     distances: dict[Setting, list[torch.Tensor]] = {s: [] for s in memories}
     for batch in _batches(tests, size, batch_size, pool):
-        out = model.predict(_stack(batch))
+        out = model.predict(_stack(batch), class_ids=[prompt] * len(batch))
         zs.append(out.zero_shot_maps.float().cpu())
         texts.append(out.text_scores.float().cpu())
         masks.append(np.stack([s.mask.numpy() for s in batch]))
@@ -364,7 +366,7 @@ def _run_classes(
                 tqdm(total=total, desc="images", unit="img", disable=not progress, leave=False) as bar:
             for cls in classes:
                 class_bar.set_postfix_str(cls)
-                maps = run_class(model, tests_by_class[cls], draws_by_class[cls], batch_size, loader, bar)
+                maps = run_class(model, tests_by_class[cls], draws_by_class[cls], batch_size, loader, bar, cls)
                 for setting in settings:
                     final = maps.final_maps(setting)
                     scores = maps.scores(setting, final)

@@ -3,6 +3,7 @@ dataset made here (plain textures, a bright square as the defect)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from model.bundle import load_bundle, save_bundle
+from model.config import PromptConfig
 from model.inference import fit_class
 from model.sowa import SowaModel
 from sowa.cli import main
@@ -271,3 +273,21 @@ def test_per_kind_breakdown(workspace: dict[str, Any]) -> None:
     r = report["results"]["2"]
     assert r["per_kind"]["spot"]["pixel_auroc"] == pytest.approx(r["mean"]["pixel_auroc"], abs=1e-12)
     assert "## Per defect kind" in markdown(report)
+
+
+def test_each_class_is_evaluated_with_its_prompt_class(workspace: dict[str, Any]) -> None:
+    """A bundle with a prompt context per class: `sowa eval` scores class `beta` with beta's context (as the
+    service does), not with prompt class 0's."""
+    torch.manual_seed(3)
+    cfg = dataclasses.replace(tiny_config(), prompt=PromptConfig(length=4, class_names=("alpha", "beta")))
+    model = SowaModel(cfg)
+    perturb_trainables(model, 3)
+    model.refresh_text()
+    items, images = _class_batch(workspace["data"], "beta", model.image_size)
+    with ThreadPoolExecutor(2) as pool:
+        as_beta = run_class(model, items, {}, batch_size=4, pool=pool, class_name="beta")
+        as_default = run_class(model, items, {}, batch_size=4, pool=pool)
+    beta = model.predict(images, class_ids=[1] * len(items))
+    assert torch.allclose(as_beta.text_scores, beta.text_scores, atol=1e-6)
+    assert torch.allclose(as_beta.final_maps((0, None)), beta.anomaly_maps, atol=1e-5)
+    assert not torch.allclose(as_beta.text_scores, as_default.text_scores, atol=1e-4)
