@@ -23,7 +23,7 @@ const KEY_STORE = "sowa-api-key";
 const BASE = location.pathname.replace(/\/ui(\/.*)?$/, "");  // the service's root, also behind a path prefix
 const CLASS_NAME = /^[a-z0-9][a-z0-9_.-]{0,63}$/;
 
-let config = { api_key_required: false, heat_ramp: [] };
+let config = { api_key_required: false, heat_ramp: [], audit_actions: [] };
 // the heatmap colour ramp's RGB stops, as the service's thumbnails and `sowa demo` use it: from /ui/config.json,
 // read by start() before any page renders
 let RAMP = [];
@@ -634,8 +634,6 @@ async function pageHealth(main) {
 
 // -- page: audit trail (admins) -------------------------------------------------------------------------------------
 const AUDIT_PAGE = 50;
-const AUDIT_ACTIONS = ["class.created", "shots.added", "shots.replaced", "threshold.set", "threshold.reset",
-                       "class.deleted", "key.added", "key.revoked"];
 
 // before -> after in a few words; the full states are in the row's details
 function auditChange(e) {
@@ -653,6 +651,7 @@ function auditChange(e) {
     case "class.deleted": return b.damaged ? "damaged class → deleted" : `${b.shot_count} shots, ${thr(b)} → deleted`;
     case "key.added": return `new ${a.role} key${a.classes ? ` for classes ${a.classes}` : ""}`;
     case "key.revoked": return `${b.role || "?"} key → revoked`;
+    case "record.reviewed": return `reviewed ${b.review || "(none)"} → ${a.review}${a.note ? `: ${a.note}` : ""}`;
     default: return "";
   }
 }
@@ -679,7 +678,7 @@ async function pageAudit(main) {
   const [since, sinceField] = input("audit-since", "From", { type: "datetime-local" });
   const [until, untilField] = input("audit-until", "Before", { type: "datetime-local" });
   const action = el("select", { id: "audit-action" }, el("option", { value: "", text: "any" }),
-                    AUDIT_ACTIONS.map((a) => el("option", { value: a, text: a })));
+                    config.audit_actions.map((a) => el("option", { value: a, text: a })));
   const filters = () => {
     const q = new URLSearchParams();
     for (const [k, v] of [["actor", actor.value.trim()], ["target", target.value.trim()], ["action", action.value]]) if (v) q.set(k, v);

@@ -2,7 +2,8 @@
 
 The files hold no data, so they load without the API key; `/ui/config.json` says whether the API needs one, so
 the page asks for it before its first call instead of after a 401, and gives the heatmap colour ramp
-(`model.postprocess.HEAT_RAMP`), so the console colours maps as the thumbnails and `sowa demo` do.
+(`model.postprocess.HEAT_RAMP`), so the console colours maps as the thumbnails and `sowa demo` do, and the
+audit trail's actions (its filter lists every one the service records).
 
 /docs is Swagger UI from an installed package's files (fastapi-offline's, at /ui/vendor/), not FastAPI's page,
 which pulls unpinned scripts from a CDN onto this origin and starts them with an inline script the
@@ -20,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 
 from model.postprocess import HEAT_RAMP
 
+from ...core.access.audit import ACTIONS
 from ..deps import RuntimeDep
 
 __all__ = ["CONSOLE_DIR", "mount_console"]
@@ -39,7 +41,8 @@ router = APIRouter(tags=["console"])
 
 @router.get("/ui/config.json", summary="What the console needs to know before its first call")
 async def console_config(runtime: RuntimeDep) -> dict:
-    return {"api_key_required": runtime.keys.required, "heat_ramp": [list(rgb) for rgb in HEAT_RAMP]}
+    return {"api_key_required": runtime.keys.required, "heat_ramp": [list(rgb) for rgb in HEAT_RAMP],
+            "audit_actions": list(ACTIONS)}
 
 
 @router.get("/ui", include_in_schema=False)

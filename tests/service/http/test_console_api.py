@@ -228,3 +228,12 @@ def test_openapi_documents_the_new_api(client: TestClient) -> None:
     assert {"keep", "threshold"} <= set(form)
 
 
+
+
+def test_console_lists_every_audit_action(client: TestClient) -> None:
+    """The audit page's action filter comes from the service's own list (record.reviewed included), not a copy."""
+    from service.core.access.audit import ACTIONS
+
+    assert client.get("/ui/config.json").json()["audit_actions"] == list(ACTIONS)
+    assert "record.reviewed" in ACTIONS
+    assert "AUDIT_ACTIONS" not in client.get("/ui/app.js").text
