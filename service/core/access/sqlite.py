@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InsufficientStorageError, KeyExistsError, KeyNotFoundError, StoreUnavailableError
+from ..sqlite_schema import migrate
 from .audit import AuditEvent, AuditQuery
 from .keys import KeyRecord
 
@@ -54,7 +55,7 @@ class SqliteAccessStore:
         with self._guard("opening"):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a returned write survives a power loss
-            self._migrate()
+            migrate(self._db, MIGRATIONS, str(self.path))
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -83,23 +84,6 @@ class SqliteAccessStore:
                     db.execute("ROLLBACK")
                 raise
 
-    def _migrate(self) -> None:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path}: schema version {version} is newer than this service knows "
-                                   f"({SCHEMA_VERSION})")
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[v].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {v}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     # -- keys ----------------------------------------------------------------------------------------------------
     def list_keys(self) -> list[KeyRecord]:

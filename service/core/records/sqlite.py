@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import InsufficientStorageError
+from ..sqlite_schema import migrate
 from .figures import PassedPart, ReviewedPart
 from .record import COLUMNS, NAMES, Draft, Record
 from .store import RecordQuery, Retention, SweepResult, iter_pages
@@ -75,25 +76,8 @@ class SqliteRecordStore:
             self._db.execute("PRAGMA synchronous=FULL")
             # PostgreSQL's strpos, which RecordQuery.where uses for tags (SQLite's instr is the same, by another name)
             self._db.create_function("strpos", 2, lambda text, part: (text or "").find(part) + 1, deterministic=True)
-            self._migrate()
+            migrate(self._db, MIGRATIONS, f"{self.directory}: records")
 
-    def _migrate(self) -> None:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{self.directory}: records schema version {version} is newer than this service "
-                                   f"knows ({SCHEMA_VERSION})")
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[v].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {v}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

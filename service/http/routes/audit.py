@@ -14,15 +14,16 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from ...core.access.audit import AuditAction, AuditEvent, AuditQuery
 from ...core.access.roles import Role
 from ...core.access.store import AccessStore
-from ...core.errors import NotReadyError, UnprocessableError
+from ...core.errors import NotReadyError
 from ..auth import Requires
 from ..deps import RuntimeDep
+from ..query_params import only_params
 from ..schemas import AuditPage
 
 __all__ = ["router"]
@@ -52,19 +53,6 @@ Filters = Annotated[AuditQuery, Depends(_filters)]
 _FILTERS = ("actor", "action", "target", "since", "until", "after")
 
 
-def _only(*names: str) -> object:
-    """Refuse query parameters a route does not know: a misspelt filter (`?actr=ops`) must not silently widen an
-    audit query to every event."""
-    known = frozenset(names)
-
-    async def check(request: Request) -> None:
-        unknown = sorted(set(request.query_params) - known)
-        if unknown:
-            raise UnprocessableError(f"unknown query parameter(s) {', '.join(unknown)[:200]!r}; known: "
-                                     f"{', '.join(sorted(known))}")
-
-    return Depends(check)
-
 
 def _store(runtime: RuntimeDep) -> AccessStore:
     if runtime.access is None:
@@ -73,7 +61,7 @@ def _store(runtime: RuntimeDep) -> AccessStore:
 
 
 @router.get("", response_model=AuditPage, summary="The audit trail, newest first, a page at a time",
-            dependencies=[_only(*_FILTERS, "limit")])
+            dependencies=[only_params(*_FILTERS, "limit")])
 async def audit(
     runtime: RuntimeDep, q: Filters,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX, description="events per page")] = PAGE_DEFAULT,
@@ -108,7 +96,7 @@ def _take(events: Iterator[AuditEvent]) -> list[AuditEvent]:
 @router.get("/export", response_class=StreamingResponse, summary="Export the audit trail: CSV or JSON Lines",
             responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}},
                              "description": "every matching event, newest first"}},
-            dependencies=[_only(*_FILTERS, "format")])
+            dependencies=[only_params(*_FILTERS, "format")])
 async def export(
     runtime: RuntimeDep, q: Filters,
     format: Annotated[Literal["csv", "jsonl"], Query(description="csv: a header row, before/after as JSON cells "

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from ...core.access.audit import AuditEvent
@@ -21,6 +21,7 @@ from ...core.records.recorder import Recorder
 from ...core.records.store import RecordQuery
 from ..auth import PrincipalDep, Requires
 from ..deps import LocalDep, RecordsDep, RegistryDep
+from ..query_params import only_params
 from ..schemas import FromResultsResponse, RecordList, RecordOut, ReviewRequest
 from .shots import shots_from_records
 
@@ -52,22 +53,6 @@ Filters = Annotated[RecordQuery, Depends(_filters)]
 _FILTERS = ("class_name", "since", "until", "verdict", "part_id", "station", "tag", "reviewed", "review")
 
 
-def _only(*names: str) -> object:
-    """Refuse query parameters a route does not know, and any given twice: a misspelt filter (`?part=4711`) must
-    not silently widen a query (or an export) to every record."""
-    known = frozenset(names)
-
-    async def check(request: Request) -> None:
-        unknown = sorted(set(request.query_params) - known)
-        if unknown:
-            raise UnprocessableError(f"unknown query parameter(s) {', '.join(unknown)[:200]!r}; known: "
-                                     f"{', '.join(sorted(known))}")
-        repeated = sorted(k for k in request.query_params if len(request.query_params.getlist(k)) > 1)
-        if repeated:
-            raise UnprocessableError(f"query parameters given more than once: {', '.join(repeated)[:200]}")
-
-    return Depends(check)
-
 
 def _scoped(q: RecordQuery, principal: Principal) -> RecordQuery:
     """A key limited to some classes: 403 for a class outside them (records of the others are left out of the
@@ -89,7 +74,7 @@ def _visible(records: Recorder, record_id: str, principal: Principal) -> Record:
 
 
 @router.get("", response_model=RecordList, summary="Records, newest first, filtered, a page at a time",
-            dependencies=[_only(*_FILTERS, "before", "limit")])
+            dependencies=[only_params(*_FILTERS, "before", "limit")])
 async def list_records(
     q: Filters, records: RecordsDep, principal: PrincipalDep,
     before: Annotated[str | None, Query(pattern=_ID, description="the previous page's `next`")] = None,
@@ -105,7 +90,7 @@ async def list_records(
 
 
 @router.get("/export", summary="Every matching record as CSV or Parquet, streamed",
-            response_class=StreamingResponse, dependencies=[_only(*_FILTERS, "format")],
+            response_class=StreamingResponse, dependencies=[only_params(*_FILTERS, "format")],
             responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
 async def export_records(
     q: Filters, records: RecordsDep, principal: PrincipalDep,
