@@ -58,9 +58,13 @@ def _start(bundle: Path, root: Path, flags: list[str]) -> Server:
     grpc_port = free_port()
     proc = ServerProcess(bundle, root / "data", root / "server.log", [*flags, "--grpc-port", str(grpc_port)],
                          env=ENV).start()
-    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in SHOTS[:2]]
-    r = httpx.post(proc.url + "/classes/widget/shots", files=files, headers={**H}, timeout=60)
-    assert r.status_code == 200, r.text
+    try:
+        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in SHOTS[:2]]
+        r = httpx.post(proc.url + "/classes/widget/shots", files=files, headers={**H}, timeout=60)
+        assert r.status_code == 200, r.text
+    except BaseException:
+        proc.stop()  # a failed start leaves no server behind
+        raise
     return Server(proc, grpc_port)
 
 
