@@ -91,6 +91,19 @@ class TooManyClassesError(SowaError):
     status, code = 409, "too_many_classes"
 
 
+class ModelNotFoundError(SowaError):
+    status, code = 404, "model_not_found"  # no such version in the model repository
+
+
+class ConflictError(SowaError):
+    status, code = 409, "conflict"  # the request contradicts the state: a label taken, the active model removed
+
+
+class ModelMemoryError(SowaError):
+    # 409, not 507: two models would not fit the device together; stopping a shadow (or a budget) resolves it
+    status, code = 409, "insufficient_memory"
+
+
 class PayloadTooLargeError(SowaError):
     status, code = 413, "payload_too_large"
 
