@@ -26,10 +26,10 @@ import torch
 from .batcher import DynamicBatcher, WorkItem
 from .codecs import find_regions
 from .engine import Engine, ImageResult
-from .errors import DeadlineExceededError, SowaError, UnprocessableError
+from .errors import DeadlineExceededError, NotReadyError, SowaError, UnprocessableError
 from .records.record import Draft, Record, RecordMeta, Sampler, clean_filename
 from .records.recorder import Recorder
-from .registry import ClassRegistry
+from .registry import ClassRegistry, Generation
 from .results import heat_thumbnail, override_threshold
 from .staging import ImageStager
 from .uploads import DecodeBudget, ImageSource, PixelLimits, StagedBatch, Upload, stage_uploads
@@ -88,24 +88,42 @@ class Backend(ABC):
         recording = options.records(self.recording)
         if options.class_name:
             await self.check_class(options.class_name)  # 404 (422 for a malformed name) before any work
+        pin = self.pin()  # the model this request starts on, and finishes on whatever is activated meanwhile
         uploads = await read()
         self.admit(len(uploads))  # 429 before decoding: overload costs no decoding
-        batch = await stage_uploads(uploads, limits, self.stager, budget, thumbnails=recording)
+        batch = await stage_uploads(uploads, limits, self.stager_for(pin), budget, thumbnails=recording)
         deadline = time.monotonic() + timeout_s
         need_maps = options.need_maps or options.keep
+        answered: list[dict[str, Any]] = []  # the model that produced the results, as the predictor says
         try:
-            results = await asyncio.wait_for(self.predict(batch.images, options.class_name, deadline, need_maps),
-                                             timeout_s)
+            results = await asyncio.wait_for(self.predict(batch.images, options.class_name, deadline, need_maps,
+                                                          pin=pin, answered=answered), timeout_s)
         except asyncio.TimeoutError:  # not the builtin before Python 3.11
             raise DeadlineExceededError(f"no result within {timeout_s:g} s") from None
         results = [override_threshold(r, options.threshold) for r in results]
-        model = self.describe()
+        model = answered[0] if answered else self.describe()
         images, drafts = await asyncio.to_thread(_finish, batch, uploads, results, options, recording,
                                                  max_image_bytes, self.sampler, str(model.get("fingerprint", "")))
+        ids: list[str | None] = []
         if drafts:
             ids = await self.record(drafts)
             images = [replace(im, record_id=i, record_kept=i is not None) for im, i in zip(images, ids, strict=True)]
+        if options.class_name:
+            self.shadow(pin, batch.images, uploads, options.class_name, results, ids)
         return Scored(options.class_name, images, model)
+
+    def pin(self) -> Any:
+        """What a request pins at its start so it finishes on the model it started on (None: nothing to pin)."""
+        return None
+
+    def stager_for(self, pin: Any) -> ImageStager:
+        """The stager for a request's pinned model: its input size."""
+        return self.stager
+
+    def shadow(self, pin: Any, images: torch.Tensor, uploads: Sequence[Upload], class_name: str,
+               results: list[ImageResult], record_ids: list[str | None]) -> None:
+        """Hand an answered request to a shadow model, if one scores a share of traffic (never waits)."""
+        return  # where the model is not in this process, its own backend does it
 
     @abstractmethod
     async def check_class(self, name: str) -> None:
@@ -117,9 +135,11 @@ class Backend(ABC):
 
     @abstractmethod
     async def predict(self, images: torch.Tensor, class_name: str | None, deadline: float,
-                      need_maps: bool = True) -> list[ImageResult]:
+                      need_maps: bool = True, *, pin: Any = None,
+                      answered: list[dict[str, Any]] | None = None) -> list[ImageResult]:
         """Results of (n, 3, S, S) uint8 images against `class_name` (None: zero-shot). Without `need_maps` only
-        the maps that can hold a region come to the host."""
+        the maps that can hold a region come to the host. `pin`: the model the request started on (`pin()`);
+        `answered` gets the description of the model that produced the results."""
 
     @abstractmethod
     async def record(self, drafts: Sequence[Draft]) -> list[str | None]:
@@ -167,7 +187,19 @@ class LocalBackend(Backend):
                  recorder: Recorder, recording: bool = True, sampler: Sampler | None = None) -> None:
         self.engine, self.stager, self.registry, self.batcher = engine, stager, registry, batcher
         self.recorder, self.recording, self.sampler = recorder, recording, sampler or Sampler(0)
-        self.image_size = engine.image_size
+        # a shadow model scoring a share of answered requests (service/core/models/shadow.py), when one is set
+        self.shadower: Callable[[Generation, torch.Tensor, Sequence[Upload], str, list[ImageResult],
+                                 list[str | None]], None] | None = None
+
+    @property
+    def image_size(self) -> int:  # type: ignore[override]
+        return self.registry.generation.served.image_size
+
+    def pin(self) -> Generation:
+        return self.registry.generation
+
+    def stager_for(self, pin: Any) -> ImageStager:
+        return pin.served.stager if isinstance(pin, Generation) else self.registry.generation.served.stager
 
     async def check_class(self, name: str) -> None:
         self.registry.get(name)
@@ -175,14 +207,40 @@ class LocalBackend(Backend):
     def admit(self, count: int) -> None:
         self.batcher.check_room(count)
 
+    def _generation_for(self, images: torch.Tensor, pin: Any) -> Generation:
+        """The generation a request runs on: the one it pinned, else (a worker's request, staged at the size the
+        worker knew) the current one or the one before the last switch, whichever its images fit."""
+        if isinstance(pin, Generation):
+            return pin
+        size = int(images.shape[-1])
+        current = self.registry.generation
+        if current.served.image_size == size:
+            return current
+        previous = self.registry.previous
+        if previous is not None and previous.served.image_size == size:
+            return previous
+        raise NotReadyError(f"the images were staged at {size} px for a model no longer served (now "
+                            f"{current.served.image_size} px); retry", headers={"Retry-After": "1"})
+
     async def predict(self, images: torch.Tensor, class_name: str | None, deadline: float, need_maps: bool = True,
+                      *, pin: Any = None, answered: list[dict[str, Any]] | None = None,
                       hold_inputs: bool = False) -> list[ImageResult]:
         """Cancelling the call drops the request unless it is already on the device. With `hold_inputs` a
         cancelled call returns only once the batcher is through with the images, so the caller may reuse their
         memory (a worker's slots) as soon as it returns."""
-        memory = self.registry.get(class_name).serving_memory if class_name else None
+        generation = self._generation_for(images, pin)
+        memory = None
+        if class_name:
+            entry = generation.classes.get(class_name)
+            if entry is None:  # deleted since its check, or not in the generation it pinned: as the registry says
+                entry = self.registry.get(class_name)
+                if generation is not self.registry.generation:
+                    generation = self.registry.generation
+            memory = entry.serving_memory
+        if answered is not None:
+            answered.append(generation.served.describe())
         item = self.batcher.submit(WorkItem(images, [memory] * int(images.shape[0]), deadline=deadline,
-                                            need_maps=need_maps))
+                                            need_maps=need_maps, model=generation.served))
         try:
             return await asyncio.shield(item.future)
         except asyncio.CancelledError:
@@ -193,6 +251,11 @@ class LocalBackend(Backend):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(item.released.wait()), limit)
             raise
+
+    def shadow(self, pin: Any, images: torch.Tensor, uploads: Sequence[Upload], class_name: str,
+               results: list[ImageResult], record_ids: list[str | None]) -> None:
+        if self.shadower is not None and isinstance(pin, Generation):
+            self.shadower(pin, images, uploads, class_name, results, record_ids)
 
     async def record(self, drafts: Sequence[Draft]) -> list[str | None]:
         """Spool the records, each naming its class's revision now (the shots it was scored against: a class

@@ -1,9 +1,10 @@
 """DynamicBatcher: one bounded queue in front of the device; batches formed across requests and classes.
 
-A batch closes when it holds `max_batch_size` images or `max_wait_ms` after its first request arrived. While
+A batch closes when it holds `max_batch_size` images or `max_wait_ms` after its first request arrived, or when the
+next request started on another model than the batch's (a model switch happens between batches). While
 the device runs a batch, new requests queue up, so load makes batches bigger by itself. Requests whose client
 went away or whose deadline passed are dropped before the device; a failing batch fails only its own requests.
-The batcher knows neither HTTP nor the registry: it calls an injected `run_batch(images, memories)`.
+The batcher knows neither HTTP nor the registry: it calls an injected `run_batch(images, memories, need_maps, model)`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,8 +28,9 @@ __all__ = ["DynamicBatcher", "WorkItem", "admit"]
 
 log = logging.getLogger("sowa.batcher")
 
-# (each request's images, each image's class memory, whether each image's answer needs its map) -> results
-RunBatch = Callable[[Sequence[torch.Tensor], Sequence[ClassMemory | None], Sequence[bool]], Awaitable[list]]
+# (each request's images, each image's class memory, whether each image's answer needs its map, the model the
+# batch's requests started on: None for the active one) -> results
+RunBatch = Callable[[Sequence[torch.Tensor], Sequence[ClassMemory | None], Sequence[bool], Any], Awaitable[list]]
 
 
 @dataclass(eq=False)
@@ -38,6 +41,7 @@ class WorkItem:
     memories: list[ClassMemory | None]
     deadline: float  # time.monotonic() after which the result is useless
     need_maps: bool = True  # the answer encodes heatmaps (else only maps that can hold a region come back)
+    model: Any = None  # the model the request started on (a ServedModel; None: whichever is active); never mixed
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = field(default_factory=time.monotonic)
     # set once the batcher is through with the item (run, dropped or failed): its images are no longer read, so
@@ -165,7 +169,7 @@ class DynamicBatcher:
                 break
             if not self._usable(item, time.monotonic()):
                 continue
-            if batch and images + item.size > self.max_batch_size:
+            if batch and (images + item.size > self.max_batch_size or item.model is not batch[0].model):
                 self._carry = item  # opens the next batch
                 break
             batch.append(item)
@@ -198,7 +202,7 @@ class DynamicBatcher:
             memories = [m for it in batch for m in it.memories]
             need_maps = [it.need_maps for it in batch for _ in range(it.size)]
             try:  # the tensors are joined by run_batch, on the device thread: no torch work on the event loop
-                results = await self.run_batch([it.images for it in batch], memories, need_maps)
+                results = await self.run_batch([it.images for it in batch], memories, need_maps, batch[0].model)
                 if len(results) != size:
                     raise RuntimeError(f"run_batch returned {len(results)} results for {size} images")
             except Exception as e:  # the batch fails alone; the loop goes on

@@ -26,15 +26,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.bundle import load_bundle
+from model.bundle import BundleInfo
 from model.calibration import zero_shot_pixel_threshold
-from model.compiled_vision import CompiledVision, bucket_sizes
+from model.compiled_vision import CompiledVision
 from model.device import resolve_device, resolve_dtype
 from model.inference import ClassMemory, ScoreColumns, fit_class, predict_scored
 from model.memory_bank import MemoryBank
 from model.preprocess import normalize, resize_uint8
+from model.sowa import SowaModel
 
 from .bank_residency import BankResidency, default_budget_bytes
+from .served_model import ServedModel, load_served
+from .staging import Decoder
 
 __all__ = ["Engine", "ImageResult", "PendingBatch"]
 
@@ -77,39 +80,53 @@ class PendingBatch:
     columns: torch.Tensor  # (B, len(ScoreColumns._fields)) float32: Prediction.columns
     ready: torch.cuda.Event | None
     memories: list[ClassMemory | None]
+    taps: int  # the model's stages: the zero-shot pixel threshold depends on them
 
 
 class Engine:
+    """The device, its one worker thread, the class banks' residency, and the models loaded on it: `active` serves;
+    a model being prepared (a new version, a shadow candidate) is loaded beside it with `load`, and every model
+    call takes the ServedModel it runs (default: the active one)."""
+
     def __init__(self, bundle: Path, device: str = "auto", dtype: str = "fp32",
                  bank_budget_bytes: int | None = None, compile_mode: str | None = None,
-                 max_batch_size: int = 16) -> None:
+                 max_batch_size: int = 16, decoder: Decoder = "pil", label: str | None = None) -> None:
         """`bank_budget_bytes`: device memory for class banks; None is `default_budget_bytes` (40% of a GPU).
         `compile_mode`: a torch.compile mode for the vision pass (None: eager); `max_batch_size` bounds its
-        buckets and the warm-up."""
+        buckets and the warm-up. `decoder`: how requests' images are staged (staging.py)."""
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
-        self.model, self.info = load_bundle(bundle, self.device, self.dtype)
-        self.max_batch_size = max_batch_size
-        self.compiled: CompiledVision | None = None
-        if compile_mode is not None:
-            self.compiled = CompiledVision(self.model, compile_mode, bucket_sizes(max_batch_size))
-            self.model.set_inference_encoder(self.compiled)
+        self.compile_mode, self.max_batch_size, self.decoder = compile_mode, max_batch_size, decoder
+        self.active: ServedModel = self.load(bundle, label)
         budget = default_budget_bytes(self.device) if bank_budget_bytes is None else bank_budget_bytes
         self.banks = BankResidency(self.device, budget)
-        self.image_size = self.model.image_size
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sowa-engine")
         self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sowa-collect")
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # fixed for the engine's life: computed once, not per request or per scrape
-        bb = self.info.config.backbone
-        self._description = {
-            "arch": bb.arch or "custom", "image_size": self.image_size, "taps": list(self.model.taps),
-            "trained": self.info.trained, "fingerprint": self.info.fingerprint[:16], "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "compile": self.compiled.mode if self.compiled else "off"}
-        self._weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+    def load(self, bundle: Path, label: str | None = None) -> ServedModel:
+        """Load a bundle beside the active model (any thread); BundleError when it is broken."""
+        return load_served(Path(bundle), self.device, self.dtype, self.decoder, label, self.compile_mode,
+                           self.max_batch_size)
+
+    # the active model's, for callers that serve one model
+    @property
+    def model(self) -> SowaModel:
+        return self.active.model
+
+    @property
+    def info(self) -> BundleInfo:
+        return self.active.info
+
+    @property
+    def image_size(self) -> int:
+        return self.active.image_size
+
+    @property
+    def compiled(self) -> CompiledVision | None:
+        return self.active.compiled
 
     def describe(self) -> dict[str, Any]:
-        return dict(self._description)
+        return self.active.describe()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the engine thread."""
@@ -123,18 +140,22 @@ class Engine:
         self._worker.shutdown(wait=True)
         self._collector.shutdown(wait=True)
 
-    def host_bank(self, bank: MemoryBank) -> MemoryBank:
+    def host_bank(self, bank: MemoryBank, served: ServedModel | None = None) -> MemoryBank:
         """A bank as classes keep it (e.g. read from disk): serving dtype, host memory. Any thread."""
-        return self.banks.to_host(bank.to(dtype=self.model.clip.visual.proj.dtype))
+        return self.banks.to_host(bank.to(dtype=(served or self.active).model.clip.visual.proj.dtype))
 
     # -- work, on the engine thread -------------------------------------------------------------------------
-    def fit(self, shots: Sequence[Image.Image], name: str | None = None) -> ClassMemory:
-        """A class's memory from its shots; its bank stays resident, as the class is likely to be used next.
-        `name` (the class's) picks the bundle's prompt class of that name, else prompt class 0."""
-        resized = [resize_uint8(img, self.image_size)[None] for img in shots]
-        memory = fit_class(self.model, self._to_device(resized), prompt_name=name)
+    def fit(self, shots: Sequence[Image.Image], name: str | None = None,
+            served: ServedModel | None = None) -> ClassMemory:
+        """A class's memory from its shots, for `served` (default: the active model) at its own input size. The
+        active model's bank stays resident, as the class is likely to be used next. `name` (the class's) picks
+        the bundle's prompt class of that name, else prompt class 0."""
+        served = served or self.active
+        resized = [resize_uint8(img, served.image_size)[None] for img in shots]
+        memory = fit_class(served.model, self._to_device(resized), prompt_name=name)
         host = self.banks.to_host(memory.bank)
-        self.banks.admit(host, memory.bank)
+        if served is self.active:
+            self.banks.admit(host, memory.bank)
         return ClassMemory(host, memory.calibration, name)
 
     def _to_device(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -156,7 +177,8 @@ class Engine:
         return normalize(pinned.to(self.device, non_blocking=True))
 
     @torch.inference_mode()  # the joined batch is then an inference tensor, as compiled graphs were traced with
-    def launch(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None]) -> PendingBatch:
+    def launch(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None],
+               served: ServedModel | None = None) -> PendingBatch:
         """Start one batch (engine thread): `images` are its requests' (n_i, 3, S, S) uint8 tensors, joined here.
 
         On a GPU this returns once the work is queued on the device, with the per-image numbers on their way to
@@ -165,15 +187,16 @@ class Engine:
         banks = self.banks.resolve([m.bank if m else None for m in memories])
         on_device = [None if m is None else ClassMemory(bank, m.calibration, m.prompt_name)
                      for m, bank in zip(memories, banks, strict=True)]
-        pred = predict_scored(self.model, self._to_device(images), on_device)
+        served = served or self.active
+        pred = predict_scored(served.model, self._to_device(images), on_device)
         columns = pred.columns()
         if self.device.type != "cuda":
-            return PendingBatch(pred.anomaly_maps, columns, None, list(memories))
+            return PendingBatch(pred.anomaly_maps, columns, None, list(memories), len(served.model.taps))
         host = torch.empty(columns.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(columns, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return PendingBatch(pred.anomaly_maps, host, ready, list(memories))
+        return PendingBatch(pred.anomaly_maps, host, ready, list(memories), len(served.model.taps))
 
     def finish(self, pending: PendingBatch, need_maps: Sequence[bool]) -> list[ImageResult]:
         """A launched batch's results (any thread but the engine's). An image's map comes to the host only when
@@ -182,7 +205,7 @@ class Engine:
         if pending.ready is not None:
             pending.ready.synchronize()
         c = [ScoreColumns.unpack(row) for row in pending.columns.tolist()]
-        zero_shot_px = zero_shot_pixel_threshold(len(self.model.taps))
+        zero_shot_px = zero_shot_pixel_threshold(pending.taps)
         pixel = [m.calibration.pixel_threshold if m else zero_shot_px for m in pending.memories]
         rows = [i for i, (col, px, need) in enumerate(zip(c, pixel, need_maps, strict=True))
                 if need or col.map_max > px]
@@ -205,32 +228,34 @@ class Engine:
         return list(host.numpy())
 
     def run(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None],
-            need_maps: Sequence[bool] | bool = True) -> list[ImageResult]:
+            need_maps: Sequence[bool] | bool = True, served: ServedModel | None = None) -> list[ImageResult]:
         """`launch` and `finish` in one call, on this thread: the engine thread's synchronous path (tests,
-        probes). `need_maps` True or False stands for every image."""
-        pending = self.launch(images, memories)
+        probes, shadow scoring). `need_maps` True or False stands for every image."""
+        pending = self.launch(images, memories, served)
         need = [need_maps] * len(pending.memories) if isinstance(need_maps, bool) else list(need_maps)
         return self.finish(pending, need)
 
     async def run_batch(self, images: Sequence[torch.Tensor], memories: Sequence[ClassMemory | None],
-                        need_maps: Sequence[bool]) -> list[ImageResult]:
+                        need_maps: Sequence[bool], served: ServedModel | None = None) -> list[ImageResult]:
         """The batcher's `run_batch`: launch on the engine thread, finish on the collector thread, so batch N's
-        results come back while batch N+1 is already on the device."""
-        pending = await self.call(self.launch, images, memories)
+        results come back while batch N+1 is already on the device. `served`: the model the batch's requests
+        started on (default: the active one)."""
+        pending = await self.call(self.launch, images, memories, served)
         return await asyncio.get_running_loop().run_in_executor(self._collector, self.finish, pending, need_maps)
 
     @torch.inference_mode()
-    def warmup(self) -> None:
+    def warmup(self, served: ServedModel | None = None) -> None:
         """Compile every bucket, or run the smallest and largest batch: first-call allocations, kernel choices
-        and compilation happen before traffic."""
-        if self.compiled is not None:
-            self.compiled.warm_up()
+        and compilation happen before traffic (`served`: a model about to be switched to)."""
+        served = served or self.active
+        if served.compiled is not None:
+            served.compiled.warm_up()
             return
         for bs in sorted({1, self.max_batch_size}):
-            x = torch.zeros(bs, 3, self.image_size, self.image_size, dtype=torch.uint8)
-            predict_scored(self.model, self._to_device([x]), [None] * bs)
+            x = torch.zeros(bs, 3, served.image_size, served.image_size, dtype=torch.uint8)
+            predict_scored(served.model, self._to_device([x]), [None] * bs)
 
     def device_memory_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
-        return self._weight_bytes
+        return self.active.weight_bytes

@@ -45,9 +45,10 @@ from .errors import (
 )
 from .records.record import shots_revision
 from .results import thumbnail_jpeg
+from .served_model import ServedModel
 from .store.base import ClassRecord, ClassStore
 
-__all__ = ["ClassEntry", "ClassRegistry"]
+__all__ = ["ClassEntry", "ClassRegistry", "Generation"]
 
 log = logging.getLogger("sowa.registry")
 
@@ -91,6 +92,16 @@ class ClassEntry:
         }
 
 
+@dataclass(eq=False)
+class Generation:
+    """The classes as one model serves them. A request pins the generation current at its start and finishes on
+    it; a model switch makes a new generation (`ClassRegistry.switch`), and changes to classes go to the current
+    one."""
+
+    served: ServedModel
+    classes: dict[str, ClassEntry]
+
+
 def _png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -126,7 +137,9 @@ class ClassRegistry:
                  audit: AuditSink | None = None) -> None:
         self.store, self.engine, self.max_shots, self.max_classes = store, engine, max_shots, max_classes
         self.audit = audit  # where each change's event goes (None: not recorded, e.g. a tool without a trail)
-        self._classes: dict[str, ClassEntry] = {}
+        self.generation = Generation(engine.active, {})
+        self.previous: Generation | None = None  # the generation before the last switch: its requests finish on it
+        self._classes: dict[str, ClassEntry] = self.generation.classes  # the current generation's classes
         self._lock = asyncio.Lock()  # one mutation at a time; reads take snapshots without waiting
         self.refused: dict[str, str] = {}  # stored classes that could not be restored, and why
         self._names: list[str] | None = None  # sorted names, for paging; None after a change
@@ -252,8 +265,9 @@ class ClassRegistry:
         with self.store.lock(name):
             return fn(*args)
 
-    def _fit(self, images: list[Image.Image], name: str) -> ClassMemory:
-        return self.engine.call_blocking(self.engine.fit, images, name)
+    def _fit(self, images: list[Image.Image], name: str, served: ServedModel | None = None) -> ClassMemory:
+        served = served or self.generation.served
+        return self.engine.call_blocking(self.engine.fit, images, name, served)
 
     def _audit(self, actor: str, action: str, name: str, before: dict[str, Any] | None,
                after: dict[str, Any] | None) -> None:
@@ -269,7 +283,7 @@ class ClassRegistry:
 
     def _record(self, entry: ClassEntry) -> ClassRecord:
         return ClassRecord(entry.name, entry.shots, entry.memory, entry.threshold_override, entry.created,
-                           entry.updated, self.engine.info.fingerprint)
+                           entry.updated, self.generation.served.fingerprint)
 
     # -- store work (worker threads, under the class's store lock) ----------------------------------------------
     def _register(self, name: str, images: list[Image.Image], mode: str, actor: str) -> ClassEntry:
@@ -345,25 +359,35 @@ class ClassRegistry:
             self._audit(actor, "class.deleted", name, before, None)
         return deleted
 
-    def _load(self, name: str) -> tuple[ClassEntry, bool] | None:
-        """The class as stored, and whether its bank had to be rebuilt from the shots (computed with another
-        bundle, or damaged); None when there is none."""
-        record = self.store.read(name, self.engine.info.fingerprint)
+    def _load(self, name: str, served: ServedModel | None = None) -> tuple[ClassEntry, bool] | None:
+        """The class as stored, for `served` (default: the serving model), and whether its bank had to be rebuilt
+        from the shots (none stored for that model, or damaged); None when there is none."""
+        served = served or self.generation.served
+        record = self.store.read(name, served.fingerprint)
         if record is None:
             return None
         memory = None
         if record.memory is not None:
             try:
-                memory = ClassMemory(self.engine.host_bank(record.memory.bank), record.memory.calibration)
+                memory = ClassMemory(self.engine.host_bank(record.memory.bank, served), record.memory.calibration)
             except (TypeError, ValueError) as e:
                 log.warning("class %s: bank unusable (%s)", name, e)
         rebuilt = memory is None
         if memory is None:
-            log.info("class %s: bank from another bundle or damaged, rebuilding from its %d shots", name,
-                     len(record.shots))
-            memory = self._fit([_open_png(self.store.read_shot(name, h)) for h in record.shots], name)
+            log.info("class %s: no bank for model %s, or a damaged one: rebuilding from its %d shots", name,
+                     served.version, len(record.shots))
+            memory = self._fit([_open_png(self.store.read_shot(name, h)) for h in record.shots], name, served)
         return ClassEntry(name, memory, record.shots, record.threshold_override, record.created,
                           record.updated), rebuilt
+
+    def _prepare_one(self, name: str, served: ServedModel) -> tuple[ClassEntry, bool] | None:
+        """A class for a model being prepared (the caller holds the class's store lock): its stored bank for that
+        model, or one fitted from the shots and stored beside the other models' banks, so no replica fits it
+        again."""
+        loaded = self._load(name, served)
+        if loaded is not None and loaded[1]:
+            self.store.write_bank(name, served.fingerprint, loaded[0].memory, loaded[0].shots)
+        return loaded
 
     def _restore_one(self, name: str) -> ClassEntry | None:
         """Load a class at start-up; a rebuilt bank is written back (the caller holds the store lock)."""
@@ -374,6 +398,62 @@ class ClassRegistry:
         if rebuilt:
             self.store.write(self._record(entry), {})
         return entry
+
+    # -- model versions: prepare a model's classes beside the serving ones, then switch ------------------------------
+    async def prepare(self, served: ServedModel, progress: Callable[[int, int, int], None] | None = None
+                      ) -> dict[str, ClassEntry]:
+        """Every class's entry for `served`, built while the current model goes on serving: read from the store,
+        or fitted from the stored shots (on the engine thread, between batches) and stored. `progress(done, total,
+        fitted)` is told after each class. A class that fails is left out and is fitted again by `switch`."""
+        names = self.names()
+        prepared: dict[str, ClassEntry] = {}
+        fitted = 0
+        for i, name in enumerate(names):
+            try:
+                loaded = await asyncio.to_thread(self._locked, name, self._prepare_one, name, served)
+            except StoreUnavailableError:
+                raise
+            except Exception as e:  # damaged, or deleted meanwhile: `switch` settles it under the lock
+                log.warning("class %s: not prepared for model %s (%s)", name, served.version, e)
+                loaded = None
+            if loaded is not None:
+                prepared[name] = loaded[0]
+                fitted += loaded[1]
+            if progress is not None:
+                progress(i + 1, len(names), fitted)
+        return prepared
+
+    async def switch(self, served: ServedModel, prepared: dict[str, ClassEntry]) -> int:
+        """Serve `served` from now on, with the classes `prepare` made for it. Under the registry's lock, so no
+        registration is half on one model: classes changed, added or deleted while preparing are caught up first.
+        The engine's active model and the classes change together, between two batches (a request already
+        started finishes on the generation it pinned). The number of classes caught up."""
+        async with self._lock:
+            caught_up = 0
+            for name, entry in list(self._classes.items()):
+                have = prepared.get(name)
+                if have is not None and have.shots == entry.shots:
+                    continue
+                loaded = await asyncio.to_thread(self._locked, name, self._prepare_one, name, served)
+                if loaded is None:
+                    prepared.pop(name, None)
+                else:
+                    prepared[name] = loaded[0]
+                caught_up += 1
+            for name in [n for n in prepared if n not in self._classes]:
+                del prepared[name]  # deleted while preparing
+            old = self.generation
+            self.previous, self.generation = old, Generation(served, prepared)
+            self._classes, self._names = prepared, None
+            self.engine.active = served
+            for entry in old.classes.values():  # the old banks leave the device; requests holding them finish
+                self.engine.banks.forget(entry.memory.bank)
+            self.engine.banks.release_host_cache()
+            return caught_up
+
+    def forget_previous(self) -> None:
+        """Drop the generation before the last switch once no request can still be on it."""
+        self.previous = None
 
     # -- start-up and replicas ------------------------------------------------------------------------------------
     def restore(self) -> None:

@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(65536, ge=1024, description="request line and headers, in bytes (431 over it)")
     max_connections: int = Field(512, ge=1, description="open connections; more are answered 503 and closed at "
                                  "once (keep it under the file-descriptor limit)")
+    # model versions (service/core/models/, docs/deployment.md)
+    models_memory_mb: float | None = Field(None, gt=0, description="memory the loaded models may take together "
+                                           "(the serving one, one being activated, a shadow); an activation or "
+                                           "shadow beyond it is refused (default: what the device has free)")
+    shadow_share: float = Field(0.1, ge=0, le=1, description="share of the answered requests a shadow model "
+                                "scores when POST /models/{version}/shadow names none")
     warmup: bool = True
     sync_interval_s: float = Field(1.0, ge=0, description="directory store: how often to pick up classes changed by "
                                    "other replicas sharing data_dir; PostgreSQL pushes changes (0: never follow)")
@@ -106,7 +112,7 @@ class Settings(BaseSettings):
         return v.lower()
 
     @field_validator("api_key", "bank_device_budget_mb", "compile_mode", "workers", "store", "records_dir",
-                     mode="before")
+                     "models_memory_mb", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if v in ("", None) else v  # compose passes SOWA_X="" when none is configured

@@ -57,6 +57,12 @@ class Telemetry:
         self.device_memory = Gauge("sowa_device_memory_bytes", "device memory in use (CUDA allocated; on CPU the "
                                    "model's weights, banks are in sowa_bank_bytes)", registry=r)
         self.model_info = Info("sowa_model", "the served bundle", registry=r)
+        self.model_switches = Counter("sowa_model_switches", "times this replica switched to another model version",
+                                      registry=r)
+        self.shadow_scored = Counter("sowa_shadow_scored_images", "images a shadow model scored", registry=r)
+        self.shadow_dropped = Counter("sowa_shadow_dropped_images", "images sampled for the shadow but not scored "
+                                      "(its queue was full under load, or its class was not prepared yet)",
+                                      registry=r)
         self.audit_write_failures = Counter("sowa_audit_write_failures", "audit events whose first write failed "
                                             "(the change stood; the event waits in memory and is retried)",
                                             registry=r)
@@ -67,6 +73,15 @@ class Telemetry:
         self.classes.set_function(lambda: float(classes()))
         self.bank_bytes.set_function(lambda: float(bank_bytes()))
         self.device_memory.set_function(lambda: float(device_memory()))
+
+    def shadow_images(self, scored: int, dropped: int) -> None:
+        self.shadow_scored.inc(scored)
+        self.shadow_dropped.inc(dropped)
+
+    def track_models(self, preparation: Callable[[], tuple[float, float, float]]) -> None:
+        """A model being prepared on this replica, read at scrape time: `preparation()` is (1 while preparing,
+        classes done, classes)."""
+        self.registry.register(_ModelsCollector(preparation))
 
     def track_banks(self, stats: Callable[[], ResidencyStats]) -> None:
         """Bank residency (`BankResidency.stats()`), read at scrape time: resident banks and bytes on the
@@ -90,6 +105,20 @@ class Telemetry:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ModelsCollector:
+    def __init__(self, preparation: Callable[[], tuple[float, float, float]]) -> None:
+        self.preparation = preparation
+
+    def collect(self) -> Iterator[Metric]:
+        preparing, done, total = self.preparation()
+        yield GaugeMetricFamily("sowa_model_preparing", "1 while a model version is being prepared to serve or "
+                                "shadow (the serving model answers meanwhile)", value=preparing)
+        yield GaugeMetricFamily("sowa_model_preparation_classes_done", "classes whose bank is ready for the model "
+                                "being prepared", value=done)
+        yield GaugeMetricFamily("sowa_model_preparation_classes", "classes the model being prepared needs",
+                                value=total)
 
 
 class _RecordsCollector:

@@ -52,6 +52,7 @@ class ModelInfo(BaseModel):
     taps: list[int]
     trained: bool
     fingerprint: str
+    version: str = Field(description="the model version that produced the answer: its label, else its fingerprint")
     device: str
     dtype: str
     compile: str = Field(description="torch.compile mode of the vision pass, or off")
@@ -64,7 +65,8 @@ class PredictResponse(BaseModel):
                      "threshold": 0.73, "is_anomalous": True, "heatmap": None,
                      "regions": [{"box": [12, 40, 96, 80], "peak": 3.1, "area": 0.02}]}],
         "model": {"arch": "ViT-L-14-336-quickgelu", "image_size": 336, "taps": [5, 11, 17, 23], "trained": True,
-                  "fingerprint": "3f1c2a9b0d4e5f67", "device": "cuda", "dtype": "bfloat16", "compile": "off"},
+                  "fingerprint": "3f1c2a9b0d4e5f67", "version": "v2", "device": "cuda", "dtype": "bfloat16",
+                  "compile": "off"},
     }]})
 
     class_name: str | None
@@ -130,6 +132,8 @@ class ReadyInfo(BaseModel):
     store: str | None = Field(None, description="the class store: directory or postgresql")
     store_error: str | None = Field(None, description="set while the store cannot be reached: predictions are "
                                     "served from what this replica holds, registrations answer 503")
+    model: dict[str, Any] | None = Field(None, description="the serving model version, and a version being "
+                                         "prepared to replace it (phase, classes done of classes), if any")
 
 
 # -- the console's API: kept results, shots, the numbers behind a threshold ------------------------------------

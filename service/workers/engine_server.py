@@ -41,7 +41,7 @@ class EngineServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tasks: dict[int, asyncio.Task] = {}
-        segment: SlotSegment | None = None
+        segments: list[SlotSegment] = []
         try:
             writer.write(to_frame(Reply(0, {"image_size": self.backend.image_size, "model": self.backend.describe(),
                                             "queue_counter": self.counter.name})))
@@ -49,9 +49,14 @@ class EngineServer:
             if not isinstance(hello, Hello):
                 raise ValueError(f"expected hello, got {hello.op}")
             segment = SlotSegment(hello.slots, self.backend.image_size, name=hello.segment)
+            segments = [segment]
             while True:
                 frame = await read_frame(reader)
                 message = parse(frame)
+                if isinstance(message, Hello):  # a new segment, at the serving model's new input size
+                    segment = SlotSegment(message.slots, self.backend.image_size, name=message.segment)
+                    segments.append(segment)
+                    continue
                 if isinstance(message, Predict):
                     work = self._predict(message, segment)
                 elif isinstance(message, Check | Record):
@@ -69,19 +74,21 @@ class EngineServer:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
-            if segment is not None:
+            for seg in segments:
                 # the worker is gone: its name goes now (one that stopped cleanly removed it already), its memory
                 # once nothing views it, never under a batch the device may still be reading
-                segment.unlink()
+                seg.unlink()
             writer.close()
 
     async def _predict(self, m: Predict, segment: SlotSegment) -> tuple[Reply, bytes]:
         if not (m.start >= 0 and m.start + m.count <= segment.slots):
             raise UnprocessableError(f"slots {m.start}..{m.start + m.count} outside the segment")
+        answered: list[dict] = []
         results = await self.backend.predict(segment.view(m.start, m.count), m.class_name, m.deadline,
-                                             need_maps=m.need_maps, hold_inputs=True)
+                                             need_maps=m.need_maps, answered=answered, hold_inputs=True)
         rows, payload = results_to_wire(results, m.need_maps)
-        return Reply(m.id, rows), payload
+        # the model that answered, and the input size the serving model takes now (the worker stages at it)
+        return Reply(m.id, {"rows": rows, "model": answered[0], "image_size": self.backend.image_size}), payload
 
     async def _answer(self, m: Check | Record, payload: bytes) -> tuple[Reply, bytes]:
         if isinstance(m, Check):

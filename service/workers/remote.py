@@ -47,7 +47,10 @@ class RemoteBackend(Backend):
         self.image_size = 0
         self.stager: ImageStager | None = None  # set by the worker app once the image size is known
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future, tuple[int, int] | None]] = {}
+        # each request's future and its run of slots (with the segment it is in: a new model's input size brings a
+        # new segment, while requests in the old one finish)
+        self._pending: dict[int, tuple[asyncio.Future, tuple[SlotSegment, int, int] | None]] = {}
+        self._old_segments: list[SlotSegment] = []
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._queued: Any = None  # the engine's queued-image count, in shared memory (admission before decoding)
@@ -82,6 +85,29 @@ class RemoteBackend(Backend):
         if self.segment is not None:
             self.segment.close()
             self.segment = None
+        for old in self._old_segments:
+            old.close()
+        self._old_segments.clear()
+
+    def _resize(self, size: int) -> None:
+        """The engine now serves a model of another input size: stage later requests at it, in a new segment of
+        slots of that size (announced to the engine before any request uses it); the old one goes once the
+        requests in it are answered."""
+        if self.segment is None or self._writer is None or self.lost:
+            return
+        segment = SlotSegment(self.slots, size)
+        self._writer.write(to_frame(Hello(segment.name, self.slots)))
+        self._old_segments.append(self.segment)
+        self.segment, self.image_size = segment, size
+        if self.stager is not None:
+            self.stager = ImageStager(self.stager.device, size, self.stager.decoder)
+        log.info("the engine serves %d px images now: staging at that size", size)
+        self._close_old_segments()
+
+    def _close_old_segments(self) -> None:
+        for old in [s for s in self._old_segments if s.free_slots == s.slots]:
+            old.close()
+            self._old_segments.remove(old)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -91,8 +117,9 @@ class RemoteBackend(Backend):
                 if not isinstance(reply, Reply):
                     raise ValueError(f"unexpected {reply.op} from the engine")
                 future, run = self._pending.pop(reply.id, (None, None))
-                if run is not None and self.segment is not None:  # the engine is through with these slots
-                    self.segment.release(*run)
+                if run is not None:  # the engine is through with these slots
+                    run[0].release(run[1], run[2])
+                    self._close_old_segments()
                 if future is None or future.done():
                     continue
                 if reply.error is not None:
@@ -146,25 +173,30 @@ class RemoteBackend(Backend):
         return list(await self._ask(Record(next(self._ids), rows), payload))
 
     async def predict(self, images: torch.Tensor, class_name: str | None, deadline: float,
-                      need_maps: bool = True) -> list[ImageResult]:
+                      need_maps: bool = True, *, pin: Any = None,
+                      answered: list[dict[str, Any]] | None = None) -> list[ImageResult]:
         """The engine's results for these images; `need_maps` False sends only the maps that can hold a region
         (no heatmap was asked for)."""
         if self.segment is None:
             raise NotReadyError("not connected to the engine process yet", headers={"Retry-After": "1"})
         count = int(images.shape[0])
+        if int(images.shape[-1]) != self.segment.size:  # staged before the model's input size changed
+            raise NotReadyError("the served model changed while this request was staged; retry",
+                                headers={"Retry-After": "1"})
         start = self.segment.reserve(count)
         if start is None:
             raise QueueFullError(f"this worker has {self.segment.free_slots} free image slots, {count} needed; "
                                  "retry later", headers={"Retry-After": "1"})
-        np.copyto(self.segment.array(start, count), images.numpy())
+        segment = self.segment
+        np.copyto(segment.array(start, count), images.numpy())
         rid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (future, (start, count))
+        self._pending[rid] = (future, (segment, start, count))
         try:
             self._send(Predict(rid, start, count, class_name, deadline, need_maps))
         except SowaError:
             self._pending.pop(rid, None)
-            self.segment.release(start, count)
+            segment.release(start, count)
             raise
         try:
             result, payload = await asyncio.shield(future)
@@ -173,7 +205,13 @@ class RemoteBackend(Backend):
             if not self.lost:
                 self._send(Cancel(rid))
             raise
-        return results_from_wire(result, payload, self.image_size)
+        model = result["model"]  # the model that produced them: the answer names it, and later requests too
+        self.description = model
+        if int(result["image_size"]) != self.image_size:  # the size the engine's serving model takes now
+            self._resize(int(result["image_size"]))
+        if answered is not None:
+            answered.append(model)
+        return results_from_wire(result["rows"], payload, int(model["image_size"]))
 
     def describe(self) -> dict:
         return dict(self.description)

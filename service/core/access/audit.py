@@ -29,7 +29,8 @@ log = logging.getLogger("sowa.audit")
 
 # every kind of change the trail records (a test holds that each happens in a scripted sequence)
 AuditAction = Literal["class.created", "shots.added", "shots.replaced", "threshold.set", "threshold.reset",
-                      "class.deleted", "key.added", "key.revoked", "record.reviewed"]
+                      "class.deleted", "key.added", "key.revoked", "record.reviewed", "model.activated",
+                      "model.shadow"]
 ACTIONS: tuple[str, ...] = get_args(AuditAction)
 
 

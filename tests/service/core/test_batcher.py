@@ -17,21 +17,42 @@ from tests.helpers import wait_for_async
 class Recorder:
     def __init__(self, delay: float = 0.0, fail_when: int | None = None) -> None:
         self.batches: list[list[int]] = []
+        self.models: list[object] = []
         self.delay, self.fail_when = delay, fail_when
 
-    async def __call__(self, images: list[torch.Tensor], memories: list, need_maps: list[bool]) -> list[float]:
+    async def __call__(self, images: list[torch.Tensor], memories: list, need_maps: list[bool],
+                       model: object = None) -> list[float]:
         ids = [int(v) for t in images for v in t[:, 0, 0, 0]]
         self.batches.append(ids)
+        self.models.append(model)
         await asyncio.sleep(self.delay)
         if self.fail_when is not None and self.fail_when in ids:
             raise RuntimeError("device fell over")
         return [float(i) for i in ids]
 
 
-def _item(*ids: int, deadline: float = 60.0) -> WorkItem:
+def _item(*ids: int, deadline: float = 60.0, model: object = None) -> WorkItem:
     x = torch.zeros(len(ids), 3, 2, 2)
     x[:, 0, 0, 0] = torch.tensor(ids, dtype=torch.float32)
-    return WorkItem(x, [None] * len(ids), deadline=time.monotonic() + deadline)
+    return WorkItem(x, [None] * len(ids), deadline=time.monotonic() + deadline, model=model)
+
+
+def test_requests_started_on_different_models_never_share_a_batch() -> None:
+    """A model switch lands between batches: each batch runs on the one model its requests started on."""
+    old, new = object(), object()
+
+    async def go() -> Recorder:
+        rec = Recorder(delay=0.05)
+        b = DynamicBatcher(rec, max_batch_size=8, max_wait_ms=50, max_queue=64)
+        b.start()
+        items = [b.submit(_item(i, model=old if i < 3 else new)) for i in range(6)]
+        assert await asyncio.gather(*(it.future for it in items)) == [[float(i)] for i in range(6)]
+        await b.close()
+        return rec
+
+    rec = asyncio.run(go())
+    assert rec.batches == [[0, 1, 2], [3, 4, 5]]
+    assert rec.models == [old, new]
 
 
 def test_requests_are_batched_up_to_the_limit_and_answered_in_order() -> None:
@@ -148,7 +169,8 @@ def test_two_batches_in_flight_and_no_more() -> None:
             super().__init__(delay=0.05)
             self.now = self.most = 0
 
-        async def __call__(self, images: list[torch.Tensor], memories: list, need_maps: list[bool]) -> list[float]:
+        async def __call__(self, images: list[torch.Tensor], memories: list, need_maps: list[bool],
+                           model: object = None) -> list[float]:
             self.now += 1
             self.most = max(self.most, self.now)
             try:
