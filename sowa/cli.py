@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "print a bundle's manifest summary"),
     "store": ("store", "class store tools: migrate a directory store into PostgreSQL"),
     "keys": ("keys", "API keys with roles: add (printed once), list, revoke"),
+    "models": ("models", "model versions: add, list, activate, rollback, shadow, remove (running services follow)"),
     "bench": ("bench", "benchmarks: the offline engine (model) and the service (serve)"),
 }
 
