@@ -6,7 +6,8 @@ change, a data directory is looked at every sync interval) and do the work thems
 switch (each prepares the version's banks, then switches between two batches; /models shows the progress),
 `rollback` asks for the previous version back, `shadow` has a candidate score a share of the traffic beside the
 serving model. A version is named by its label, its fingerprint, or at least 8 of the fingerprint's hex digits.
-The CLI acts as the operator at the machine, `cli:<user>`.
+The CLI acts as the operator at the machine, `cli:<user>`; activations, rollbacks and shadow changes go to the
+audit trail as they do through the API.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from service.core.access.audit import AuditEvent
     from service.core.models.repository import ModelRepository
 
 DESCRIPTION = __doc__
@@ -62,7 +64,15 @@ def run(args: argparse.Namespace) -> int:
     except (SowaError, RuntimeError) as e:
         raise ValueError(getattr(e, "message", str(e))) from None
     try:
-        _act(repository, args, actor)
+        event = _act(repository, args, actor)
+        if event is not None:
+            from service.core.access.store import open_access
+
+            access = open_access(_locations(args)[0])
+            try:
+                access.append([event])
+            finally:
+                access.close()
     except SowaError as e:  # a taken label, an unknown version, a broken bundle, the store unreachable
         raise ValueError(e.message) from None
     finally:
@@ -70,8 +80,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _act(repository: ModelRepository, args: argparse.Namespace, actor: str) -> None:
+def _act(repository: ModelRepository, args: argparse.Namespace, actor: str) -> AuditEvent | None:
+    """Do the command; the audit event it makes, if any."""
+    from service.core.access.audit import AuditEvent
+    from service.core.errors import ModelNotFoundError
+
     command = args.models_command
+
+    def name(fp: str | None) -> str | None:
+        if fp is None:
+            return None
+        try:
+            return repository.resolve(fp).version
+        except ModelNotFoundError:  # removed meanwhile
+            return fp[:16]
+
     if command == "add":
         v = repository.add(args.bundle, args.label, actor)
         print(json.dumps(v.public()))
@@ -88,9 +111,10 @@ def _act(repository: ModelRepository, args: argparse.Namespace, actor: str) -> N
             if state.target is not None:
                 repository.set_state(state.revision, target=None)
             print(f"{v.version} is the active version")
-            return
+            return None
         repository.set_state(state.revision, target=v.fingerprint)
         print(f"activating {v.version}: running services switch to it (see GET /models)")
+        return AuditEvent(actor, "model.activated", v.version, {"active": name(state.active)}, {"active": v.version})
     elif command == "rollback":
         state = repository.state()
         if state.previous is None:
@@ -98,13 +122,17 @@ def _act(repository: ModelRepository, args: argparse.Namespace, actor: str) -> N
         v = repository.resolve(state.previous)
         repository.set_state(state.revision, target=v.fingerprint)
         print(f"rolling back to {v.version}: running services switch to it (see GET /models)")
+        return AuditEvent(actor, "model.activated", v.version, {"active": name(state.active)}, {"active": v.version})
     elif command == "shadow":
         if args.off == (args.version is not None):
             raise ValueError("give a VERSION to shadow, or --off")
         if args.off:
-            repository.set_state(shadow=None, shadow_share=0.0)
+            state = repository.state()
+            repository.set_state(state.revision, shadow=None, shadow_share=0.0)
             print("shadow off")
-            return
+            if state.shadow is None:
+                return None  # nothing shadowed: nothing changed
+            return AuditEvent(actor, "model.shadow", name(state.shadow) or "-", {"shadow": name(state.shadow)}, None)
         if not 0.0 < args.share <= 1.0:
             raise ValueError(f"--share {args.share} is not within (0, 1]")
         v = repository.resolve(args.version)
@@ -113,7 +141,10 @@ def _act(repository: ModelRepository, args: argparse.Namespace, actor: str) -> N
             raise ValueError(f"model {v.version} is the one serving: shadow another version")
         repository.set_state(state.revision, shadow=v.fingerprint, shadow_share=args.share)
         print(f"{v.version} shadows {100 * args.share:g}% of the traffic")
+        return AuditEvent(actor, "model.shadow", v.version, {"shadow": name(state.shadow)},
+                          {"shadow": v.version, "share": args.share})
     else:
         v = repository.resolve(args.version)
         repository.remove(v.fingerprint)
         print(f"removed {v.version}")
+    return None

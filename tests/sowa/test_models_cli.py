@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from model.bundle import read_manifest
+from service.core.access.audit import AuditQuery
+from service.core.access.store import open_access
 from service.core.models.open import open_repository
 from sowa.cli import main
 from tests.service.test_model_versions import make_bundle
@@ -84,3 +86,12 @@ def test_models_round_trip(bundle: Path, second: Path, tmp_path: Path, capsys: p
     code, out, _ = sowa("activate", one)  # already active: nothing to do
     assert code == 0 and "is the active version" in out and repo.state().target is None
     repo.close()
+
+    access = open_access(str(data))  # what changed what serves is in the audit trail, oldest first here
+    events = [(e.actor, e.action, e.target, e.before, e.after) for e in reversed(access.query(AuditQuery()))]
+    access.close()
+    actor = f"cli:{getpass.getuser()}"
+    assert events == [(actor, "model.activated", "v2", {"active": one}, {"active": "v2"}),
+                      (actor, "model.activated", one, {"active": "v2"}, {"active": one}),
+                      (actor, "model.shadow", "v2", {"shadow": None}, {"shadow": "v2", "share": 0.25}),
+                      (actor, "model.shadow", "v2", {"shadow": "v2"}, None)]

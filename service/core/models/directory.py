@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from .repository import (
     check_bundle,
     check_label,
     check_state_changes,
+    clean_leftovers,
     find_version,
     manifest_of,
     removal_conflict,
@@ -52,7 +54,6 @@ FORMAT_VERSION = 1
 INDEX = "repository.json"
 _INCOMING = ".incoming-"
 _TRASH = ".trash-"
-_STALE_INCOMING_S = 3600.0  # an add copying for longer than this is taken for one that crashed
 
 Signature = tuple[int, int, int] | None
 
@@ -103,7 +104,7 @@ class DirectoryModelRepository:
         return doc
 
     def _versions(self, doc: dict[str, Any]) -> list[ModelVersion]:
-        versions = [ModelVersion(**{**v, "fingerprint": fp}) for fp, v in doc["versions"].items()]
+        versions = [_version(fp, v) for fp, v in doc["versions"].items()]
         return sorted(versions, key=lambda v: (v.added, v.fingerprint))
 
     def list(self) -> list[ModelVersion]:
@@ -188,7 +189,7 @@ class DirectoryModelRepository:
             if label is not None and entry.get("label") != label:
                 self._label_free(doc["versions"], label, fp)
                 entry["label"] = label
-            return ModelVersion(**{**entry, "fingerprint": fp})
+            return _version(fp, entry)
 
     @staticmethod
     def _label_free(versions: dict[str, Any], label: str | None, fp: str) -> None:
@@ -235,16 +236,18 @@ class DirectoryModelRepository:
 
     def _clean(self) -> None:
         """Remove what a crash left: interrupted removals, and copies in an add that stopped long ago."""
-        now = time.time()
-        for folder in self.root.iterdir():
-            stale = folder.name.startswith(_INCOMING) and now - folder.stat().st_mtime > _STALE_INCOMING_S
-            if folder.name.startswith(_TRASH) or stale:
-                log.warning("models: removing %s, left by an interrupted add or remove", folder.name)
-                shutil.rmtree(folder, ignore_errors=True)
+        clean_leftovers(self.root)
 
 
 def _empty() -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "versions": {}, "state": ServingState().to_dict()}
+
+
+def _version(fp: str, entry: dict[str, Any]) -> ModelVersion:
+    return ModelVersion(**{k: v for k, v in entry.items() if k in _FIELDS}, fingerprint=fp)
+
+
+_FIELDS = {f.name for f in fields(ModelVersion)} - {"fingerprint"}
 
 
 def _entry(v: ModelVersion) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from .repository import (
     check_bundle,
     check_label,
     check_state_changes,
+    clean_leftovers,
     find_version,
     manifest_of,
     removal_conflict,
@@ -91,6 +92,7 @@ class PostgresModelRepository:
         self._listening = threading.Event()
         self._start_lock = threading.Lock()
         self._cache_lock = threading.Lock()  # one materialisation at a time in this process
+        clean_leftovers(self.cache)
 
     def __repr__(self) -> str:
         return f"PostgresModelRepository({redact(self.url)})"

@@ -9,7 +9,10 @@ the whole bundle is there, hash-checked, and a broken one leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -30,10 +33,13 @@ __all__ = [
     "check_bundle",
     "check_label",
     "check_state_changes",
+    "clean_leftovers",
     "find_version",
     "manifest_of",
     "removal_conflict",
 ]
+
+log = logging.getLogger("sowa.models")
 
 MIN_PREFIX = 8  # a fingerprint prefix shorter than this names nothing (too easy to mistype into another)
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -226,6 +232,22 @@ def check_state_changes(state: ServingState, known: set[str], expect_revision: i
     if share is not None:
         changes = {**changes, "shadow_share": float(share)}
     return replace(state, **changes, revision=state.revision + 1)
+
+
+def clean_leftovers(folder: Path, stale_s: float = 3600.0) -> None:
+    """Remove what a crash left in `folder`: interrupted removals (.trash-*), and incoming copies (.incoming-*)
+    older than `stale_s` (younger ones may be another process's add in progress)."""
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for entry in folder.iterdir():
+        try:
+            stale = entry.name.startswith(".incoming-") and now - entry.stat().st_mtime > stale_s
+        except FileNotFoundError:  # renamed into place or removed meanwhile
+            continue
+        if entry.name.startswith(".trash-") or stale:
+            log.warning("models: removing %s, left by an interrupted add or remove", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def removal_conflict(state: ServingState, fingerprint: str, version: str) -> None:
