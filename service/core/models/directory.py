@@ -4,6 +4,9 @@ file system (beside a directory class store).
     models/<fingerprint>/        one bundle: its weight files and sowa.json, as they were added
     models/repository.json       {format_version, versions: {fingerprint: {...}}, state: {...}}
     models/.incoming-<random>/   a bundle being copied in (renamed to its fingerprint once complete)
+
+A version added with `copy=False` (the service's configured `--bundle`, at start-up) is not copied: repository.json
+records where it is (`path`), so a large bundle is not on the disk twice; it must stay there to be served again.
     locks/models.lock            the flock every change of repository.json is made under
 
 A bundle is copied to an incoming folder, fsynced and checked there (so what is stored is what was checked, even
@@ -117,9 +120,10 @@ class DirectoryModelRepository:
         return ServingState.from_dict(self._doc()["state"])
 
     def path(self, fingerprint: str) -> Path:
-        if fingerprint not in self._doc()["versions"]:
+        entry = self._doc()["versions"].get(fingerprint)
+        if entry is None:
             raise ModelNotFoundError(f"no model version {fingerprint[:16]!r}")
-        folder = self.root / fingerprint
+        folder = Path(entry["path"]) if entry.get("path") else self.root / fingerprint
         if not folder.is_dir():
             raise SowaError(f"{folder}: the bundle of model {fingerprint[:16]} is missing from the repository")
         return folder
@@ -141,7 +145,9 @@ class DirectoryModelRepository:
         finally:
             os.close(fd)  # releases the flock
 
-    def add(self, bundle_dir: Path, label: str | None, actor: str, verify: bool = True) -> ModelVersion:
+    def add(self, bundle_dir: Path, label: str | None, actor: str, verify: bool = True,
+            copy: bool = True) -> ModelVersion:
+        """See `ModelRepository.add`; `copy=False` records the bundle where it is instead of copying it."""
         check_label(label)
         bundle_dir = Path(bundle_dir)
         info = manifest_of(bundle_dir)
@@ -150,6 +156,17 @@ class DirectoryModelRepository:
         if fp in existing:
             return self._relabel(fp, label)
         self._label_free(existing, label, fp)
+        if not copy:
+            checked, size = check_bundle(bundle_dir, verify)
+            with self._locked() as doc:
+                if fp not in doc["versions"]:
+                    self._label_free(doc["versions"], label, fp)
+                    v = ModelVersion.from_info(checked, label, time.time(), actor, size)
+                    doc["versions"][fp] = {**_entry(v), "path": str(bundle_dir.resolve())}
+                    log.info("models: added %s (%s, %d px) by %s, where it is", v.version, fp[:16], v.image_size,
+                             actor)
+                    return v
+            return self._relabel(fp, label)
         incoming = self.root / f"{_INCOMING}{uuid.uuid4().hex}"
         try:
             incoming.mkdir()
