@@ -101,9 +101,9 @@ class ModelRepository(Protocol):
     def add(self, bundle_dir: Path, label: str | None, actor: str, verify: bool = True,
             copy: bool = True) -> ModelVersion:
         """Store the bundle in `bundle_dir` (see `check_bundle` for `verify`; `copy=False`: a directory repository
-        records where it is instead of copying it, for the service's configured bundle). The same fingerprint again is the
-        existing version (given a label, it takes it); a label another version has -> ConflictError; a broken
-        bundle -> UnprocessableError, nothing stored."""
+        records where it is instead of copying it, for the service's configured bundle). The same fingerprint again
+        is the existing version (given a label, it takes it); a label another version has -> ConflictError; a
+        broken bundle -> UnprocessableError, nothing stored."""
         ...
 
     def list(self) -> list[ModelVersion]:
