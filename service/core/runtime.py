@@ -13,7 +13,10 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from model.bundle import read_manifest
 
 from .access.audit import AuditSink
 from .access.keys import KeyRing
@@ -21,7 +24,10 @@ from .access.store import AccessStore, open_access
 from .backend import Backend, LocalBackend
 from .batcher import DynamicBatcher
 from .engine import Engine
-from .errors import ClassDamagedError, ClassNotFoundError, NotReadyError, SowaError
+from .errors import ClassDamagedError, ClassNotFoundError, ModelNotFoundError, NotReadyError, SowaError
+from .models.activation import ModelManager
+from .models.open import open_repository
+from .models.repository import ModelRepository
 from .records.drift import DriftMonitor
 from .records.figures import refresh_drift
 from .records.open import open_recorder
@@ -30,7 +36,6 @@ from .records.recorder import Recorder
 from .records.store import RecordQuery
 from .registry import ClassRegistry
 from .settings import Settings
-from .staging import ImageStager
 from .store import ClassStore, open_store
 from .store.open import is_postgres_url
 from .telemetry import Telemetry
@@ -136,6 +141,8 @@ class LocalRuntime(Runtime):
         self._registry: ClassRegistry | None = None
         self.batcher: DynamicBatcher | None = None
         self.local: LocalBackend | None = None
+        self.repository: ModelRepository | None = None
+        self.models: ModelManager | None = None
         self._sync: asyncio.Task | None = None
         # the registry's changes go to the audit trail through this sink (a failed write waits and is retried)
         self.audit = AuditSink(self._append_audit, self.telemetry.audit_write_failures.inc)
@@ -217,7 +224,32 @@ class LocalRuntime(Runtime):
         return {**await super().ready_info(), "classes": len(r) if r is not None else 0,
                 "refused_classes": r.refused if r is not None else {},
                 "store": store.kind if store is not None else None,
-                "store_error": store.error if store is not None else None}
+                "store_error": store.error if store is not None else None,
+                "model": self.models.ready_info() if self.models is not None else None}
+
+    def first_model(self, repository: ModelRepository) -> tuple[Path, str | None]:
+        """The bundle to serve at start (blocking): the repository's active version. The configured bundle is
+        added to the repository; when it is new there (a deploy by restart), or nothing is active yet, it becomes
+        the active version. So a restart never undoes an activation made through the API."""
+        bundle = Path(self.settings.bundle)
+        fingerprint = read_manifest(bundle).fingerprint
+        try:
+            configured, new = repository.resolve(fingerprint), False
+        except ModelNotFoundError:
+            configured, new = repository.add(bundle, None, "serve", verify=False, copy=False), True
+        state = repository.state()
+        if new or state.active is None:
+            if state.active != fingerprint:
+                repository.set_state(active=fingerprint, previous=state.active,
+                                     target=None if state.target == fingerprint else state.target)
+                log.info("models: the configured bundle %s is the active version", configured.version)
+            return bundle, configured.label
+        if state.active == fingerprint:
+            return bundle, configured.label
+        active = repository.resolve(state.active)
+        log.info("models: serving %s, the repository's active version (the configured bundle %s is not it)",
+                 active.version, configured.version)
+        return repository.path(active.fingerprint), active.label
 
     async def start(self) -> None:
         s, status = self.settings, self.status
@@ -226,9 +258,10 @@ class LocalRuntime(Runtime):
             self._audit_upkeep = asyncio.create_task(self._keep_audit())
             await asyncio.to_thread(self.records.start)  # takes up what the last run left in the spool
             budget = None if s.bank_device_budget_mb is None else int(s.bank_device_budget_mb * 2**20)
-            engine = self.engine = await asyncio.to_thread(Engine, s.bundle, s.device, s.dtype, budget,
-                                                           s.compile_mode, s.max_batch_size)
-            stager = ImageStager(engine.device, engine.image_size, s.image_decoder)
+            repository = self.repository = await asyncio.to_thread(open_repository, s.store_url, s.data_dir)
+            bundle, label = await asyncio.to_thread(self.first_model, repository)
+            engine = self.engine = await asyncio.to_thread(Engine, bundle, s.device, s.dtype, budget,
+                                                           s.compile_mode, s.max_batch_size, s.image_decoder, label)
             status.model_loaded = True
             store = self.store = open_store(s.store_url)
             registry = self._registry = ClassRegistry(store, engine, s.max_shots_per_class, s.max_classes,
@@ -246,9 +279,14 @@ class LocalRuntime(Runtime):
             batcher = self.batcher = DynamicBatcher(engine.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, t)
             t.track_records(self.records)
             t.track_drift(self.drift)
-            self.local = self._backend = LocalBackend(engine, stager, registry, batcher, self.records, s.records,
-                                                      Sampler(s.record_sample_passed))
+            local = self.local = self._backend = LocalBackend(engine, engine.active.stager, registry, batcher,
+                                                              self.records, s.records, Sampler(s.record_sample_passed))
             batcher.start()
+            models = self.models = ModelManager(repository, engine, registry, s, t, self.audit, self.limits,
+                                                self.decode_budget)
+            models.on_shadow = lambda scorer: setattr(local, "shadower", scorer)
+            t.track_models(models.preparation_gauges)
+            await models.start()
             if s.sync_interval_s > 0:
                 self._sync = asyncio.create_task(registry.follow(s.sync_interval_s))
             self._drift_upkeep = asyncio.create_task(self._keep_drift())
@@ -273,6 +311,8 @@ class LocalRuntime(Runtime):
             await asyncio.to_thread(self.audit.flush, True)
         await super().close()
         await self.stopping()
+        if self.models is not None:
+            await self.models.close()
         if self._sync is not None:
             self._sync.cancel()
         if self._drift_upkeep is not None:
@@ -284,3 +324,5 @@ class LocalRuntime(Runtime):
         await asyncio.to_thread(self.records.close)  # after the queue drained: every answered record is spooled
         if self.store is not None:
             self.store.close()
+        if self.repository is not None:
+            self.repository.close()

@@ -31,6 +31,7 @@ from .routes import (
     health,
     keys,
     metrics,
+    models,
     predict,
     quality,
     records,
@@ -44,7 +45,7 @@ __all__ = ["create_app"]
 
 # the routes whose state (classes, records, the engine's metrics) lives where the model is
 ENGINE_ROUTERS = (classes.router, shots.router, scores.router, results.router, records.router, quality.router,
-                  keys.router, metrics.router, audit.router, v2.repository_router)
+                  keys.router, metrics.router, audit.router, v2.repository_router, models.router)
 
 
 @asynccontextmanager

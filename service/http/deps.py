@@ -12,14 +12,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..core.errors import SowaError
+from ..core.models.activation import ModelManager
 from ..core.records.recorder import Recorder
 from ..core.registry import ClassRegistry
 from ..core.runtime import LocalRuntime, Runtime
 from ..core.settings import Settings
 from ..core.telemetry import Telemetry
 
-__all__ = ["LocalDep", "RecordsDep", "RegistryDep", "RuntimeDep", "ServingDep", "SettingsDep", "TelemetryDep",
-           "runtime_of"]
+__all__ = ["LocalDep", "ModelsDep", "RecordsDep", "RegistryDep", "RuntimeDep", "ServingDep", "SettingsDep",
+           "TelemetryDep", "runtime_of"]
 
 
 
@@ -57,6 +58,13 @@ async def _registry(local: Annotated[LocalRuntime, Depends(_local)]) -> ClassReg
     return local.registry  # 503 until the classes are restored
 
 
+async def _models(local: Annotated[LocalRuntime, Depends(_local)]) -> ModelManager:
+    local.registry  # noqa: B018 - raises NotReadyError until the service is up
+    if local.models is None:
+        raise SowaError("the model manager is not running")
+    return local.models
+
+
 async def _records(local: Annotated[LocalRuntime, Depends(_local)]) -> Recorder:
     return local.records  # the records: the store and what is still in the spool
 
@@ -68,3 +76,4 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 TelemetryDep = Annotated[Telemetry, Depends(_telemetry)]
 RegistryDep = Annotated[ClassRegistry, Depends(_registry)]
 RecordsDep = Annotated[Recorder, Depends(_records)]
+ModelsDep = Annotated[ModelManager, Depends(_models)]

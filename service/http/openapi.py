@@ -79,6 +79,12 @@ _ROUTES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v2/models/{model_name}/infer"): (*_ANY, 404, 409, 422, 429, 504),
     ("post", "/v2/models/{model_name}/versions/{model_version}/infer"): (*_ANY, 404, 409, 422, 429, 504),
     ("post", "/v2/repository/index"): (),
+    # model versions (service/http/routes/models.py)
+    ("get", "/models"): (),
+    ("post", "/models/{version}/activate"): (*_ANY, 404, 409, 422),
+    ("post", "/models/rollback"): (*_ANY, 409, 422), ("delete", "/models/shadow"): (),
+    ("post", "/models/{version}/shadow"): (*_ANY, 404, 409, 422),
+    ("get", "/models/{version}/shadow-report"): (404, 422),
 }
 # never behind the key, never "not ready"
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})

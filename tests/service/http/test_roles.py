@@ -69,6 +69,11 @@ EXPECTED: dict[tuple[str, str], Role | None] = {
     ("post", "/v2/models/{model_name}/infer"): Role.INSPECT,
     ("post", "/v2/models/{model_name}/versions/{model_version}/infer"): Role.INSPECT,
     ("post", "/v2/repository/index"): Role.INSPECT,
+    # model versions (service/http/routes/models.py): reading for any role, changing for an admin
+    ("get", "/models"): Role.INSPECT,
+    ("get", "/models/{version}/shadow-report"): Role.INSPECT,
+    ("post", "/models/{version}/activate"): Role.ADMIN, ("post", "/models/{version}/shadow"): Role.ADMIN,
+    ("post", "/models/rollback"): Role.ADMIN, ("delete", "/models/shadow"): Role.ADMIN,
 }
 # what a call sends so that, allowed, it changes nothing: an invalid body, or a name that does not exist
 BODIES: dict[tuple[str, str], dict] = {
@@ -136,7 +141,7 @@ async def test_every_operation_answers_as_each_role_allows(served: tuple[InProce
 
     shot = (await s.http.get("/classes/widget/shots", headers=admin)).json()["shots"][0]["sha256"]
     values = {"name": "widget", "sha256": shot, "result_id": "0" * 32, "record_id": "0" * 32, "key_name": "nosuch-key",
-              "model_name": "widget", "model_version": "1"}
+              "model_name": "widget", "model_version": "1", "version": "nosuch-version"}
     failures = []
     for (method, path), role in sorted(EXPECTED.items(), key=lambda kv: kv[0]):
         named = {**values, "name": "nosuch-class"} if method == "delete" else values  # allowed, it deletes nothing
