@@ -143,10 +143,14 @@ class ModelManager:
         """Ask every replica to switch to `version`; with `wait`, answer once this replica serves it."""
         v = await asyncio.to_thread(self.repository.resolve, version)
         state = await asyncio.to_thread(self.repository.state)
-        if v.fingerprint == self.serving.fingerprint and state.target in (None, v.fingerprint):
+        if v.fingerprint == self.serving.fingerprint:  # already serving: an activation under way is called off
             if state.target is not None:
                 await asyncio.to_thread(self.repository.set_state, target=None)
-            return self.overview()
+                self._audit(actor, "model.activated", v.version, {"active": self._version_of(state.target)},
+                            {"active": v.version})
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+            return await asyncio.to_thread(self.overview)
         self._check_memory(v)
         await asyncio.to_thread(self.repository.set_state, target=v.fingerprint)
         self._audit(actor, "model.activated", v.version, {"active": self._version_of(state.active)},
@@ -157,7 +161,7 @@ class ModelManager:
             prep = self.preparation
             if prep is not None and prep.phase == "failed":
                 raise SowaError(f"model {v.version} was not activated: {prep.error}")
-        return self.overview()
+        return await asyncio.to_thread(self.overview)
 
     async def rollback(self, actor: str, wait: bool = False) -> dict[str, Any]:
         state = await asyncio.to_thread(self.repository.state)
@@ -171,12 +175,12 @@ class ModelManager:
         state = await asyncio.to_thread(self.repository.state)
         if version is None:
             if state.shadow is None and self.shadow is None:
-                return self.overview()  # nothing shadows: nothing to change, nothing to audit
+                return await asyncio.to_thread(self.overview)  # nothing shadows: nothing to change, nothing to audit
             await asyncio.to_thread(self.repository.set_state, shadow=None, shadow_share=0.0)
             self._audit(actor, "model.shadow", self._version_of(state.shadow) or "-",
                         {"shadow": self._version_of(state.shadow)}, None)
             await self._apply_shadow(None, 0.0)
-            return self.overview()
+            return await asyncio.to_thread(self.overview)
         v = await asyncio.to_thread(self.repository.resolve, version)
         if v.fingerprint == self.serving.fingerprint:
             raise ConflictError(f"model {v.version} is the one serving: shadow another version")
@@ -189,16 +193,17 @@ class ModelManager:
         await self._apply_shadow(v, share)
         if wait and self._shadow_prep is not None:
             await asyncio.shield(self._shadow_prep[1])
-        return self.overview()
+        return await asyncio.to_thread(self.overview)
 
-    def shadow_report(self, version: str) -> dict[str, Any]:
-        v = self.repository.resolve(version)
+    async def shadow_report(self, version: str) -> dict[str, Any]:
+        """How the shadow `version` compares, on this replica (ModelNotFoundError when it is not shadowing)."""
+        v = await asyncio.to_thread(self.repository.resolve, version)
         s = self.shadow
         if s is None or s.generation.served.fingerprint != v.fingerprint:
             preparing = self._shadow_prep is not None and self._shadow_prep[0] == v.fingerprint
             raise ModelNotFoundError(f"model {v.version} is not shadowing on this replica"
                                      + (" yet: its banks are being prepared" if preparing else ""))
-        return s.report.public(self.serving.version)
+        return s.report.public(self.serving.version)  # on the event loop, where the report is written
 
     # -- following the shared state ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -387,6 +392,7 @@ class ModelManager:
 
     # -- upkeep -----------------------------------------------------------------------------------------------
     def _version_of(self, fingerprint: str | None) -> str | None:
+        """A fingerprint as the audit trail names it (a label, or its first 16 digits)."""
         if fingerprint is None:
             return None
         try:

@@ -4,6 +4,7 @@ repository's serving state, which every replica follows, and report it."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -39,7 +40,7 @@ def _answer(overview: dict) -> JSONResponse:
 
 @router.get("", summary="Model versions, which one serves, which one shadows")
 async def list_models(models: ModelsDep) -> dict:
-    return models.overview()
+    return await asyncio.to_thread(models.overview)  # the repository may be a database: off the event loop
 
 
 @router.post("/rollback", summary="Activate the previous version", dependencies=[Depends(Requires(Role.ADMIN))],
@@ -70,4 +71,4 @@ async def shadow(version: Version, models: ModelsDep, principal: PrincipalDep, b
 
 @router.get("/{version}/shadow-report", summary="How the shadow compares with the serving model, per class")
 async def shadow_report(version: Version, models: ModelsDep) -> dict:
-    return models.shadow_report(version)
+    return await models.shadow_report(version)
