@@ -1,7 +1,7 @@
 /* SOWA inspection console: plain JS, no build step, no network beyond this service.
  *
  * Pages (the URL hash): #/classes, #/class/NAME, #/inspect/NAME, #/threshold/NAME, #/health, #/audit (admins);
- * records.js (loaded after this file) adds #/history, #/review and #/quality/NAME.
+ * records.js (loaded after this file) adds #/history, #/review and #/quality/NAME; models.js (after it) #/models.
  * The API key, when the service has one, is asked for once, kept in sessionStorage and sent as X-API-Key.
  * What the key may do comes from GET /auth/me: a control its role does not reach is not shown, and a line says
  * which role it needs (`allowed(role, what, control)`).
@@ -652,6 +652,9 @@ function auditChange(e) {
     case "key.added": return `new ${a.role} key${a.classes ? ` for classes ${a.classes}` : ""}`;
     case "key.revoked": return `${b.role || "?"} key → revoked`;
     case "record.reviewed": return `reviewed ${b.review || "(none)"} → ${a.review}${a.note ? `: ${a.note}` : ""}`;
+    case "model.activated": return `active model ${b.active || "(none)"} → ${a.active}`;
+    case "model.shadow": return e.after ? `shadow ${b.shadow || "(none)"} → ${a.shadow} on ${fmt(100 * a.share, 1)}% of the traffic`
+      : `shadow ${b.shadow || "(none)"} → stopped`;
     default: return "";
   }
 }
@@ -743,7 +746,8 @@ async function route() {
   let arg = null;
   try { arg = decodeURIComponent(rest.join("/")); } catch { /* a malformed escape: refused below */ }
   const pages = { classes: pageClasses, class: pageClass, inspect: pageInspect, threshold: pageThreshold, health: pageHealth,
-                  audit: pageAudit, history: pageHistory, review: pageReview, quality: pageQuality };  // the last three: records.js
+                  audit: pageAudit, history: pageHistory, review: pageReview, quality: pageQuality,  // these three: records.js
+                  models: pageModels };  // models.js
   const render = pages[page] || pageClasses;
   for (const a of document.querySelectorAll("nav a")) {
     if (a.dataset.page === (page === "class" ? "classes" : page)) a.setAttribute("aria-current", "page");
@@ -754,7 +758,7 @@ async function route() {
   main.replaceWith(fresh);
   setStatus("");
   // a class name from the URL, checked before any page uses it (#/threshold/x%2F..%2Fbat would reach /classes/bat)
-  if (![pageClasses, pageHealth, pageAudit, pageHistory, pageReview].includes(render) && (arg === null || (arg !== "" && !CLASS_NAME.test(arg)))) {
+  if (![pageClasses, pageHealth, pageAudit, pageHistory, pageReview, pageModels].includes(render) && (arg === null || (arg !== "" && !CLASS_NAME.test(arg)))) {
     fresh.append(el("p", { class: "error", id: "bad-route", text: "That address names no valid class: a class name " +
                            "is 1-64 of a-z, 0-9, _ . - (starting with a letter or digit)." }));
     setStatus("Not a class name in the address", "error");
@@ -784,5 +788,5 @@ async function start() {
   await route();
 }
 
-// deferred scripts run in order before DOMContentLoaded: records.js's pages are defined by then
+// deferred scripts run in order before DOMContentLoaded: records.js's and models.js's pages are defined by then
 document.addEventListener("DOMContentLoaded", () => start().catch(showError));
