@@ -188,8 +188,7 @@ class LocalBackend(Backend):
         self.engine, self.stager, self.registry, self.batcher = engine, stager, registry, batcher
         self.recorder, self.recording, self.sampler = recorder, recording, sampler or Sampler(0)
         # a shadow model scoring a share of answered requests (service/core/models/shadow.py), when one is set
-        self.shadower: Callable[[Generation, torch.Tensor, Sequence[Upload], str, list[ImageResult],
-                                 list[str | None]], None] | None = None
+        self.shadower: Any = None  # a ShadowScorer: called with each answered request
 
     @property
     def image_size(self) -> int:  # type: ignore[override]
@@ -256,6 +255,28 @@ class LocalBackend(Backend):
                results: list[ImageResult], record_ids: list[str | None]) -> None:
         if self.shadower is not None and isinstance(pin, Generation):
             self.shadower(pin, images, uploads, class_name, results, record_ids)
+
+    @property
+    def shadow_share(self) -> float:
+        """The share of answered requests a shadow model scores (0: none shadows)."""
+        return float(getattr(self.shadower, "share", 0.0)) if self.shadower is not None else 0.0
+
+    @property
+    def shadow_size(self) -> int:
+        """The input size of the shadow model (0: none shadows)."""
+        return self.shadower.generation.served.image_size if self.shadower is not None else 0
+
+    def shadow_sampled(self, images: torch.Tensor, uploads: Sequence[Upload], class_name: str,
+                       results: list[ImageResult], record_ids: list[str | None]) -> None:
+        """A request an HTTP worker answered and sampled for the shadow: its images as staged there, or its
+        uploads when the shadow takes another input size."""
+        if self.shadower is None:
+            return
+        try:
+            pin = self._generation_for(images, None)
+        except SowaError:
+            return  # staged for a model no longer served
+        self.shadower(pin, images, uploads, class_name, results, record_ids, sampled=True)
 
     async def record(self, drafts: Sequence[Draft]) -> list[str | None]:
         """Spool the records, each naming its class's revision now (the shots it was scored against: a class

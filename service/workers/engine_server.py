@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Awaitable
 
+import torch
+
 from ..core.backend import LocalBackend
 from ..core.errors import ClientClosedError, SowaError, UnprocessableError
-from .protocol import Cancel, Check, Hello, Predict, Record, Reply, parse, read_frame, to_frame
+from .protocol import Cancel, Check, Hello, Predict, Record, Reply, Shadow, parse, read_frame, to_frame
 from .slots import SharedCounter, SlotSegment
-from .wire import drafts_from_wire, error_to_wire, results_to_wire
+from .wire import drafts_from_wire, error_to_wire, results_from_wire, results_to_wire
 
 __all__ = ["EngineServer"]
 
@@ -59,7 +62,7 @@ class EngineServer:
                     continue
                 if isinstance(message, Predict):
                     work = self._predict(message, segment)
-                elif isinstance(message, Check | Record):
+                elif isinstance(message, Check | Record | Shadow):
                     work = self._answer(message, frame.payload)
                 else:
                     if isinstance(message, Cancel) and message.id in tasks:
@@ -87,14 +90,35 @@ class EngineServer:
         results = await self.backend.predict(segment.view(m.start, m.count), m.class_name, m.deadline,
                                              need_maps=m.need_maps, answered=answered, hold_inputs=True)
         rows, payload = results_to_wire(results, m.need_maps)
-        # the model that answered, and the input size the serving model takes now (the worker stages at it)
-        return Reply(m.id, {"rows": rows, "model": answered[0], "image_size": self.backend.image_size}), payload
+        # the model that answered, the input size the serving model takes now (the worker stages at it), and the
+        # share of answered requests a shadow model wants (the worker samples them)
+        return Reply(m.id, {"rows": rows, "model": answered[0], "image_size": self.backend.image_size,
+                            "shadow_share": self.backend.shadow_share,
+                            "shadow_size": self.backend.shadow_size}), payload
 
-    async def _answer(self, m: Check | Record, payload: bytes) -> tuple[Reply, bytes]:
+    async def _answer(self, m: Check | Record | Shadow, payload: bytes) -> tuple[Reply, bytes]:
         if isinstance(m, Check):
             await self.backend.check_class(m.class_name)
             return Reply(m.id), b""
+        if isinstance(m, Shadow):
+            self._shadow(m, payload)
+            return Reply(m.id), b""
         return Reply(m.id, await self.backend.record(drafts_from_wire(m.records, payload))), b""
+
+    def _shadow(self, m: Shadow, payload: bytes) -> None:
+        uploads: list[tuple[str, bytes]] = []
+        if m.upload_lengths is not None:  # the shadow's input size differs: it stages the uploads itself
+            if sum(m.upload_lengths) != len(payload) or len(m.upload_lengths) != m.count:
+                raise UnprocessableError("a shadow frame whose uploads do not add up")
+            offsets = [0, *itertools.accumulate(m.upload_lengths)]
+            uploads = [(f"upload-{i}", payload[a:b]) for i, (a, b) in enumerate(itertools.pairwise(offsets))]
+            images = torch.zeros(m.count, 3, m.size, m.size, dtype=torch.uint8)  # the size the worker staged at
+        elif len(payload) != m.count * 3 * m.size * m.size:
+            raise UnprocessableError(f"a shadow frame of {len(payload)} bytes for {m.count} images of {m.size} px")
+        else:
+            images = torch.frombuffer(bytearray(payload), dtype=torch.uint8).reshape(m.count, 3, m.size, m.size)
+        self.backend.shadow_sampled(images, uploads, m.class_name, results_from_wire(m.results, b"", m.size),
+                                    m.record_ids)
 
     async def _reply(self, message_id: int, work: Awaitable[tuple[Reply, bytes]], writer: asyncio.StreamWriter,
                      tasks: dict[int, asyncio.Task]) -> None:

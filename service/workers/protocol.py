@@ -3,7 +3,8 @@
 The scoring path takes this socket (`Backend.score` through RemoteBackend): a class check, the
 prediction, and the records of a request's images; every other route a worker forwards to the engine process's own
 HTTP server (proxy.py). Images never travel in frames: a worker writes them into its shared-memory slots
-(slots.py) and names the slots. The payload carries what does not fit JSON: the anomaly maps (float32) of a
+(slots.py) and names the slots; only a request sampled for a shadow model sends its images again, in a `Shadow`
+frame, after its answer. The payload carries what does not fit JSON: the anomaly maps (float32) of a
 reply. Every message is one frozen dataclass; `Frame.header["op"]` says which. Both ends are processes of one
 server, started together, so nothing here is untrusted input; sizes are bounded all the same.
 """
@@ -16,8 +17,8 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["MAX_PAYLOAD", "Cancel", "Check", "Frame", "Hello", "Message", "Predict", "Record", "Reply", "encode",
-           "parse", "read_frame", "to_frame"]
+__all__ = ["MAX_PAYLOAD", "Cancel", "Check", "Frame", "Hello", "Message", "Predict", "Record", "Reply", "Shadow",
+           "encode", "parse", "read_frame", "to_frame"]
 
 _LENGTHS = struct.Struct("!II")  # header bytes, payload bytes
 MAX_HEADER = 16 * 2**20
@@ -88,6 +89,24 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Shadow:
+    """A request the worker sampled for the shadow model, once answered: the payload holds its `count` staged
+    images ((count, 3, size, size) uint8), or, when the shadow takes another input size, the uploads as sent
+    (`upload_lengths` bytes each, in order: the engine stages them at the shadow's size); `results` are the
+    serving model's numbers (wire rows without maps), `record_ids` its records'. The reply is empty and comes at
+    once: the shadow scores it later, or drops it."""
+
+    id: int
+    class_name: str
+    count: int
+    size: int
+    results: list[dict[str, Any]]
+    record_ids: list[str | None]
+    upload_lengths: list[int] | None = None
+    op: str = "shadow"
+
+
+@dataclass(frozen=True)
 class Cancel:
     """The client of request `id` went away: drop it if it has not reached the device."""
 
@@ -106,8 +125,8 @@ class Reply:
 
 
 _MESSAGES: dict[str, type] = {"hello": Hello, "predict": Predict, "check": Check, "record": Record, "cancel": Cancel,
-                             "reply": Reply}
-Message = Hello | Predict | Check | Record | Cancel | Reply
+                             "reply": Reply, "shadow": Shadow}
+Message = Hello | Predict | Check | Record | Shadow | Cancel | Reply
 
 
 def to_frame(message: Message, payload: bytes = b"") -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,9 +28,10 @@ from ..core.errors import NotReadyError, QueueFullError, SowaError
 from ..core.records.record import Draft, Sampler
 from ..core.settings import Settings
 from ..core.staging import ImageStager
-from .protocol import Cancel, Check, Hello, Predict, Record, Reply, parse, read_frame, to_frame
+from ..core.uploads import Upload
+from .protocol import Cancel, Check, Hello, Predict, Record, Reply, Shadow, parse, read_frame, to_frame
 from .slots import SharedCounter, SlotSegment
-from .wire import drafts_to_wire, error_from_wire, results_from_wire
+from .wire import drafts_to_wire, error_from_wire, results_from_wire, results_to_wire
 
 __all__ = ["RemoteBackend"]
 
@@ -55,6 +57,8 @@ class RemoteBackend(Backend):
         self._reader_task: asyncio.Task | None = None
         self._queued: Any = None  # the engine's queued-image count, in shared memory (admission before decoding)
         self.lost = False
+        self.shadow_share, self.shadow_size = 0.0, 0  # as the engine's last answer said
+        self._rng = random.Random()
 
     async def connect(self) -> None:
         """Open the socket, create this worker's slots, and learn the model's geometry from the engine. A failed
@@ -207,11 +211,32 @@ class RemoteBackend(Backend):
             raise
         model = result["model"]  # the model that produced them: the answer names it, and later requests too
         self.description = model
+        self.shadow_share, self.shadow_size = float(result["shadow_share"]), int(result["shadow_size"])
         if int(result["image_size"]) != self.image_size:  # the size the engine's serving model takes now
             self._resize(int(result["image_size"]))
         if answered is not None:
             answered.append(model)
         return results_from_wire(result["rows"], payload, int(model["image_size"]))
+
+    def shadow(self, pin: Any, images: torch.Tensor, uploads: Sequence[Upload], class_name: str,
+               results: list[ImageResult], record_ids: list[str | None]) -> None:
+        """Sample an answered request for the engine's shadow model, and send it there (never waited for)."""
+        if self.shadow_share <= 0 or self._rng.random() >= self.shadow_share or self.lost:
+            return
+        rows, _ = results_to_wire(results, False)
+        size = int(images.shape[-1])
+        if self.shadow_size == size:
+            payload, lengths = images.numpy().tobytes(), None
+        else:  # the shadow takes another input size: the engine stages the uploads for it
+            payload, lengths = b"".join(data for _, data in uploads), [len(data) for _, data in uploads]
+        message = Shadow(next(self._ids), class_name, len(results), size, rows, list(record_ids), lengths)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[message.id] = (future, None)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it: errors are dropped
+        try:
+            self._send(message, payload)
+        except SowaError:
+            self._pending.pop(message.id, None)
 
     def describe(self) -> dict:
         return dict(self.description)

@@ -30,7 +30,7 @@ import torch
 
 from ..batcher import DynamicBatcher, WorkItem
 from ..engine import Engine, ImageResult
-from ..errors import SowaError
+from ..errors import NotReadyError, SowaError
 from ..registry import ClassRegistry, Generation
 from ..uploads import DecodeBudget, PixelLimits, Upload, stage_uploads
 
@@ -152,9 +152,10 @@ class ShadowScorer:
         return await self.engine.run_batch(images, memories, need_maps, self.generation.served)
 
     def __call__(self, pin: Generation, images: torch.Tensor, uploads: Sequence[Upload], class_name: str,
-                 results: list[ImageResult], record_ids: list[str | None]) -> None:
+                 results: list[ImageResult], record_ids: list[str | None], sampled: bool = False) -> None:
+        """An answered request; `sampled`: already drawn (by an HTTP worker, which then sent its images)."""
         n = len(results)
-        if self.share <= 0 or self._rng.random() >= self.share:
+        if not sampled and (self.share <= 0 or self._rng.random() >= self.share):
             return
         self.report.sampled += n
         entry = self.generation.classes.get(class_name)
@@ -184,6 +185,8 @@ class ShadowScorer:
         started = time.monotonic()
         try:
             if served.image_size != pin.served.image_size:  # another input size: its own preprocessing
+                if not uploads:  # sent by a worker, which keeps no uploads
+                    raise NotReadyError("the shadow takes another input size than the request was staged at")
                 images = (await stage_uploads(uploads, self.limits, served.stager, self.budget)).images
             item = self.batcher.submit(WorkItem(images, [entry.serving_memory] * n, deadline=started + 30.0,
                                                 need_maps=False, model=served))
