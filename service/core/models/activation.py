@@ -295,11 +295,16 @@ class ModelManager:
 
     async def _activate(self, prep: Preparation, label: str | None) -> None:
         try:
-            served, prepared = await self._load(prep, label)
+            shadow = self.shadow
+            if shadow is not None and shadow.generation.served.fingerprint == prep.fingerprint:
+                # the shadow becomes the model: loaded and prepared already; classes changed since are caught up
+                served, prepared = shadow.generation.served, dict(shadow.generation.classes)
+                prep.classes = prep.classes_done = len(prepared)
+                await self._apply_shadow(None, 0.0)
+            else:
+                served, prepared = await self._load(prep, label)
             prep.phase = "switching"
             old = self.serving
-            if self.shadow is not None and self.shadow.generation.served.fingerprint == served.fingerprint:
-                await self._apply_shadow(None, 0.0)  # the shadow becomes the model: it no longer shadows itself
             await self.registry.switch(served, prepared)
             self.switches += 1
             self.telemetry.model_switches.inc()
@@ -315,6 +320,8 @@ class ModelManager:
                 changes.update(active=served.fingerprint, previous=old.fingerprint)
             if state.target == served.fingerprint:
                 changes["target"] = None
+            if state.shadow == served.fingerprint:  # promoted: it shadows no more
+                changes.update(shadow=None, shadow_share=0.0)
             if changes:
                 await asyncio.to_thread(self.repository.set_state, **changes)
             prep.phase, prep.finished = "done", time.time()
