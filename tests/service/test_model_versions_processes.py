@@ -67,3 +67,42 @@ def test_kill_9_during_a_rebuild_serves_the_active_model_and_resumes(bundle: Pat
         assert r.status_code == 200 and r.json()["model"]["version"] == "v2"
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_with_http_workers_a_shadow_and_a_switch_to_another_input_size(bundle: Path, tmp_path: Path) -> None:
+    """The engine process does the work; its workers sample for the shadow (sending the uploads: the shadow takes
+    another input size) and, after the switch, stage at the new size."""
+    v1 = read_manifest(bundle).fingerprint[:16]
+    data = tmp_path / "data"
+    srv = ServerProcess(bundle, data, tmp_path / "w.log", flags=["--workers", "2"]).start()
+    try:
+        with SowaClient(srv.url) as c:
+            c.register_shots("widget", SHOTS)
+        repository = open_repository(str(data), data)
+        try:
+            repository.add(make_bundle(tmp_path / "v2", 96, 11), "v2", "test")
+        finally:
+            repository.close()
+        r = httpx.post(srv.url + "/models/v2/shadow", json={"share": 1.0}, params={"wait": "true"}, timeout=60)
+        assert r.status_code == 200, r.text
+
+        def predict() -> dict:
+            r = httpx.post(srv.url + "/predict", files=[("images", (TESTS[0].name, TESTS[0].read_bytes()))],
+                           data={"class_name": "widget", "heatmap": "raw"}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        for _ in range(6):
+            assert predict()["model"]["version"] == v1
+
+        def shadowed() -> bool:
+            return httpx.get(srv.url + "/models/v2/shadow-report").json()["scored"] >= 6
+
+        wait_for(shadowed, 30, "the shadow scored what the workers sent")
+        assert httpx.post(srv.url + "/models/v2/activate", params={"wait": "true"}, timeout=120).status_code == 200
+        answers = [predict() for _ in range(8)]
+        assert {a["model"]["version"] for a in answers[-4:]} == {"v2"}  # each worker stages at 96 px by then
+        assert all(a["results"][0]["heatmap"]["shape"] == [a["model"]["image_size"]] * 2 for a in answers)
+    finally:
+        srv.stop()
