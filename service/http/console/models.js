@@ -230,7 +230,7 @@ async function pageModels(main) {
                                                     "aria-label": `Open the record ${d.record_id}`,
                                                     onclick: guard(() => showRecord(d.record_id, detail)) })
                                    : el("span", { class: "muted", text: "not recorded" }))))))
-        : null);
+        : classes.length ? el("p", { class: "muted", id: "no-disagreements", text: "No disagreement so far." }) : "");
     return true;
   }
 
