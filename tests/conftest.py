@@ -77,6 +77,10 @@ def pytest_configure(config: pytest.Config) -> None:
 LONGEST = ("tests/test_gpu_check.py",)  # the GPU check's CPU plan: about 3 minutes on a 2-core CPU
 
 
+# tryfirst: xdist's worker hook turns an `xdist_group` mark into the nodeid's `@group` suffix that loadgroup
+# schedules by; a mark added after it is ignored (measured: each test of test_topologies, test_oip and
+# test_worker_attacks started its module's server again, on whichever worker it landed)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test skipped for want of a GPU carries the `cuda` mark, so `pytest -m cuda` (the GPU check) runs
     all of them, whichever way a test file spells its skip.
