@@ -2,7 +2,8 @@
 
 A worker answers what it can itself and streams what it forwards, so large bodies for paths it refuses cost it
 nothing and those it forwards pass through without being held whole; a worker killed with kill -9 leaves no
-shared memory behind while the server runs on.
+shared memory behind while the server runs on; the engine killed with kill -9 takes its workers and its shared
+memory along (last: it ends the module's server).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from sowa.server_process import ServerProcess
 from tests.helpers import PARITY, wait_for
-from tests.service.workers.test_workers import _all_listening, _worker_pids
+from tests.service.workers.test_workers import _all_listening, _cmdline, _segments, _unlinked, _worker_pids
 
 KEY = "attack-test-key"
 BODY = 60 * 2**20  # under the 64 MiB default body limit: what the attack sent
@@ -85,3 +86,19 @@ def test_a_killed_worker_leaves_no_shared_memory(server: ServerProcess) -> None:
     r = httpx.post(server.url + "/predict", headers={"X-API-Key": KEY}, timeout=60,
                    files=[("images", ("t.png", next(PARITY.glob("test/*.png")).read_bytes(), "image/png"))])
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.slow
+def test_workers_go_when_the_engine_is_killed(server: ServerProcess) -> None:
+    """kill -9 of the engine process leaves no worker holding the port (a new server gets every connection), and
+    no shared memory behind: the resource tracker the engine and its workers share unlinks it once they are gone.
+    The module's last test: it ends the module's server (run alone, it gets a server of its own)."""
+    wait_for(lambda: len(_worker_pids(server.pid)) == 2, 30, "two workers")
+    workers = _worker_pids(server.pid)
+    # two workers' slots and the engine's queue counter (a worker makes its slots once it is up)
+    wait_for(lambda: len(_segments(server.pid)) >= 3, 60, "the workers' shared memory")
+    ours = _segments(server.pid)
+    server.kill()
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "spawn_main" in _cmdline(p) for p in workers),
+             30, "the orphaned workers gone")
+    wait_for(lambda: _unlinked(ours), 30, "the killed server's shared memory unlinked")
