@@ -77,7 +77,8 @@ class PostgresModelRepository:
         self._conninfo = make_conninfo(url, connect_timeout=max(1, int(timeout_s)), keepalives=1,
                                        keepalives_idle=5, keepalives_interval=2, keepalives_count=2,
                                        tcp_user_timeout=10_000)
-        self.pool = ConnectionPool(self._conninfo, min_size=1, max_size=2, timeout=timeout_s, open=True,
+        # a copy in or out holds a connection for as long as it streams: others (the state) need their own
+        self.pool = ConnectionPool(self._conninfo, min_size=1, max_size=4, timeout=timeout_s, open=True,
                                    kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
                                    name="sowa-models")
         try:
@@ -117,7 +118,10 @@ class PostgresModelRepository:
     def resolve(self, version: str) -> ModelVersion:
         return find_version(self.list(), version)
 
-    def add(self, bundle_dir: Path, label: str | None, actor: str, verify: bool = True) -> ModelVersion:
+    def add(self, bundle_dir: Path, label: str | None, actor: str, verify: bool = True,
+            copy: bool = True) -> ModelVersion:
+        """See `ModelRepository.add`. The files are always stored (`copy` is the directory's choice): replicas on
+        other hosts load a version from the database."""
         check_label(label)
         bundle_dir = Path(bundle_dir)
         info = manifest_of(bundle_dir)
