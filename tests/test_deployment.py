@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -101,9 +102,20 @@ def test_grafana_dashboard_covers_the_service() -> None:
         assert metric in exprs, metric
 
 
+@pytest.fixture(scope="module")
+def replicas(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two replicas sharing one data directory, for the module's server tests (one start of each instead of one
+    per test; each test uses classes of its own)."""
+    root = tmp_path_factory.mktemp("replicas")
+    with ServerProcess(bundle, root / "data", root / "a.log") as a, ServerProcess(bundle, root / "data",
+                                                                                    root / "b.log") as b:
+        yield a, b
+
+
 @pytest.mark.slow
-def test_real_prometheus_scrapes_the_service(bundle: Path, tmp_path: Path) -> None:
-    with ServerProcess(bundle, tmp_path / "data", tmp_path / "server.log") as srv, SowaClient(srv.url) as c:
+def test_real_prometheus_scrapes_the_service(replicas: tuple[ServerProcess, ServerProcess], tmp_path: Path) -> None:
+    srv = replicas[0]
+    with SowaClient(srv.url) as c:
         c.predict(TESTS[:1], heatmap="none")
         # the repo's scrape config, with Docker's service discovery swapped for the server on loopback
         config = yaml.safe_load((REPO / "docker/prometheus.yml").read_text())
@@ -136,10 +148,9 @@ def test_real_prometheus_scrapes_the_service(bundle: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_replicas_share_classes_within_two_seconds(bundle: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    with ServerProcess(bundle, data, tmp_path / "a.log") as a, ServerProcess(bundle, data, tmp_path / "b.log") as b, \
-            SowaClient(a.url) as ca, SowaClient(b.url) as cb:
+def test_replicas_share_classes_within_two_seconds(replicas: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = replicas
+    with SowaClient(a.url) as ca, SowaClient(b.url) as cb:
 
         def known(client: SowaClient, name: str, shots: int | None = None) -> bool:
             try:
@@ -164,14 +175,13 @@ def test_replicas_share_classes_within_two_seconds(bundle: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_concurrent_appends_on_two_replicas_lose_nothing(bundle: Path, tmp_path: Path) -> None:
+def test_concurrent_appends_on_two_replicas_lose_nothing(replicas: tuple[ServerProcess, ServerProcess]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    data = tmp_path / "data"
-    with ServerProcess(bundle, data, tmp_path / "a.log") as a, ServerProcess(bundle, data, tmp_path / "b.log") as b, \
-            SowaClient(a.url) as ca, SowaClient(b.url) as cb:
+    a, b = replicas
+    with SowaClient(a.url) as ca, SowaClient(b.url) as cb:
         ca.register_shots("gear", SHOTS[:1])
-        wait_for(lambda: cb.list_classes() != [], 2.0, "B sees the class")
+        wait_for(lambda: "gear" in {c.name for c in cb.list_classes()}, 2.0, "B sees the class")
         with ThreadPoolExecutor(2) as pool:  # the file lock makes the two appends take turns
             list(pool.map(lambda cs: cs[0].register_shots("gear", cs[1], mode="append"),
                           [(ca, SHOTS[1:2]), (cb, SHOTS[2:3])]))
