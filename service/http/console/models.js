@@ -201,7 +201,7 @@ async function pageModels(main) {
     const facts = [["Compared with", r.serving], ["Share", `${fmt(100 * r.share, 1)}%`], ["Since", when(r.started)],
                    ["Images", `${r.scored} scored of ${r.sampled} sampled; ${r.dropped} dropped, ${r.failed} failed`],
                    ["Agreement", pct(r.agreement)], ["Correlation", fmt(r.correlation, 3)],
-                   ["Latency", lat ? `p50 ${ms(lat.p50)}, p95 ${ms(lat.p95)}, mean ${ms(lat.mean)} (${lat.samples} batches)` : "—"]];
+                   ["Latency", lat ? `p50 ${ms(lat.p50)}, p95 ${ms(lat.p95)}, mean ${ms(lat.mean)} over ${lat.samples} requests` : "—"]];
     const classes = Object.entries(r.classes);
     const disagreements = classes.flatMap(([name, c]) => c.disagreements.map((d) => ({ ...d, class_name: name })))
       .sort((a, b) => b.time - a.time);
