@@ -1,8 +1,8 @@
 """`sowa store migrate --from DIR --to URL`: copy a class store (today: a directory store into PostgreSQL).
 
-Every class is copied whole (shots, bank, calibration, threshold override, times, bundle fingerprint), each in
-one write of the target, under the target's class lock: replicas may already serve from it. A class the target
-already holds is an error unless --replace; damaged source classes are skipped and named.
+Every class is copied whole (shots, times, and each model's bank, calibration and threshold override; a model's
+override without a bank is not copied), under the target's class lock: replicas may already serve from it. A class
+the target already holds is an error unless --replace; damaged source classes are skipped and named.
 """
 
 from __future__ import annotations
@@ -40,18 +40,22 @@ def migrate(source_url: str, target_url: str, replace: bool = False) -> tuple[li
         for name in names:
             try:
                 head = source.read(name, None)
-                record = None if head is None else source.read(name, head.bundle_fingerprint)
-                if record is None:
+                if head is None:
                     continue
-                if record.memory is None:
-                    skipped[name] = "its bank is unreadable: re-register it, or let a replica rebuild it first"
+                records = [source.read(name, fp) for fp in head.models]
+                if not records or any(r is None or r.memory is None for r in records):
+                    skipped[name] = "a bank is unreadable: re-register it, or let a replica rebuild it first"
                     continue
-                shots = {h: source.read_shot(name, h) for h in record.shots}
+                shots = {h: source.read_shot(name, h) for h in head.shots}
             except (ValueError, OSError) as e:
                 skipped[name] = str(e)
                 continue
             with target.lock(name):
-                target.write(record, shots)
+                target.write(records[0], shots)  # the class, with its first model's bank; then the others'
+                for r in records[1:]:
+                    target.write_bank(name, r.bundle_fingerprint, r.memory, r.shots)
+                    if r.threshold_override is not None:
+                        target.write(r, {})
             copied.append(name)
     finally:
         for store in (source, target):

@@ -96,6 +96,7 @@ class ModelManager:
         self._task: asyncio.Task | None = None
         self.shadow: ShadowScorer | None = None
         self._shadow_prep: tuple[str, asyncio.Task] | None = None
+        self.shadow_preparation: Preparation | None = None  # the latest shadow's, running or ended
         self._refits: set[str] = set()
         self._follow: asyncio.Task | None = None
         self._forget: asyncio.TimerHandle | None = None
@@ -121,6 +122,7 @@ class ModelManager:
             "target": name(state.target), "shadow": name(state.shadow),
             "shadow_share": state.shadow_share if state.shadow else None,
             "preparation": None if self.preparation is None else self.preparation.public(),
+            "shadow_preparation": None if self.shadow_preparation is None else self.shadow_preparation.public(),
             "versions": [{**v.public(), "serving": v.fingerprint == self.serving.fingerprint,
                           "active": v.fingerprint == state.active, "shadow": v.fingerprint == state.shadow}
                          for v in versions],
@@ -240,7 +242,8 @@ class ModelManager:
                               want[:16], e.message)
                     return
                 self._want(v.fingerprint, v.label)
-        elif want == self.serving.fingerprint and self._task is not None and not self._task.done():
+        elif (want == self.serving.fingerprint and self._task is not None and not self._task.done()
+              and self.preparation is not None and self.preparation.fingerprint != want):
             self._task.cancel()  # asked back to what serves (a quick rollback): stop preparing the other one
         shadow = None
         if state.shadow is not None and state.shadow != self.serving.fingerprint:
@@ -306,6 +309,7 @@ class ModelManager:
             prep.phase = "switching"
             old = self.serving
             await self.registry.switch(served, prepared)
+            prep.phase, prep.finished = "done", time.time()
             self.switches += 1
             self.telemetry.model_switches.inc()
             self.telemetry.model_info.info({k: str(v) for k, v in served.describe().items()})
@@ -323,8 +327,10 @@ class ModelManager:
             if state.shadow == served.fingerprint:  # promoted: it shadows no more
                 changes.update(shadow=None, shadow_share=0.0)
             if changes:
-                await asyncio.to_thread(self.repository.set_state, **changes)
-            prep.phase, prep.finished = "done", time.time()
+                try:
+                    await asyncio.to_thread(self.repository.set_state, **changes)
+                except Exception as e:  # serving already: the next replica to switch, or a restart, records it
+                    log.warning("models: serving %s, but the shared state could not say so (%s)", served.version, e)
             log.info("models: now serving %s (was %s): %d classes, %d banks fitted, %.1f s", served.version,
                      old.version, prep.classes, prep.fitted, prep.finished - prep.started)
         except asyncio.CancelledError:
@@ -356,13 +362,15 @@ class ModelManager:
         self._shadow_prep = (v.fingerprint, task)
 
     async def _start_shadow(self, v: ModelVersion, share: float) -> None:
-        prep = Preparation(v.fingerprint, v.version, "shadow")
+        prep = self.shadow_preparation = Preparation(v.fingerprint, v.version, "shadow")
         try:
             served, prepared = await self._load(prep, v.label)
         except asyncio.CancelledError:
+            prep.phase, prep.finished = "cancelled", time.time()
             raise
         except Exception as e:
             prep.phase, prep.error = "failed", e.message if isinstance(e, SowaError) else f"{type(e).__name__}: {e}"
+            prep.finished = time.time()
             log.error("models: shadow %s not started: %s", v.version, prep.error)
             self._shadow_prep = None
             return
@@ -371,6 +379,7 @@ class ModelManager:
                               self.limits, self.budget, self._refit, self.telemetry.shadow_images)
         scorer.start()
         self.shadow, self._shadow_prep = scorer, None
+        prep.phase, prep.finished = "done", time.time()
         if self.on_shadow is not None:
             self.on_shadow(scorer)
         log.info("models: %s shadows %s on %.0f%% of the traffic", v.version, self.serving.version, 100 * share)

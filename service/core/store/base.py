@@ -29,15 +29,18 @@ def checked_shot(data: bytes, digest: str) -> bytes:
 
 @dataclass(frozen=True)
 class ClassRecord:
-    """One class as stored: its manifest, and its memory (bank and calibration) when that is usable."""
+    """One class as stored, as one model sees it: its manifest, and that model's memory (bank and calibration)
+    when it is stored and usable, and that model's threshold override. Banks and overrides are per model (bundle
+    fingerprint): models served one after another each keep theirs (service/core/models/)."""
 
     name: str
     shots: tuple[str, ...]  # sha256 of each shot's PNG bytes, in registration order
-    memory: ClassMemory | None  # None when read without a fingerprint, or stored for another bundle, or damaged
-    threshold_override: float | None
+    memory: ClassMemory | None  # None when read without a fingerprint, or none stored for it, or damaged
+    threshold_override: float | None  # the model's own override (None: its calibrated threshold holds)
     created: float
     updated: float
-    bundle_fingerprint: str  # the bundle `memory` was computed with
+    bundle_fingerprint: str  # the bundle `memory` was computed with ("" when there is no memory)
+    models: tuple[str, ...] = ()  # the fingerprints holding a bank fitted on these shots
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,19 @@ class ClassStore(Protocol):
         ...
 
     def write(self, record: ClassRecord, shots: Mapping[str, bytes]) -> None:
-        """Store a class atomically: the new shots (digest -> PNG bytes), then the memory, then the manifest.
-        A crash at any point leaves the old record or the new one. Shots the record no longer names go."""
+        """Store a class atomically: the new shots (digest -> PNG bytes), then the memory and threshold override of
+        model `record.bundle_fingerprint`, then the manifest. A crash at any point leaves the old record or the new
+        one. Shots the record no longer names go; with other shots than before, other models' banks go too (their
+        threshold overrides stay); with the same shots, they stay."""
+        ...
+
+    def write_bank(self, name: str, fingerprint: str, memory: ClassMemory, shots: tuple[str, ...]) -> bool:
+        """Store one more model's bank for a class whose stored shots are `shots` (the caller holds its lock), its
+        override untouched; False, nothing written, when the class is gone or its shots changed."""
+        ...
+
+    def drop_model(self, fingerprint: str) -> int:
+        """Remove one model's banks from every class (their overrides stay); how many classes had one."""
         ...
 
     def delete(self, name: str) -> bool:

@@ -1,40 +1,45 @@
 """DirectoryStore: classes as files under `data_dir`, shared by replicas through the file system.
 
-Layout (FORMAT_VERSION 1):
+Layout (FORMAT_VERSION 2):
 
-    classes/<name>/class.json          name, shot hashes, bundle fingerprint, calibration, threshold override,
-                                       bank hash
-    classes/<name>/shots/<sha256>.png  each shot as decoded RGB (lossless), so banks can be rebuilt for another
-                                       bundle
-    classes/<name>/bank.safetensors    the bank features (S, K*L, D) for the bundle named in class.json
+    classes/<name>/class.json          name, shot hashes, times, and per model (bundle fingerprint): its bank's hash
+                                       and calibration, its threshold override
+    classes/<name>/shots/<sha256>.png  each shot as decoded RGB (lossless), so banks can be rebuilt for any bundle
+    classes/<name>/banks/<sha256>.safetensors
+                                       one bank's features (S, K*L, D), named by their content's hash; one per model
+                                       that served the class with its current shots
     classes/.generation                a random token, replaced after every write and delete: the change marker
     locks/<name>.lock                  the per-class flock replicas take turns on; removed, under the lock, once
                                        the class is gone (a lock is taken on the file the path names at the time)
 
-Every file is written to a temporary name, fsynced and renamed; class.json goes last, so a crash at any point
-leaves either the old class or the new one. Deletes rename the folder away first (atomic), then remove it.
-Changes are found by a stat of every class.json (written last, so a changed one means a complete class), but only
-when the change marker moved since the last look, or `rescan_s` passed (a writer that does not replace the marker:
-an older release, a hand edit): an idle look is one read of one small file, however many classes there are. The
-marker is read before the scan and replaced after the write, so a change is never missed between the two.
+A version-1 folder (one `bank.safetensors` and one fingerprint in class.json) reads as a class with that one
+model's bank, and is written as version 2 at its next change.
 
-A write that fails (a full disk) removes what it wrote: the shots it added, the new bank (the old one is kept as a
-hard link until class.json is written, and put back), the folder of a first registration. What a crash leaves
-instead (temporary files, the kept bank, a first registration's folder without class.json: never a class, its 2xx
-was never sent) is removed at start-up by `recover`, under each class's lock, and logged; while serving, `sweep`
-does the same for classes whose lock is free.
+Every file is written to a temporary name, fsynced and renamed; class.json goes last, so a crash at any point
+leaves either the old class or the new one: a bank file is new (content-addressed) and only class.json names it.
+Deletes rename the folder away first (atomic), then remove it. Changes are found by a stat of every class.json
+(written last, so a changed one means a complete class), but only when the change marker moved since the last
+look, or `rescan_s` passed (a writer that does not replace the marker: an older release, a hand edit): an idle look
+is one read of one small file, however many classes there are. The marker is read before the scan and replaced
+after the write, so a change is never missed between the two.
+
+A write that fails (a full disk) removes what it wrote: the shots and bank file it added, the folder of a first
+registration. What a crash leaves instead (temporary files, bank files class.json does not name, a first
+registration's folder without class.json: never a class, its 2xx was never sent) is removed at start-up by
+`recover`, under each class's lock, and logged; while serving, `sweep` does the same for classes whose lock is free.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -56,8 +61,9 @@ __all__ = ["FORMAT_VERSION", "DirectoryStore"]
 
 log = logging.getLogger("sowa.registry")
 
-FORMAT_VERSION = 1
-_KEPT_BANK = ".bank.safetensors.kept"  # the previous bank while a write replaces it
+FORMAT_VERSION = 2
+_KEPT_BANK = ".bank.safetensors.kept"  # version 1: the previous bank while a write replaced it
+_LEGACY_BANK = "bank.safetensors"  # version 1: the one bank
 Signature = tuple[int, int, int] | None
 _MARKER = ".generation"
 
@@ -164,10 +170,19 @@ class DirectoryStore:
                 os.replace(kept, bank)
             else:
                 kept.unlink(missing_ok=True)
-        for tmp in [*folder.glob(".*.tmp"), *folder.glob("shots/.*.tmp")]:
+        for tmp in [*folder.glob(".*.tmp"), *folder.glob("shots/.*.tmp"), *folder.glob("banks/.*.tmp")]:
             log.warning("class %s: removing %s, left by an interrupted write", folder.name,
                         tmp.relative_to(folder))
             tmp.unlink(missing_ok=True)
+        try:
+            m = _read_manifest(folder)
+        except ValueError:
+            return  # damaged: refused at restore, its files kept for a look
+        if m is not None:
+            for path in _unreferenced_banks(folder, m):
+                log.warning("class %s: removing %s, a bank no model of class.json names", folder.name,
+                            path.relative_to(folder))
+                path.unlink(missing_ok=True)
 
     def changes(self) -> StoreChanges:
         marker = self._read_marker()  # before the scan: a write whose marker comes later is found next time
@@ -205,23 +220,23 @@ class DirectoryStore:
         m = _read_manifest(folder)
         if m is None:
             return None
-        memory = None
-        if fingerprint is not None and m.get("bundle_fingerprint") == fingerprint:
-            memory = self._read_memory(folder, m)
+        entry = m["models"].get(fingerprint) if fingerprint is not None else None
+        memory = self._read_memory(folder, entry) if entry is not None and entry.get("bank_sha256") else None
         try:
             times = float(m["created"]), float(m["updated"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"class.json has no valid times: {e}") from None
-        return ClassRecord(name, tuple(m["shots"]), memory, m.get("threshold_override"), *times,
-                           str(m.get("bundle_fingerprint") or ""))
+        return ClassRecord(name, tuple(m["shots"]), memory, entry.get("threshold_override") if entry else None,
+                           *times, fingerprint if memory is not None and fingerprint else "",
+                           tuple(fp for fp, e in m["models"].items() if e.get("bank_sha256")))
 
-    def _read_memory(self, folder: Path, m: dict[str, Any]) -> ClassMemory | None:
-        bank_path = folder / "bank.safetensors"
-        if not bank_path.is_file() or sha256_file(bank_path) != m.get("bank_sha256"):
+    def _read_memory(self, folder: Path, entry: dict[str, Any]) -> ClassMemory | None:
+        bank_path = _bank_path(folder, entry)
+        if not bank_path.is_file() or sha256_file(bank_path) != entry.get("bank_sha256"):
             return None
         try:
-            bank = MemoryBank(load_file(str(bank_path))["features"], int(m["bank_shots"]))
-            return ClassMemory(bank, Calibration(**m["calibration"]))
+            bank = MemoryBank(load_file(str(bank_path))["features"], int(entry["bank_shots"]))
+            return ClassMemory(bank, Calibration(**entry["calibration"]))
         except (SafetensorError, KeyError, TypeError, ValueError) as e:
             log.warning("class %s: bank unreadable (%s)", folder.name, e)
             return None
@@ -235,9 +250,13 @@ class DirectoryStore:
             raise ValueError("a class is written with its memory")
         folder = self._folder(record.name)
         shots_dir = folder / "shots"
-        bank = folder / "bank.safetensors"
-        kept = folder / _KEPT_BANK
-        first = not (folder / "class.json").is_file()  # no class yet: a failure removes the whole folder
+        old = _read_manifest(folder) if (folder / "class.json").is_file() else None
+        first = old is None  # no class yet: a failure removes the whole folder
+        models = {fp: dict(e) for fp, e in (old["models"] if old else {}).items()}
+        if old is not None and tuple(old["shots"]) != tuple(record.shots):
+            # other models' banks were fitted on other shots: they go; their threshold overrides stay
+            models = {fp: {"threshold_override": e["threshold_override"]} for fp, e in models.items()
+                      if e.get("threshold_override") is not None}
         added: list[Path] = []
         try:
             new_folder = not folder.exists()
@@ -250,44 +269,98 @@ class DirectoryStore:
                 atomic_write(path, lambda tmp, d=data: Path(tmp).write_bytes(d))
                 if not existed:
                     added.append(path)
-            if bank.is_file() and not first:  # kept until class.json names the new one
-                kept.unlink(missing_ok=True)
-                os.link(bank, kept)
-            features = record.memory.bank.features.detach().to("cpu").contiguous()
-            # written by Python, not safetensors' own writer: a full disk is then an OSError with its errno
-            atomic_write(bank, lambda tmp: Path(tmp).write_bytes(save({"features": features})))
-            manifest = {
-                "format_version": FORMAT_VERSION, "name": record.name, "shots": list(record.shots),
-                "bundle_fingerprint": record.bundle_fingerprint, "bank_sha256": sha256_file(bank),
-                "bank_shots": record.memory.bank.shots, "calibration": asdict(record.memory.calibration),
-                "threshold_override": record.threshold_override, "created": record.created,
-                "updated": record.updated,
-            }
-            atomic_write(folder / "class.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+            models[record.bundle_fingerprint] = {**self._write_bank_file(folder, record.memory, added),
+                                                 "threshold_override": record.threshold_override}
+            self._write_manifest(folder, record.name, record.shots, record.created, record.updated, models)
         except BaseException:
             self._undo_write(folder, first, added)
             raise
-        kept.unlink(missing_ok=True)
-        self._seen.saw(record.name, _signature(folder / "class.json"))  # our own write: not a change to report
-        self._moved()
+        self._written(folder, record.name, models)
         referenced = set(record.shots)
         for stale in shots_dir.glob("*.png"):  # shots no longer referenced (replace mode, failed attempts)
             if stale.stem not in referenced:
                 stale.unlink(missing_ok=True)
 
+    def write_bank(self, name: str, fingerprint: str, memory: ClassMemory, shots: tuple[str, ...]) -> bool:
+        """Store one more model's bank for a class whose shots are still `shots` (the caller holds its lock); False,
+        nothing written, when the class is gone or its shots changed. Other replicas see class.json change and
+        read the class again (for their own model: its bank is not fitted again)."""
+        folder = self._folder(name)
+        m = _read_manifest(folder)
+        if m is None or tuple(m["shots"]) != tuple(shots):
+            return False
+        models = {fp: dict(e) for fp, e in m["models"].items()}
+        added: list[Path] = []
+        try:
+            entry = {**self._write_bank_file(folder, memory, added),
+                     "threshold_override": models.get(fingerprint, {}).get("threshold_override")}
+            models[fingerprint] = entry
+            self._write_manifest(folder, name, m["shots"], m["created"], m["updated"], models)
+        except BaseException:
+            self._undo_write(folder, False, added)
+            raise
+        self._written(folder, name, models)
+        return True
+
+    def drop_model(self, fingerprint: str) -> int:
+        """Remove one model's banks from every class (its threshold overrides stay); how many classes had one."""
+        dropped = 0
+        for name in self._scan():
+            with self.lock(name):
+                folder = self._folder(name)
+                try:
+                    m = _read_manifest(folder)
+                except ValueError:
+                    continue
+                entry = m["models"].get(fingerprint) if m else None
+                if m is None or entry is None or not entry.get("bank_sha256"):
+                    continue
+                models = {fp: dict(e) for fp, e in m["models"].items()}
+                override = entry.get("threshold_override")
+                if override is None:
+                    del models[fingerprint]
+                else:
+                    models[fingerprint] = {"threshold_override": override}
+                self._write_manifest(folder, name, m["shots"], m["created"], m["updated"], models)
+                self._written(folder, name, models)
+                dropped += 1
+        return dropped
+
+    def _write_bank_file(self, folder: Path, memory: ClassMemory, added: list[Path]) -> dict[str, Any]:
+        """A bank's file under banks/, named by its hash (a new file, or the same bytes already there); its entry."""
+        features = memory.bank.features.detach().to("cpu").contiguous()
+        data = save({"features": features})  # serialised by Python: a full disk is then an OSError with its errno
+        digest = hashlib.sha256(data).hexdigest()
+        path = folder / "banks" / f"{digest}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+            added.append(path)
+        return {"bank_sha256": digest, "bank_shots": memory.bank.shots, "calibration": asdict(memory.calibration)}
+
+    def _write_manifest(self, folder: Path, name: str, shots: Sequence[str], created: float, updated: float,
+                        models: dict[str, dict[str, Any]]) -> None:
+        manifest = {"format_version": FORMAT_VERSION, "name": name, "shots": list(shots), "created": created,
+                    "updated": updated, "models": models}
+        atomic_write(folder / "class.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+
+    def _written(self, folder: Path, name: str, models: dict[str, dict[str, Any]]) -> None:
+        """After class.json is written: not a change to report to ourselves; replicas' next look scans; the bank
+        files (and a version-1 bank) no model names any more go."""
+        self._seen.saw(name, _signature(folder / "class.json"))
+        self._moved()
+        for path in _unreferenced_banks(folder, {"models": models, "format_version": FORMAT_VERSION}):
+            path.unlink(missing_ok=True)
+        (folder / _KEPT_BANK).unlink(missing_ok=True)
+
     def _undo_write(self, folder: Path, first: bool, added: list[Path]) -> None:
-        """A failed `write`: remove what it wrote, so the old class (or no class) is what is on disk."""
+        """A failed write: remove what it wrote, so the old class (or no class) is what is on disk."""
         try:
             if first:
                 shutil.rmtree(folder, ignore_errors=True)
                 return
             for path in added:
                 path.unlink(missing_ok=True)
-            kept, bank = folder / _KEPT_BANK, folder / "bank.safetensors"
-            if kept.is_file() and bank.is_file() and os.path.samefile(kept, bank):
-                kept.unlink()  # the bank was never replaced (rename() between two links of one file does nothing)
-            elif kept.is_file():
-                os.replace(kept, bank)  # a rename: needs no free space
         except OSError:
             log.exception("class %s: cleaning up after a failed write failed; start-up will finish it", folder.name)
 
@@ -354,10 +427,13 @@ def _leftovers(folder: Path) -> bool:
         return False
     if "class.json" not in names or _KEPT_BANK in names or any(_is_tmp(n) for n in names):
         return True
-    try:
-        return any(_is_tmp(n) for n in os.listdir(folder / "shots"))
-    except FileNotFoundError:
-        return False
+    for sub in ("shots", "banks"):
+        try:
+            if any(_is_tmp(n) for n in os.listdir(folder / sub)):
+                return True
+        except FileNotFoundError:
+            pass
+    return False
 
 
 def _is_tmp(name: str) -> bool:
@@ -365,16 +441,38 @@ def _is_tmp(name: str) -> bool:
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    """A class's class.json, checked; None when there is none. ValueError when it is damaged."""
+    """A class's class.json, checked, with `models` as version 2 has it (a version-1 file's one bank becomes its one
+    model, marked `legacy`); None when there is none. ValueError when it is damaged."""
     path = folder / "class.json"
     if not path.is_file():
         return None
     try:
         m = json.loads(path.read_text())
-        ok = (m.get("format_version") == FORMAT_VERSION and m.get("name") == folder.name
+        ok = (m.get("format_version") in (1, FORMAT_VERSION) and m.get("name") == folder.name
               and isinstance(m.get("shots"), list) and all(isinstance(h, str) for h in m["shots"]))
+        if ok and m["format_version"] == 1:
+            m["models"] = {str(m.get("bundle_fingerprint") or ""): {
+                "bank_sha256": m.get("bank_sha256"), "bank_shots": m.get("bank_shots"),
+                "calibration": m.get("calibration"), "threshold_override": m.get("threshold_override"),
+                "legacy": True}}
+        ok = ok and isinstance(m.get("models"), dict) and all(isinstance(e, dict) for e in m["models"].values())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"class.json unreadable: {e}") from None
     if not ok:
         raise ValueError("class.json has another format or names another class")
     return m
+
+
+def _bank_path(folder: Path, entry: dict[str, Any]) -> Path:
+    if entry.get("legacy"):
+        return folder / _LEGACY_BANK
+    return folder / "banks" / f"{entry.get('bank_sha256')}.safetensors"
+
+
+def _unreferenced_banks(folder: Path, m: dict[str, Any]) -> list[Path]:
+    """Bank files no model of `m` names (and a version-1 bank once nothing reads it)."""
+    named = {e.get("bank_sha256") for e in m["models"].values() if not e.get("legacy")}
+    out = [p for p in (folder / "banks").glob("*.safetensors") if p.stem not in named]
+    if not any(e.get("legacy") for e in m["models"].values()) and (folder / _LEGACY_BANK).exists():
+        out.append(folder / _LEGACY_BANK)
+    return out

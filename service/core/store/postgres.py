@@ -1,18 +1,21 @@
 """PostgresStore: classes as rows in PostgreSQL, shared by replicas on any host, changes pushed by LISTEN/NOTIFY.
 
-Schema (SCHEMA_VERSION 3, created and migrated by the service on start, see `MIGRATIONS`; version 2 adds the keys
-and the audit trail, service/core/access/postgres.py; version 3 the inspection records, service/core/records/):
+Schema (created and migrated by the service on start, see `MIGRATIONS`; version 2 adds the keys and the audit
+trail, service/core/access/postgres.py; version 3 the inspection records, service/core/records/; version 4 the banks
+per model; version 5 the model repository, service/core/models/postgres.py):
 
     sowa_meta(key, value)          'schema_version' -> the version the tables are at
-    sowa_classes                   name (primary key), shots (sha256 array, registration order), bundle
-                                   fingerprint, calibration (jsonb), bank (safetensors bytes, for that
-                                   bundle), bank_shots, threshold override, created, updated, revision
+    sowa_classes                   name (primary key), shots (sha256 array, registration order), created, updated,
+                                   revision
+    sowa_class_models              per (class_name, fingerprint): the bank (safetensors bytes) that bundle fitted on
+                                   the class's shots, bank_shots, calibration (jsonb), and that model's threshold
+                                   override; a row may hold only an override (its bank went with older shots)
     sowa_shots(class_name, digest) each shot's PNG bytes, content-addressed per class (deleted with it)
 
-A write is one transaction (shots, bank and row, then `pg_notify`): a 2xx means committed, and a crash or a lost
-connection at any point leaves the old class or the new one. Replicas take turns on a class with a session
-advisory lock (`pg_advisory_lock`), so there are no file locks; the lock's connection is the one the writes under
-it use, so a write never commits after its lock went with a dead session.
+A write is one transaction (shots, the class row and its model's row, then `pg_notify`): a 2xx means committed,
+and a crash or a lost connection at any point leaves the old class or the new one. Replicas take turns on a class
+with a session advisory lock (`pg_advisory_lock`), so there are no file locks; the lock's connection is the one the
+writes under it use, so a write never commits after its lock went with a dead session.
 
 Changes: every write bumps `revision` (a sequence) and notifies channel `sowa_classes` with the class name and the
 writing store's origin. A listener thread per store LISTENs on its own connection and wakes the registry
@@ -113,6 +116,36 @@ MIGRATIONS: dict[int, str] = {
         CREATE INDEX sowa_records_thumb ON sowa_records (thumbnail_sha256) WHERE thumbnail_sha256 IS NOT NULL;
         CREATE INDEX sowa_records_reviewed ON sowa_records (class_name, id) WHERE review IS NOT NULL;
         CREATE TABLE sowa_record_blobs (digest text PRIMARY KEY, data bytea NOT NULL);
+    """,
+    # model versions: a bank and a threshold override per (class, model), instead of one per class
+    4: """
+        CREATE TABLE sowa_class_models (
+            class_name text NOT NULL REFERENCES sowa_classes(name) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
+            fingerprint text NOT NULL,
+            bank bytea, bank_shots integer, calibration jsonb, threshold_override double precision,
+            PRIMARY KEY (class_name, fingerprint)
+        );
+        INSERT INTO sowa_class_models (class_name, fingerprint, bank, bank_shots, calibration, threshold_override)
+            SELECT name, bundle_fingerprint, bank, bank_shots, calibration, threshold_override FROM sowa_classes;
+        ALTER TABLE sowa_classes DROP COLUMN bundle_fingerprint, DROP COLUMN calibration, DROP COLUMN bank,
+            DROP COLUMN bank_shots, DROP COLUMN threshold_override;
+    """,
+    # the model repository (service/core/models/postgres.py): versions, their files in chunks, the serving state
+    5: """
+        CREATE TABLE sowa_models (
+            fingerprint text PRIMARY KEY, label text UNIQUE, added double precision NOT NULL,
+            added_by text NOT NULL, manifest jsonb NOT NULL, image_size integer NOT NULL, arch text NOT NULL,
+            trained boolean NOT NULL, bytes bigint NOT NULL
+        );
+        CREATE TABLE sowa_model_files (
+            fingerprint text NOT NULL REFERENCES sowa_models (fingerprint) ON DELETE CASCADE,
+            name text NOT NULL, chunk integer NOT NULL, data bytea NOT NULL,
+            PRIMARY KEY (fingerprint, name, chunk)
+        );
+        CREATE TABLE sowa_model_state (
+            id integer PRIMARY KEY CHECK (id = 1), state jsonb NOT NULL, revision bigint NOT NULL
+        );
+        INSERT INTO sowa_model_state VALUES (1, '{}', 0);
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -367,21 +400,28 @@ class PostgresStore:
     def read(self, name: str, fingerprint: str | None) -> ClassRecord | None:
         self._check(name)
         with _available("read"), self._conn() as conn:
-            row = conn.execute(
-                "SELECT shots, bundle_fingerprint, calibration, threshold_override, created, updated, bank_shots, "
-                "CASE WHEN bundle_fingerprint = %s THEN bank END FROM sowa_classes WHERE name = %s",
-                (fingerprint, name)).fetchone()
+            row = conn.execute("SELECT shots, created, updated FROM sowa_classes WHERE name = %s", (name,)).fetchone()
+            models = conn.execute(
+                "SELECT fingerprint, bank IS NOT NULL, threshold_override, bank_shots, calibration, "
+                "CASE WHEN fingerprint = %s THEN bank END FROM sowa_class_models WHERE class_name = %s",
+                (fingerprint, name)).fetchall() if row is not None else []
         if row is None:
             return None
-        shots, fp, calibration, override, created, updated, bank_shots, bank = row
-        memory = None
-        if bank is not None:
-            try:
-                features = load_tensors(bytes(bank))["features"]
-                memory = ClassMemory(MemoryBank(features, int(bank_shots)), Calibration(**calibration))
-            except (SafetensorError, KeyError, TypeError, ValueError) as e:
-                log.warning("class %s: bank unreadable (%s)", name, e)
-        return ClassRecord(name, tuple(shots), memory, override, float(created), float(updated), fp)
+        shots, created, updated = row
+        memory, override = None, None
+        for fp, _, fp_override, bank_shots, calibration, bank in models:
+            if fp != fingerprint:
+                continue
+            override = fp_override
+            if bank is not None:
+                try:
+                    features = load_tensors(bytes(bank))["features"]
+                    memory = ClassMemory(MemoryBank(features, int(bank_shots)), Calibration(**calibration))
+                except (SafetensorError, KeyError, TypeError, ValueError) as e:
+                    log.warning("class %s: bank unreadable (%s)", name, e)
+        return ClassRecord(name, tuple(shots), memory, override, float(created), float(updated),
+                           fingerprint if memory is not None and fingerprint else "",
+                           tuple(sorted(fp for fp, has_bank, *_ in models if has_bank)))
 
     def read_shot(self, name: str, digest: str) -> bytes:
         self._check(name)
@@ -397,8 +437,7 @@ class PostgresStore:
         if record.memory is None:
             raise ValueError("a class is written with its memory")
         self._check(record.name)
-        features = record.memory.bank.features.detach().to("cpu").contiguous()
-        bank = save_tensors({"features": features})
+        bank = self._bank_bytes(record.memory)
         with _available("write"), self._conn() as conn, conn.transaction(), conn.cursor() as cur:
             cur.executemany("INSERT INTO sowa_shots (class_name, digest, data) VALUES (%s, %s, %s) "
                             "ON CONFLICT DO NOTHING", [(record.name, d, data) for d, data in shots.items()])
@@ -408,22 +447,62 @@ class PostgresStore:
                                  (record.name,)).fetchone()
             if stored is None or stored[0] != len(set(record.shots)):
                 raise ValueError(f"class {record.name}: the record names shots the store does not hold")
+            before = cur.execute("SELECT shots FROM sowa_classes WHERE name = %s FOR UPDATE",
+                                 (record.name,)).fetchone()
             revision = cur.execute(
-                "INSERT INTO sowa_classes (name, shots, bundle_fingerprint, calibration, bank, bank_shots, "
-                "threshold_override, created, updated) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (name) DO UPDATE SET shots = EXCLUDED.shots, "
-                "bundle_fingerprint = EXCLUDED.bundle_fingerprint, calibration = EXCLUDED.calibration, "
-                "bank = EXCLUDED.bank, bank_shots = EXCLUDED.bank_shots, "
-                "threshold_override = EXCLUDED.threshold_override, created = EXCLUDED.created, "
+                "INSERT INTO sowa_classes (name, shots, created, updated) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET shots = EXCLUDED.shots, created = EXCLUDED.created, "
                 "updated = EXCLUDED.updated, revision = nextval('sowa_revision') RETURNING revision",
-                (record.name, list(record.shots), record.bundle_fingerprint,
-                 Jsonb(asdict(record.memory.calibration)), bank, record.memory.bank.shots,
-                 record.threshold_override, record.created, record.updated)).fetchone()
+                (record.name, list(record.shots), record.created, record.updated)).fetchone()
             if revision is None:  # an upsert RETURNING always has its row: raised inside, so nothing commits
                 raise SowaError(f"class {record.name}: the store returned no revision for its row; nothing was "
                                 "changed")
+            if before is not None and list(before[0]) != list(record.shots):
+                # other models' banks were fitted on other shots: they go; their threshold overrides stay
+                cur.execute("UPDATE sowa_class_models SET bank = NULL, bank_shots = NULL, calibration = NULL "
+                            "WHERE class_name = %s AND fingerprint <> %s", (record.name, record.bundle_fingerprint))
+                cur.execute("DELETE FROM sowa_class_models WHERE class_name = %s AND bank IS NULL AND "
+                            "threshold_override IS NULL", (record.name,))
+            self._upsert_model(cur, record.name, record.bundle_fingerprint, bank, record.memory,
+                               record.threshold_override, override=True)
             self._notify(cur, record.name, "write")
         self._seen.saw(record.name, int(revision[0]))  # our own write: not a change to report
+
+    def write_bank(self, name: str, fingerprint: str, memory: ClassMemory, shots: tuple[str, ...]) -> bool:
+        """Store one more model's bank (see `ClassStore.write_bank`). Not a change other replicas are told of: the
+        class they serve is unchanged, and one preparing the same model reads this bank when it gets the lock."""
+        self._check(name)
+        bank = self._bank_bytes(memory)
+        with _available("write_bank"), self._conn() as conn, conn.transaction(), conn.cursor() as cur:
+            row = cur.execute("SELECT shots FROM sowa_classes WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            if row is None or tuple(row[0]) != tuple(shots):
+                return False
+            self._upsert_model(cur, name, fingerprint, bank, memory, None, override=False)
+        return True
+
+    def drop_model(self, fingerprint: str) -> int:
+        with _available("drop_model"), self._conn() as conn, conn.transaction(), conn.cursor() as cur:
+            dropped = cur.execute("UPDATE sowa_class_models SET bank = NULL, bank_shots = NULL, calibration = NULL "
+                                  "WHERE fingerprint = %s AND bank IS NOT NULL", (fingerprint,)).rowcount
+            cur.execute("DELETE FROM sowa_class_models WHERE fingerprint = %s AND threshold_override IS NULL",
+                        (fingerprint,))
+        return dropped
+
+    @staticmethod
+    def _bank_bytes(memory: ClassMemory) -> bytes:
+        return save_tensors({"features": memory.bank.features.detach().to("cpu").contiguous()})
+
+    @staticmethod
+    def _upsert_model(cur: psycopg.Cursor[Any], name: str, fingerprint: str, bank: bytes, memory: ClassMemory,
+                      threshold_override: float | None, override: bool) -> None:
+        """One model's row of a class: its bank, and (`override`) its threshold override."""
+        keep = "EXCLUDED" if override else "sowa_class_models"
+        cur.execute(
+            "INSERT INTO sowa_class_models (class_name, fingerprint, bank, bank_shots, calibration, "
+            "threshold_override) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (class_name, fingerprint) DO UPDATE SET "
+            "bank = EXCLUDED.bank, bank_shots = EXCLUDED.bank_shots, calibration = EXCLUDED.calibration, "
+            f"threshold_override = {keep}.threshold_override",
+            (name, fingerprint, bank, memory.bank.shots, Jsonb(asdict(memory.calibration)), threshold_override))
 
     def delete(self, name: str) -> bool:
         self._check(name)

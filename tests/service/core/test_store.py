@@ -5,6 +5,7 @@ and PostgreSQL's schema versions are tested on their own."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -37,25 +38,84 @@ def _shots(*payloads: bytes) -> dict[str, bytes]:
     return {hashlib.sha256(p).hexdigest(): p for p in payloads}
 
 
-def test_the_directory_layout_and_manifest_are_format_1(tmp_path: Path) -> None:
+def test_the_directory_layout_and_manifest_are_format_2(tmp_path: Path) -> None:
     store = DirectoryStore(tmp_path)
     shots = _shots(b"one", b"two")
     store.write(_record("widget", shots, override=0.7), shots)
     folder = tmp_path / "classes" / "widget"
-    assert sorted(p.name for p in folder.iterdir()) == ["bank.safetensors", "class.json", "shots"]
+    assert sorted(p.name for p in folder.iterdir()) == ["banks", "class.json", "shots"]
     assert sorted(p.name for p in (tmp_path / "classes").iterdir()) == [".generation", "widget"]
     assert sorted(p.stem for p in (folder / "shots").glob("*.png")) == sorted(shots)
     m = json.loads((folder / "class.json").read_text())
-    assert list(m) == ["format_version", "name", "shots", "bundle_fingerprint", "bank_sha256", "bank_shots",
-                       "calibration", "threshold_override", "created", "updated"]
-    assert m["format_version"] == 1 and m["name"] == "widget" and m["threshold_override"] == 0.7
-    assert m["bank_sha256"] == hashlib.sha256((folder / "bank.safetensors").read_bytes()).hexdigest()
+    assert list(m) == ["format_version", "name", "shots", "created", "updated", "models"]
+    assert m["format_version"] == 2 and m["name"] == "widget" and list(m["models"]) == ["fp-1"]
+    entry = m["models"]["fp-1"]
+    assert entry["threshold_override"] == 0.7 and entry["bank_shots"] == 2
+    bank = folder / "banks" / f"{entry['bank_sha256']}.safetensors"
+    assert [p.name for p in (folder / "banks").iterdir()] == [bank.name]
+    assert entry["bank_sha256"] == hashlib.sha256(bank.read_bytes()).hexdigest()
     back = store.read("widget", "fp-1")
-    assert back is not None and back.shots == tuple(shots) and back.memory is not None
+    assert back is not None and back.shots == tuple(shots) and back.memory is not None and back.models == ("fp-1",)
     assert torch.equal(back.memory.bank.features, _record("widget", shots).memory.bank.features)
     assert store.read("widget", "another-bundle").memory is None  # rebuilt by the registry
     assert store.read("widget", None).memory is None and store.read("ghost", "fp-1") is None
     assert store.read_shot("widget", next(iter(shots))) == b"one"
+
+
+def test_a_version_1_folder_reads_and_is_written_as_version_2(tmp_path: Path) -> None:
+    """A class stored by the release before model versions: one bank.safetensors, one fingerprint."""
+    from safetensors.torch import save_file
+
+    shots = _shots(b"one", b"two")
+    folder = tmp_path / "classes" / "widget"
+    (folder / "shots").mkdir(parents=True)
+    for digest, data in shots.items():
+        (folder / "shots" / f"{digest}.png").write_bytes(data)
+    record = _record("widget", shots)
+    save_file({"features": record.memory.bank.features}, str(folder / "bank.safetensors"))
+    (folder / "class.json").write_text(json.dumps({
+        "format_version": 1, "name": "widget", "shots": list(shots), "bundle_fingerprint": "fp-1",
+        "bank_sha256": hashlib.sha256((folder / "bank.safetensors").read_bytes()).hexdigest(), "bank_shots": 2,
+        "calibration": dataclasses.asdict(record.memory.calibration), "threshold_override": 0.7, "created": 100.0,
+        "updated": 200.0}))
+    store = DirectoryStore(tmp_path)
+    assert store.recover() == {}
+    back = store.read("widget", "fp-1")
+    assert back.memory is not None and back.threshold_override == 0.7 and back.models == ("fp-1",)
+    assert torch.equal(back.memory.bank.features, record.memory.bank.features)
+    # a second model's bank: written as version 2, the version-1 bank kept while its model is named
+    assert store.write_bank("widget", "fp-2", _record("widget", shots).memory, tuple(shots))
+    m = json.loads((folder / "class.json").read_text())
+    assert m["format_version"] == 2 and sorted(m["models"]) == ["fp-1", "fp-2"]
+    assert store.read("widget", "fp-1").memory is not None and store.read("widget", "fp-2").memory is not None
+    # the first model's own write replaces its version-1 bank by a content-addressed one
+    store.write(dataclasses.replace(record, threshold_override=0.7), {})
+    assert not (folder / "bank.safetensors").exists()
+    assert store.read("widget", "fp-1").memory is not None and store.read("widget", "fp-1").threshold_override == 0.7
+
+
+def test_banks_and_overrides_are_per_model(new_store: StoreFactory) -> None:
+    store = new_store()
+    shots = _shots(b"a", b"b")
+    store.write(_record("gear", shots, override=0.4), shots)
+    other = _record("gear", shots, fingerprint="fp-2")
+    assert store.write_bank("gear", "fp-2", other.memory, tuple(shots))
+    one, two = store.read("gear", "fp-1"), store.read("gear", "fp-2")
+    assert one.threshold_override == 0.4 and two.threshold_override is None  # v1's override is not v2's
+    assert two.memory is not None and two.bundle_fingerprint == "fp-2" and set(one.models) == {"fp-1", "fp-2"}
+    store.write(dataclasses.replace(other, threshold_override=0.8), {})  # v2's own override; same shots
+    assert store.read("gear", "fp-1").memory is not None and store.read("gear", "fp-1").threshold_override == 0.4
+    assert store.read("gear", "fp-2").threshold_override == 0.8
+    assert not store.write_bank("gear", "fp-3", other.memory, ("not", "these"))  # its shots changed meanwhile
+    assert not store.write_bank("ghost", "fp-3", other.memory, tuple(shots))
+    # new shots: the other model's bank goes (fitted on the old ones), its override stays
+    new = _shots(b"c")
+    store.write(_record("gear", new), new)
+    assert store.read("gear", "fp-2").memory is None and store.read("gear", "fp-2").threshold_override == 0.8
+    assert store.read("gear", "fp-1").threshold_override is None and store.read("gear", "fp-1").models == ("fp-1",)
+    assert store.write_bank("gear", "fp-2", other.memory, tuple(new))
+    assert store.drop_model("fp-2") == 1 and store.read("gear", "fp-2").memory is None
+    assert store.read("gear", "fp-2").threshold_override == 0.8 and store.read("gear", "fp-1").memory is not None
 
 
 StoreFactory = Callable[[], ClassStore]
@@ -86,8 +146,8 @@ def _protocol_methods() -> dict[str, inspect.Signature]:
 @pytest.mark.parametrize("backend", [DirectoryStore, PostgresStore])
 def test_every_backend_has_each_member_of_the_protocol_with_its_signature(backend: type) -> None:
     methods = _protocol_methods()
-    assert {"recover", "sweep", "subscribe", "changes", "unsee", "read", "read_shot", "write", "delete", "lock",
-            "close"} == set(methods)
+    assert {"recover", "sweep", "subscribe", "changes", "unsee", "read", "read_shot", "write", "write_bank",
+            "drop_model", "delete", "lock", "close"} == set(methods)
     for name, want in methods.items():
         got = inspect.signature(getattr(backend, name))
         assert list(got.parameters.values()) == list(want.parameters.values()), f"{backend.__name__}.{name}{got}"
@@ -138,7 +198,7 @@ def test_changes_report_other_writers_once_and_not_our_own(new_store: StoreFacto
     assert ours.changes() == StoreChanges(changed=("belt",))
     assert ours.changes() == StoreChanges()
     theirs.write(_record("belt", shots, override=0.3), {})
-    assert ours.changes() == StoreChanges(changed=("belt",)) and ours.read("belt", None).threshold_override == 0.3
+    assert ours.changes() == StoreChanges(changed=("belt",)) and ours.read("belt", "fp-1").threshold_override == 0.3
     theirs.delete("belt")
     assert ours.changes() == StoreChanges(deleted=("belt",))
     assert not ours.delete("belt") and ours.read("belt", None) is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
+import torch
 
 from service.client import SowaClient, decode_raw_heatmap
 from service.core.store import DirectoryStore, open_store
@@ -45,7 +47,8 @@ def test_schema_from_an_empty_database_and_a_newer_one_refused(pg_url: str) -> N
             tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
             version = conn.execute("SELECT value FROM sowa_meta WHERE key = 'schema_version'").fetchone()
         assert tables == {"sowa_meta", "sowa_classes", "sowa_shots", "sowa_keys", "sowa_audit", "sowa_records",
-                          "sowa_record_blobs"}
+                          "sowa_record_blobs", "sowa_class_models", "sowa_models", "sowa_model_files",
+                          "sowa_model_state"}
         assert version == (str(SCHEMA_VERSION),)
         assert store.migrate() == SCHEMA_VERSION  # again: nothing to do
         shots = _shots(b"a")
@@ -60,6 +63,38 @@ def test_schema_from_an_empty_database_and_a_newer_one_refused(pg_url: str) -> N
             newer.recover()
     finally:
         newer.close()
+
+
+def test_a_version_3_database_migrates_its_one_bank_per_class_to_a_bank_per_model(pg_url: str) -> None:
+    """A class written by the release before model versions keeps its bank and override, as its model's."""
+    from psycopg.types.json import Jsonb
+    from safetensors.torch import save as save_tensors
+
+    from service.core.store.postgres import MIGRATIONS
+
+    record = _record("gear", _shots(b"a", b"b"), override=0.7)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE sowa_meta (key text PRIMARY KEY, value text NOT NULL)")
+        for v in (1, 2, 3):
+            conn.execute(MIGRATIONS[v])
+        conn.execute("INSERT INTO sowa_meta VALUES ('schema_version', '3')")
+        with conn.transaction():
+            conn.execute("INSERT INTO sowa_classes (name, shots, bundle_fingerprint, calibration, bank, bank_shots, "
+                         "threshold_override, created, updated) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                         ("gear", list(record.shots), "fp-1",
+                          Jsonb(dataclasses.asdict(record.memory.calibration)),
+                          save_tensors({"features": record.memory.bank.features}), 2, 0.7, 100.0, 200.0))
+            for digest, data in _shots(b"a", b"b").items():
+                conn.execute("INSERT INTO sowa_shots VALUES (%s, %s, %s)", ("gear", digest, data))
+    store = PostgresStore(pg_url, listen=False)
+    try:
+        store.recover()
+        back = store.read("gear", "fp-1")
+        assert back.memory is not None and back.threshold_override == 0.7 and back.models == ("fp-1",)
+        assert torch.equal(back.memory.bank.features, record.memory.bank.features)
+        assert (back.created, back.updated) == (100.0, 200.0) and store.read("gear", "fp-2").memory is None
+    finally:
+        store.close()
 
 
 @pytest.mark.slow

@@ -139,12 +139,13 @@ def test_old_class_json_without_shot_scores_still_loads(bundle: Path, tmp_path: 
         assert c.post("/classes/old/shots", files=_files(SHOTS)).status_code == 200
     manifest = data / "classes" / "old" / "class.json"
     m = json.loads(manifest.read_text())
-    assert len(m["calibration"]["shot_map_max"]) == len(SHOTS)
-    del m["calibration"]["shot_map_max"], m["calibration"]["shot_text_scores"]
+    (cal,) = (e["calibration"] for e in m["models"].values())  # the one model's
+    assert len(cal["shot_map_max"]) == len(SHOTS)
+    del cal["shot_map_max"], cal["shot_text_scores"]
     manifest.write_text(json.dumps(m))
     for c in _client(bundle, data):
         info = c.get("/classes/old").json()
-        assert info["threshold"] == pytest.approx(m["calibration"]["threshold"])
+        assert info["threshold"] == pytest.approx(cal["threshold"])
         s = c.get("/classes/old/scores").json()
         assert s["shots"] == [] and not s["calibration"]["shots_recorded"]
 
