@@ -144,7 +144,14 @@ def _act(repository: ModelRepository, args: argparse.Namespace, actor: str) -> A
         return AuditEvent(actor, "model.shadow", v.version, {"shadow": name(state.shadow)},
                           {"shadow": v.version, "share": args.share})
     else:
+        from service.core.store import open_store
+
         v = repository.resolve(args.version)
         repository.remove(v.fingerprint)
-        print(f"removed {v.version}")
+        store = open_store(_locations(args)[0])  # its banks go too (threshold overrides stay, if it comes back)
+        try:
+            dropped = store.drop_model(v.fingerprint)
+        finally:
+            store.close()
+        print(f"removed {v.version} and its banks of {dropped} classes")
     return None

@@ -74,7 +74,7 @@ def test_models_round_trip(bundle: Path, second: Path, tmp_path: Path, capsys: p
     code, _, err = sowa("shadow", v1["fingerprint"][:10])  # the one serving
     assert code == 2 and "serving" in err
     code, out, _ = sowa("remove", listed()["v2"]["fingerprint"][:12])
-    assert code == 0 and out.strip() == "removed v2" and list(listed()) == [one]
+    assert code == 0 and out.strip() == "removed v2 and its banks of 0 classes" and list(listed()) == [one]
 
     for args, message in [(("activate", "nosuch"), "no model version 'nosuch'"),
                           (("add", str(tmp_path), "--label", "x"), "no sowa.json"),
