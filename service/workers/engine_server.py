@@ -33,6 +33,7 @@ class EngineServer:
     def __init__(self, backend: LocalBackend, socket_path: str, queue_counter: SharedCounter) -> None:
         self.backend, self.socket_path, self.counter = backend, socket_path, queue_counter
         self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._connection, self.socket_path)
@@ -41,6 +42,14 @@ class EngineServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+    def announce(self) -> None:
+        """Tell every worker the input size the serving model takes now (after a switch): an answer to no request
+        (id 0), which a worker reads as news. A request it staged at the old size before this arrives finishes on
+        the old model (its generation is kept a while)."""
+        for writer in list(self._writers):
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                writer.write(to_frame(Reply(0, {"image_size": self.backend.image_size})))
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tasks: dict[int, asyncio.Task] = {}
@@ -53,6 +62,7 @@ class EngineServer:
                 raise ValueError(f"expected hello, got {hello.op}")
             segment = SlotSegment(hello.slots, self.backend.image_size, name=hello.segment)
             segments = [segment]
+            self._writers.add(writer)
             while True:
                 frame = await read_frame(reader)
                 message = parse(frame)
@@ -77,6 +87,7 @@ class EngineServer:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            self._writers.discard(writer)
             for seg in segments:
                 # the worker is gone: its name goes now (one that stopped cleanly removed it already), its memory
                 # once nothing views it, never under a batch the device may still be reading

@@ -120,6 +120,10 @@ class RemoteBackend(Backend):
                 reply = parse(frame)
                 if not isinstance(reply, Reply):
                     raise ValueError(f"unexpected {reply.op} from the engine")
+                if reply.id == 0 and isinstance(reply.result, dict):  # news: the serving model's input size
+                    if int(reply.result["image_size"]) != self.image_size:
+                        self._resize(int(reply.result["image_size"]))
+                    continue
                 future, run = self._pending.pop(reply.id, (None, None))
                 if run is not None:  # the engine is through with these slots
                     run[0].release(run[1], run[2])

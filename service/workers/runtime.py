@@ -52,6 +52,8 @@ class EngineRuntime(LocalRuntime):
         self.batcher.on_depth = self.counter.set
         self.server = EngineServer(self.local, self.link.engine_socket, self.counter)
         await self.server.start()
+        if self.models is not None:  # a switch to another input size is told to the workers at once
+            self.models.on_switch.append(self.server.announce)
 
     async def stopping(self) -> None:
         if self.server is not None:

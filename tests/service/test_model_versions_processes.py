@@ -102,7 +102,10 @@ def test_with_http_workers_a_shadow_and_a_switch_to_another_input_size(bundle: P
         wait_for(shadowed, 30, "the shadow scored what the workers sent")
         assert httpx.post(srv.url + "/models/v2/activate", params={"wait": "true"}, timeout=120).status_code == 200
         answers = [predict() for _ in range(8)]
-        assert {a["model"]["version"] for a in answers[-4:]} == {"v2"}  # each worker stages at 96 px by then
+        # the engine tells its workers the new input size as it switches; a request a worker staged before the news
+        # arrived finishes on v1 (at most one per worker, in a race that a quiet machine never shows)
+        versions = [a["model"]["version"] for a in answers]
+        assert versions.count(v1) <= 2 and versions[-4:] == ["v2"] * 4, versions
         assert all(a["results"][0]["heatmap"]["shape"] == [a["model"]["image_size"]] * 2 for a in answers)
     finally:
         srv.stop()

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,7 @@ class ModelManager:
         self._forget: asyncio.TimerHandle | None = None
         self.switches = 0
         self.on_shadow: Any = None  # set by the runtime: called with the ShadowScorer (or None) to attach it
+        self.on_switch: list[Callable[[], None]] = []  # called after each switch (the engine tells its workers)
 
     # -- what is served ---------------------------------------------------------------------------------------
     @property
@@ -310,6 +312,8 @@ class ModelManager:
             old = self.serving
             await self.registry.switch(served, prepared)
             prep.phase, prep.finished = "done", time.time()
+            for callback in self.on_switch:
+                callback()
             self.switches += 1
             self.telemetry.model_switches.inc()
             self.telemetry.model_info.info({k: str(v) for k, v in served.describe().items()})
