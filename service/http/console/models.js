@@ -46,7 +46,9 @@ async function pageModels(main) {
   main.append(el("h2", { text: "Models" }));
   const admin = may("admin");
   const stateBox = el("dl", { class: "facts wide", id: "models-state" });
-  const prepBox = el("section", { id: "preparation", "aria-live": "polite", hidden: true });
+  const prepBox = el("section", { id: "preparation", class: "preparation", "aria-live": "polite", hidden: true });
+  const shadowPrepBox = el("section", { id: "shadow-preparation", class: "preparation", "aria-live": "polite",
+                                        hidden: true });
   const share = el("input", { type: "number", id: "shadow-share", min: "0", max: "100", step: "any",
                               placeholder: "service default", "aria-describedby": "shadow-share-help" });
   const rollback = el("button", { type: "button", id: "rollback", class: "secondary", hidden: true });
@@ -57,7 +59,7 @@ async function pageModels(main) {
   const tbody = el("tbody", {});
   const reportBox = el("section", { id: "shadow-report", "aria-labelledby": "shadow-title" });
   const detail = el("section", { id: "record-detail", "aria-live": "polite" });
-  main.append(stateBox, prepBox, controls,
+  main.append(stateBox, prepBox, shadowPrepBox, controls,
     el("table", { class: "models", id: "models" },
       el("caption", { text: "Stored model versions: the serving one answers requests, the active one is what every " +
                              "replica serves once prepared, a shadow scores a share of the traffic beside it" }),
@@ -139,20 +141,31 @@ async function pageModels(main) {
     }
   }
 
+  // one preparation's box: what it is doing, its progress bar while it runs (and once done), its error
+  function showPrep(box, p, prefix) {
+    box.hidden = p === null;
+    if (p === null) return;
+    box.dataset.phase = p.phase;
+    box.dataset.version = p.version;
+    const bar = el("progress", { id: `${prefix}-progress`, max: "100", value: String(Math.round(100 * prepFraction(p))),
+                                 "aria-label": `preparing ${p.version}` });
+    box.replaceChildren(el("h3", { text: p.purpose === "shadow" ? "Shadow preparation on this replica"
+                                                               : "Preparation on this replica" }),
+      el("p", { id: `${prefix}-text`, class: p.phase === "failed" ? "error" : "", text: prepText(p) }),
+      PREP_RUNNING(p) || p.phase === "done" ? bar : null,
+      p.error ? el("p", { id: `${prefix}-error`, class: "error", text: p.error }) : null);
+  }
+
+  // the shadow's preparation while it matters: running, or failed for the version still asked to shadow
+  const shadowPrep = (body) => {
+    const p = body.shadow_preparation ?? null;
+    return p !== null && (PREP_RUNNING(p) || (p.phase === "failed" && p.version === body.shadow)) ? p : null;
+  };
+
   function show(body) {
     overview = body;
-    const p = body.preparation;
-    prepBox.hidden = p === null;
-    if (p !== null) {
-      prepBox.dataset.phase = p.phase;
-      prepBox.dataset.version = p.version;
-      const bar = el("progress", { id: "prep-progress", max: "100", value: String(Math.round(100 * prepFraction(p))),
-                                   "aria-label": `preparing ${p.version}` });
-      prepBox.replaceChildren(el("h3", { text: "Preparation on this replica" }),
-        el("p", { id: "prep-text", class: p.phase === "failed" ? "error" : "", text: prepText(p) }),
-        PREP_RUNNING(p) || p.phase === "done" ? bar : null,
-        p.error ? el("p", { id: "prep-error", class: "error", text: p.error }) : null);
-    }
+    showPrep(prepBox, body.preparation, "prep");
+    showPrep(shadowPrepBox, shadowPrep(body), "shadow-prep");
     // the table and the state only when they changed: a redraw every poll would take the focus off a button
     const key = JSON.stringify([body.serving, body.active, body.previous, body.target, body.shadow, body.shadow_share,
                                 body.versions]);
@@ -237,8 +250,16 @@ async function pageModels(main) {
   async function refresh() {
     const body = await api("/models");
     show(body);
+    const sp = shadowPrep(body);
+    if (sp !== null && sp.phase === "failed") {  // it will not shadow here: its error is above, no report to wait for
+      reportShown = "";
+      reportBox.replaceChildren(el("h3", { id: "shadow-title", text: `Shadow: ${body.shadow}` }),
+        el("p", { class: "error", id: "shadow-failed", text: `Not shadowing on this replica: ${sp.error}` }));
+      return PREP_RUNNING(body.preparation) || (body.target !== null && body.target !== body.serving);
+    }
     const reported = await showReport(body.shadow);
-    return PREP_RUNNING(body.preparation) || (body.target !== null && body.target !== body.serving) || !reported;
+    return PREP_RUNNING(body.preparation) || (sp !== null && PREP_RUNNING(sp)) ||
+      (body.target !== null && body.target !== body.serving) || !reported;
   }
 
   // one chain of polls: an action starts a new one at once, and the chain it replaces stops at its next turn

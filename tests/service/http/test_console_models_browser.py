@@ -98,6 +98,7 @@ def test_the_models_page_shadows_activates_and_rolls_back(bundle: Path, tmp_path
             assert "Shadow v2: score 100.0% of the answered requests" in questions[-1]
             expect(row["v2"].locator(".badge.shadow")).to_be_visible()
             expect(page.locator("#shadow-facts")).to_be_visible(timeout=60_000)
+            expect(page.locator("#shadow-preparation")).to_be_hidden()  # shown only while it runs (or failed)
             for _ in range(REQUESTS):
                 r = api.post("/predict", files=_files(TESTS), data={"class_name": "widget", "heatmap": "none"})
                 assert r.status_code == 200, r.text
@@ -179,5 +180,29 @@ def test_the_models_page_shadows_activates_and_rolls_back(bundle: Path, tmp_path
             expect(page.locator("#shadow-share")).to_have_count(0)
             expect(page.locator(".needs-role[data-needs='admin']")).to_be_visible()
             problems += page.evaluate("window.__csp")
+
+            # a shadow being prepared, then failing to start on this replica, as GET /models would say it (too
+            # quick on one class to catch for real): its progress, then its error in place of the report
+            prep = {"version": "v2", "fingerprint": "0" * 64, "purpose": "shadow", "phase": "rebuilding",
+                    "classes": 2, "classes_done": 1, "fitted": 1, "started": 0.0, "finished": None, "error": None,
+                    "seconds": 1.5}
+
+            def models(route: object) -> None:
+                body = route.fetch().json()
+                route.fulfill(json={**body, "shadow": "v2", "shadow_share": 1.0, "shadow_preparation": prep})
+
+            page.route(f"{server.url}/models", models)
+            box = page.locator("#shadow-preparation")
+            expect(box).to_have_attribute("data-phase", "rebuilding", timeout=10_000)  # the next poll (5 s)
+            expect(page.locator("#shadow-prep-progress")).to_have_attribute("value", "48")  # 5% + 85% of a half
+            expect(page.locator("#shadow-prep-text")).to_contain_text("Preparing v2 (to shadow): rebuilding, 1 of 2")
+            expect(page.locator("#shadow-waiting")).to_be_visible()  # the report's 404: not shadowing yet
+            prep.update(phase="failed", finished=1.0, error="the shadow would not load")
+            expect(box).to_have_attribute("data-phase", "failed")  # polled each second while it ran
+            expect(page.locator("#shadow-prep-error")).to_have_text("the shadow would not load")
+            expect(page.locator("#shadow-failed")).to_have_text(
+                "Not shadowing on this replica: the shadow would not load")
+            expect(page.locator("#shadow-prep-progress")).to_have_count(0)
+            page.unroute(f"{server.url}/models")
             browser.close()
     assert not problems, problems
