@@ -2,13 +2,14 @@
 
 Starts `sowa serve` on the CPU (one process, the tests' habits) on an untrained bundle of `--config` (sowa-tiny, or
 ViT-B-16 geometry with random weights: accuracy is not the point, the work per image is), and adds a second bundle of
-the same geometry (another seed) to the model repository as `v2`. Then:
+the same geometry (other seeds) to the model repository as `v2` and `v3`. Then:
 
 1. shadow cost: 16 concurrent clients send single-image requests for one class; rounds interleave three modes so a
    slow moment of the shared machine falls on each alike: no shadow, v2 shadowing at the default share (the
    service's shadow_share), v2 shadowing 100% of the traffic. Reported: images/s per mode and each shadow mode's
    ratio to no shadow, per round (the spread) and over all rounds.
-2. activation: `--classes` classes of `--shots` shots each are registered, then v2 is activated while 2 clients keep
+2. activation: `--classes` classes of `--shots` shots each are registered, then v3 (never shadowed, so none of its
+   banks is stored yet) is activated while 2 clients keep
    predicting: the time from POST /models/v2/activate to serving v2 (banks rebuilt from the stored shots, warm-up,
    switch), the same back to v1 by a rollback (its banks are stored: nothing is fitted), and the failed requests
    during both (the claim is zero).
@@ -36,6 +37,7 @@ from PIL import Image
 
 from model.bundle import init_bundle
 from service.core.models.open import open_repository
+from service.core.settings import Settings
 from sowa.server_process import ServerProcess
 
 CONFIGS = {"tiny": "sowa-tiny", "vit_b16": "ViT-B-16"}
@@ -105,7 +107,7 @@ async def _activation(url: str, images: list[bytes], v1: str) -> dict:
 
         loader = asyncio.create_task(load())
         figures = {}
-        for name, call, want in (("activate v2", "/models/v2/activate", "v2"),
+        for name, call, want in (("activate v3", "/models/v3/activate", "v3"),
                                  ("rollback to v1", "/models/rollback", v1)):
             started = time.perf_counter()
             r = await http.post(call)
@@ -136,15 +138,17 @@ def main() -> None:
         work = Path(tmp)
         b1 = init_bundle(CONFIGS[a.config], "none", work / "v1", seed=1)
         b2 = init_bundle(CONFIGS[a.config], "none", work / "v2", seed=2)
+        b3 = init_bundle(CONFIGS[a.config], "none", work / "v3", seed=3)  # never shadowed: no bank stored
         data = work / "data"
         srv = ServerProcess(b1.path, data, work / "server.log", flags=["--log-level", "warning"],
                             ready_timeout=600).start()
         try:
             repository = open_repository(str(data), data)
             repository.add(b2.path, "v2", "bench")
+            repository.add(b3.path, "v3", "bench")
             repository.close()
             with httpx.Client(base_url=srv.url, timeout=600) as http:
-                settings_share = 0.1
+                settings_share = Settings.model_fields["shadow_share"].default  # the service's default share
                 for i in range(a.classes if a.skip != "activation" else 1):
                     files = [("images", (f"s{j}.png", _png(rng), "image/png")) for j in range(a.shots)]
                     http.post(f"/classes/c-{i}/shots", files=files).raise_for_status()

@@ -29,7 +29,7 @@ from .models.activation import ModelManager
 from .models.open import open_repository
 from .models.repository import ModelRepository
 from .records.drift import DriftMonitor
-from .records.figures import refresh_drift
+from .records.figures import refresh_drift, scored_with
 from .records.open import open_recorder
 from .records.record import Sampler
 from .records.recorder import Recorder
@@ -200,7 +200,8 @@ class LocalRuntime(Runtime):
                 entry = registry.get(name)
             except (ClassNotFoundError, ClassDamagedError):
                 return None
-            return entry.revision, entry.memory.calibration.shot_scores(), entry.calibration.threshold
+            return (scored_with(entry.revision, registry.generation.served.fingerprint),
+                    entry.memory.calibration.shot_scores(), entry.calibration.threshold)
 
         refresh_drift(self.drift, self.records, active, reference)
 
@@ -282,7 +283,7 @@ class LocalRuntime(Runtime):
             local = self.local = self._backend = LocalBackend(engine, engine.active.stager, registry, batcher,
                                                               self.records, s.records, Sampler(s.record_sample_passed))
             batcher.start()
-            models = self.models = ModelManager(repository, engine, registry, s, t, self.audit, self.limits,
+            models = self.models = ModelManager(repository, engine, registry, batcher, s, t, self.audit, self.limits,
                                                 self.decode_budget)
             models.on_shadow = lambda scorer: setattr(local, "shadower", scorer)
             t.track_models(models.preparation_gauges)

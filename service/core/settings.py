@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     models_memory_mb: float | None = Field(None, gt=0, description="memory the loaded models may take together "
                                            "(the serving one, one being activated, a shadow); an activation or "
                                            "shadow beyond it is refused (default: what the device has free)")
-    shadow_share: float = Field(0.1, ge=0, le=1, description="share of the answered requests a shadow model "
+    shadow_share: float = Field(0.05, ge=0, le=1, description="share of the answered requests a shadow model "
                                 "scores when POST /models/{version}/shadow names none")
     warmup: bool = True
     sync_interval_s: float = Field(1.0, ge=0, description="directory store: how often to pick up classes changed by "

@@ -42,7 +42,8 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     sub.add_parser("rollback", help="make running services switch back to the previous version")
     s = sub.add_parser("shadow", help="have a version score a share of the traffic beside the serving one")
     s.add_argument("version", nargs="?", default=None)
-    s.add_argument("--share", type=float, default=0.1, help="the share of answered requests it scores (0..1)")
+    s.add_argument("--share", type=float, default=0.05, help="the share of answered requests it scores (0..1; "
+                   "as the service's default shadow_share)")
     s.add_argument("--off", action="store_true", help="stop shadowing")
     r = sub.add_parser("remove", help="remove a version (not the active, target or shadow one)")
     r.add_argument("version")

@@ -122,6 +122,14 @@ async def test_activate_under_load_and_roll_back_without_a_failed_request(bundle
         assert {r["threshold"] for r in records if r["model"] == v1[:16]} == {0.5}
         assert 0.5 not in {r["threshold"] for r in records if r["model"] == v2[:16]}
 
+        # quality figures count the serving model's reviewed parts only: another model's raw scores are no guide
+        for model in (v1, v2):
+            rid = next(r["id"] for r in records if r["model"] == model[:16])
+            r = await s.http.post(f"/records/{rid}/review", json={"verdict": "good"})
+            assert r.status_code == 200, r.text
+        quality = (await s.http.get("/classes/widget/quality")).json()
+        assert quality["reviewed"] == 1 and quality["other_calibration"] == 1
+
         events = (await s.http.get("/audit", params={"action": "model.activated"})).json()["events"]
         assert [(e["target"], e["after"]["active"]) for e in reversed(events)] == [("v2", "v2"),
                                                                                   (v1[:16], v1[:16])]

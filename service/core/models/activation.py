@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..access.audit import AuditEvent, AuditSink
+from ..batcher import DynamicBatcher
 from ..engine import Engine
 from ..errors import ConflictError, ModelMemoryError, ModelNotFoundError, SowaError
 from ..registry import ClassRegistry, Generation
@@ -88,9 +89,10 @@ def _available_memory(device: torch.device) -> int:
 
 
 class ModelManager:
-    def __init__(self, repository: ModelRepository, engine: Engine, registry: ClassRegistry, settings: Settings,
-                 telemetry: Telemetry, audit: AuditSink | None, limits: PixelLimits, budget: DecodeBudget) -> None:
-        self.repository, self.engine, self.registry = repository, engine, registry
+    def __init__(self, repository: ModelRepository, engine: Engine, registry: ClassRegistry, batcher: DynamicBatcher,
+                 settings: Settings, telemetry: Telemetry, audit: AuditSink | None, limits: PixelLimits,
+                 budget: DecodeBudget) -> None:
+        self.repository, self.engine, self.registry, self.batcher = repository, engine, registry, batcher
         self.settings, self.telemetry, self.audit = settings, telemetry, audit
         self.limits, self.budget = limits, budget
         self.preparation: Preparation | None = None  # the latest, running or ended
@@ -378,8 +380,7 @@ class ModelManager:
             log.error("models: shadow %s not started: %s", v.version, prep.error)
             self._shadow_prep = None
             return
-        s = self.settings
-        scorer = ShadowScorer(self.engine, self.registry, Generation(served, prepared), share, s.max_batch_size,
+        scorer = ShadowScorer(self.engine, self.registry, Generation(served, prepared), share, self.batcher,
                               self.limits, self.budget, self._refit, self.telemetry.shadow_images)
         scorer.start()
         self.shadow, self._shadow_prep = scorer, None

@@ -6,10 +6,12 @@ and records are made; a sampled one joins the shadow's own small batcher, which 
 and runs them on the engine thread between the serving batches. Its queue is bounded and it has one batch in flight,
 so under load the shadow's work is what is dropped (counted), never a live request's time. A request's images are
 reused when the candidate has the serving model's input size, else decoded again at the candidate's size on a
-worker thread.
+worker thread. Shadow batches wait to fill (SHADOW_WAIT_MS) and go to the device only while the live queue is
+shallow.
 
 Per class the report holds the verdict agreement, the correlation of the raw scores, the latest parts on which the
-verdicts differ (with their record ids, so they can be reviewed) and the candidate's latency. It lives in memory, per
+verdicts differ (with their record ids, so they can be reviewed); and the candidate's latency, per request from its
+sampling to its scores (the shadow's queue included) and per batch on the device. It lives in memory, per
 replica, from the moment the shadow started: a restart or a new shadow starts a new report.
 """
 
@@ -30,7 +32,7 @@ import torch
 
 from ..batcher import DynamicBatcher, WorkItem
 from ..engine import Engine, ImageResult
-from ..errors import NotReadyError, SowaError
+from ..errors import NotReadyError, QueueFullError, SowaError
 from ..registry import ClassRegistry, Generation
 from ..uploads import DecodeBudget, PixelLimits, Upload, stage_uploads
 
@@ -39,6 +41,8 @@ __all__ = ["ClassAgreement", "ShadowReport", "ShadowScorer"]
 log = logging.getLogger("sowa.models")
 
 DISAGREEMENTS_KEPT = 50  # per class, the latest
+SHADOW_WAIT_MS = 1000.0  # how long a shadow batch waits to fill up: a small batch costs nearly a full one
+SHADOW_YIELD_S = 2.0  # how long a shadow batch waits for the live queue to ebb before it is dropped
 LATENCIES_KEPT = 2000
 
 
@@ -98,10 +102,12 @@ class ShadowReport:
     dropped: int = 0  # sampled but not scored: the shadow's queue was full (load), or its class not ready yet
     failed: int = 0
     classes: dict[str, ClassAgreement] = field(default_factory=dict)
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES_KEPT))
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCIES_KEPT))  # per request, queue included
+    batches: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=LATENCIES_KEPT))  # (s, images)
 
     def public(self, serving_version: str) -> dict[str, Any]:
         lat = np.array(self.latencies) if self.latencies else None
+        batch_s = np.array([b[0] for b in self.batches]) if self.batches else None
         total = ClassAgreement()
         for c in self.classes.values():
             total.images += c.images
@@ -117,6 +123,9 @@ class ShadowReport:
             "latency_s": None if lat is None else {
                 "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                 "mean": float(lat.mean()), "samples": int(lat.size)},
+            "batch_s": None if batch_s is None else {  # the candidate's own time on the device, per batch
+                "p50": float(np.percentile(batch_s, 50)), "p95": float(np.percentile(batch_s, 95)),
+                "per_image": float(batch_s.sum() / sum(b[1] for b in self.batches)), "batches": int(batch_s.size)},
             "classes": {name: c.public() for name, c in sorted(self.classes.items())},
         }
 
@@ -125,15 +134,18 @@ class ShadowScorer:
     """`LocalBackend.shadower` while a shadow runs: samples answered requests and scores them on the candidate."""
 
     def __init__(self, engine: Engine, registry: ClassRegistry, generation: Generation, share: float,
-                 max_batch_size: int, limits: PixelLimits, budget: DecodeBudget,
+                 serving: DynamicBatcher, limits: PixelLimits, budget: DecodeBudget,
                  refit: Callable[[str], None], on_scored: Callable[[int, int], None] | None = None) -> None:
-        """`refit(name)`: prepare a class again for the candidate (its shots changed since); `on_scored(scored,
-        dropped)`: telemetry."""
+        """`serving`: the live requests' batcher (the shadow yields to it); `refit(name)`: prepare a class again for
+        the candidate (its shots changed since); `on_scored(scored, dropped)`: telemetry."""
         self.engine, self.registry, self.generation = engine, registry, generation
         self.share, self.limits, self.budget, self.refit, self.on_scored = share, limits, budget, refit, on_scored
+        self.serving = serving
         self.report = ShadowReport(generation.served.fingerprint, generation.served.version, share)
-        # its own batcher: batches of shadow work, one in flight, a queue of two batches; full means dropped
-        self.batcher = DynamicBatcher(self._run, max_batch_size, max_wait_ms=20.0, max_queue=2 * max_batch_size,
+        # its own batcher: full batches of shadow work (a small batch costs the device nearly as much as a full one),
+        # one in flight, a queue of two batches; full means dropped
+        size = serving.max_batch_size
+        self.batcher = DynamicBatcher(self._run, size, max_wait_ms=SHADOW_WAIT_MS, max_queue=2 * size,
                                       max_in_flight=1)
         self._tasks: set[asyncio.Task] = set()
         self._rng = random.Random()
@@ -149,7 +161,18 @@ class ShadowScorer:
 
     async def _run(self, images: Sequence[torch.Tensor], memories: Sequence[Any], need_maps: Sequence[bool],
                    model: Any) -> list[ImageResult]:
-        return await self.engine.run_batch(images, memories, need_maps, self.generation.served)
+        """A shadow batch goes to the device only while the live queue holds less than half a batch: under load the
+        shadow's queue fills up and its work is dropped, never the live requests' time."""
+        waited = 0.0
+        while self.serving.queued_images > self.serving.max_batch_size // 2:
+            if waited >= SHADOW_YIELD_S:
+                raise QueueFullError("the live traffic kept the device busy: shadow batch dropped")
+            await asyncio.sleep(0.005)
+            waited += 0.005
+        started = time.monotonic()
+        results = await self.engine.run_batch(images, memories, need_maps, self.generation.served)
+        self.report.batches.append((time.monotonic() - started, len(results)))
+        return results
 
     def __call__(self, pin: Generation, images: torch.Tensor, uploads: Sequence[Upload], class_name: str,
                  results: list[ImageResult], record_ids: list[str | None], sampled: bool = False) -> None:

@@ -1,10 +1,10 @@
 """A class's quality and drift figures, from its records: what GET /classes/{name}/quality answers.
 
 The record store is read through `RecordReads`, the three reads these figures need (the record store implements
-them). Only records scored with the class's current calibration count: a raw
-score depends on the shots it was scored against, so a part reviewed before the shots changed says nothing about
-the threshold now (those are counted in `other_calibration`). A threshold override does not change scores: records
-from before and after one count alike.
+them). Only records scored with the class's current calibration by the serving model count (`scored_with`): a raw
+score depends on the shots it was scored against and on the model, so a part reviewed before the shots changed, or
+scored by another model version, says nothing about the threshold now (those are counted in `other_calibration`).
+A threshold override does not change scores: records from before and after one count alike.
 """
 
 from __future__ import annotations
@@ -17,17 +17,23 @@ from .drift import DEFAULT_MIN_RECENT, DEFAULT_WINDOW, DriftMonitor, drift_serie
 from .quality import report
 
 __all__ = ["DRIFT_WINDOWS", "MAX_REVIEWED", "PassedPart", "RecordReads", "ReviewedPart", "class_figures",
-           "refresh_drift"]
+           "refresh_drift", "scored_with"]
 
 MAX_REVIEWED = 100_000  # the newest reviewed parts of a class that count: 1.6 MB of numbers at most
 DRIFT_WINDOWS = 24  # points on the drift chart
+
+
+def scored_with(revision: str, model: str) -> str:
+    """What made a raw score, as the record stores report it: the class's revision (its shots) and the model's
+    fingerprint as records name it (its first 16 hex digits)."""
+    return f"{revision}/{model[:16]}"
 
 
 @dataclass(frozen=True)
 class ReviewedPart:
     score: float
     defective: bool  # the review: True = defective, False = good
-    calibration: str  # which calibration scored it (the class's revision as the record names it)
+    calibration: str  # what scored it: `scored_with(revision, model)` as the record names them
 
 
 @dataclass(frozen=True)

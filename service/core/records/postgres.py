@@ -106,13 +106,13 @@ class PostgresRecordStore:
         return self._blob(record_id, "thumbnail_sha256")
 
     def reviewed_parts(self, class_name: str, limit: int) -> list[ReviewedPart]:
-        rows = self._read("SELECT score, review, revision FROM sowa_records WHERE class_name = %s AND review IS NOT "
-                          "NULL ORDER BY id DESC LIMIT %s", (class_name, limit))
+        rows = self._read("SELECT score, review, revision || '/' || model FROM sowa_records "  # see scored_with
+                          "WHERE class_name = %s AND review IS NOT NULL ORDER BY id DESC LIMIT %s", (class_name, limit))
         return [ReviewedPart(s, r == "defective", rev) for s, r, rev in rows]
 
     def passed_parts(self, class_name: str, limit: int) -> list[PassedPart]:
-        rows = self._read("SELECT time, score, revision FROM sowa_records WHERE class_name = %s AND NOT is_anomalous "
-                          "ORDER BY id DESC LIMIT %s", (class_name, limit))
+        rows = self._read("SELECT time, score, revision || '/' || model FROM sowa_records "  # see scored_with
+                          "WHERE class_name = %s AND NOT is_anomalous ORDER BY id DESC LIMIT %s", (class_name, limit))
         return [PassedPart(t, s, rev) for t, s, rev in reversed(rows)]
 
     def stats(self) -> dict[str, int]:

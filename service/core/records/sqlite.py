@@ -171,13 +171,13 @@ class SqliteRecordStore:
         return self._get(rows[0][0]) if rows else None
 
     def reviewed_parts(self, class_name: str, limit: int) -> list[ReviewedPart]:
-        rows = self._read("SELECT score, review, revision FROM records WHERE class_name = ? AND review IS NOT NULL "
-                          "ORDER BY id DESC LIMIT ?", (class_name, limit))
+        rows = self._read("SELECT score, review, revision || '/' || model FROM records "  # see scored_with
+                          "WHERE class_name = ? AND review IS NOT NULL ORDER BY id DESC LIMIT ?", (class_name, limit))
         return [ReviewedPart(s, r == "defective", rev) for s, r, rev in rows]
 
     def passed_parts(self, class_name: str, limit: int) -> list[PassedPart]:
-        rows = self._read("SELECT time, score, revision FROM records WHERE class_name = ? AND is_anomalous = 0 "
-                          "ORDER BY id DESC LIMIT ?", (class_name, limit))
+        rows = self._read("SELECT time, score, revision || '/' || model FROM records "  # see scored_with
+                          "WHERE class_name = ? AND is_anomalous = 0 ORDER BY id DESC LIMIT ?", (class_name, limit))
         return [PassedPart(t, s, rev) for t, s, rev in reversed(rows)]
 
     def stats(self) -> dict[str, int]:

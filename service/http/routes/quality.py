@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query
 
 from ...core.access.roles import Role
 from ...core.class_names import check_class_name
-from ...core.records.figures import class_figures
+from ...core.records.figures import class_figures, scored_with
 from ..auth import Requires
 from ..deps import RecordsDep, RegistryDep
 from ..schemas import ClassQuality
@@ -36,7 +36,8 @@ async def class_quality(
     of the recent passed parts against the shots' scores, now and over consecutive windows."""
     check_class_name(name)
     entry = registry.get(name)
-    figures = await asyncio.to_thread(class_figures, records, name, entry.revision,
+    model = registry.generation.served.fingerprint
+    figures = await asyncio.to_thread(class_figures, records, name, scored_with(entry.revision, model),
                                       entry.calibration.threshold, entry.memory.calibration.shot_scores(),
                                       escape_target)
     return {"class_name": name, "threshold": entry.calibration.threshold,
