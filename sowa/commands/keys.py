@@ -11,15 +11,15 @@ import argparse
 import getpass
 import json
 
+from sowa.arguments import add_store_location, store_location
+
 DESCRIPTION = __doc__
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--data-dir", default=None, help="the service's data directory (default: SOWA_DATA_DIR or "
-                   "sowa-data)")
-    c.add_argument("--store", default=None, help="the class store URL, when it is PostgreSQL (default: SOWA_STORE)")
+    add_store_location(c)
     sub = c.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     a = sub.add_parser("add", help="make a key and print it (once)")
     a.add_argument("--name", required=True, help="what the audit trail calls its holder (a-z, 0-9, _ . -)")
@@ -28,16 +28,6 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     sub.add_parser("list", help="list keys (never their secrets), as JSON lines")
     r = sub.add_parser("revoke", help="revoke a key by name")
     r.add_argument("name")
-
-
-def _store_url(args: argparse.Namespace) -> str:
-    import os
-
-    if args.store:
-        return args.store
-    if os.environ.get("SOWA_STORE"):
-        return os.environ["SOWA_STORE"]
-    return args.data_dir or os.environ.get("SOWA_DATA_DIR", "sowa-data")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     actor = f"cli:{getpass.getuser()}"
     try:
-        store = open_access(_store_url(args))
+        store = open_access(store_location(args)[0])
     except (SowaError, RuntimeError) as e:
         raise ValueError(str(e)) from None
     try:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from sowa.arguments import add_store_location, store_location
 
 if TYPE_CHECKING:
     from service.core.access.audit import AuditEvent
@@ -29,9 +30,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--data-dir", default=None, help="the service's data directory (default: SOWA_DATA_DIR or "
-                   "sowa-data)")
-    c.add_argument("--store", default=None, help="the class store URL, when it is PostgreSQL (default: SOWA_STORE)")
+    add_store_location(c)
     sub = c.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     a = sub.add_parser("add", help="check a bundle and store it as a version")
     a.add_argument("bundle", type=Path, help="the bundle directory")
@@ -49,19 +48,13 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     r.add_argument("version")
 
 
-def _locations(args: argparse.Namespace) -> tuple[str, Path]:
-    """The store URL and the data directory (a PostgreSQL repository keeps its local copies there)."""
-    data_dir = args.data_dir or os.environ.get("SOWA_DATA_DIR", "sowa-data")
-    return args.store or os.environ.get("SOWA_STORE") or data_dir, Path(data_dir)
-
-
 def run(args: argparse.Namespace) -> int:
     from service.core.errors import SowaError
     from service.core.models.open import open_repository
 
     actor = f"cli:{getpass.getuser()}"
     try:
-        repository = open_repository(*_locations(args))
+        repository = open_repository(*store_location(args))
     except (SowaError, RuntimeError) as e:
         raise ValueError(getattr(e, "message", str(e))) from None
     try:
@@ -69,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if event is not None:
             from service.core.access.store import open_access
 
-            access = open_access(_locations(args)[0])
+            access = open_access(store_location(args)[0])
             try:
                 access.append([event])
             finally:
@@ -149,7 +142,7 @@ def _act(repository: ModelRepository, args: argparse.Namespace, actor: str) -> A
 
         v = repository.resolve(args.version)
         repository.remove(v.fingerprint)
-        store = open_store(_locations(args)[0])  # its banks go too (threshold overrides stay, if it comes back)
+        store = open_store(store_location(args)[0])  # its banks go too (threshold overrides stay, if it comes back)
         try:
             dropped = store.drop_model(v.fingerprint)
         finally:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
-from ..errors import KeyExistsError, KeyNotFoundError, StoreUnavailableError
+from ..errors import KeyExistsError, KeyNotFoundError
+from ..pg_pool import pooled
 from ..store.postgres import migrate, redact
 from .audit import AuditEvent, AuditQuery
 from .keys import KeyRecord
@@ -27,7 +28,6 @@ __all__ = ["KEYS_CHANNEL", "PostgresAccessStore"]
 
 log = logging.getLogger("sowa.access")
 KEYS_CHANNEL = "sowa_keys"
-_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
 class PostgresAccessStore:
@@ -56,16 +56,8 @@ class PostgresAccessStore:
     def __repr__(self) -> str:
         return f"PostgresAccessStore({redact(self.url)})"
 
-    @contextmanager
-    def _conn(self, what: str) -> Iterator[psycopg.Connection]:
-        try:
-            with self.pool.connection() as conn:
-                yield conn
-        except _UNAVAILABLE as e:
-            # a connection lost during COMMIT may have committed: say so rather than "nothing was changed"
-            raise StoreUnavailableError(f"the access store cannot be reached ({what}: {str(e).strip()[:200]}); "
-                                        "it may not have been applied: look before trying again",
-                                        headers={"Retry-After": "5"}) from None
+    def _conn(self, what: str) -> AbstractContextManager[psycopg.Connection]:
+        return pooled(self.pool, "the access store", what)
 
     def _listen(self) -> None:
         backoff, lost = 0.2, False

@@ -27,8 +27,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,13 @@ import psycopg
 import psycopg.errors
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from model.bundle import MANIFEST, BundleError, read_manifest
 from model.files import fsync_dir
 
-from ..errors import ConflictError, ModelNotFoundError, SowaError, StoreUnavailableError, UnprocessableError
+from ..errors import ConflictError, ModelNotFoundError, SowaError, UnprocessableError
+from ..pg_pool import pooled
 from ..store.postgres import migrate, redact
 from .repository import (
     ModelVersion,
@@ -61,7 +62,6 @@ log = logging.getLogger("sowa.models")
 
 MODELS_CHANNEL = "sowa_models"
 CHUNK_BYTES = 16 * 2**20
-_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 _COLUMNS = "fingerprint, label, added, added_by, image_size, arch, trained, bytes"
 _INCOMING = ".incoming-"
 
@@ -98,16 +98,8 @@ class PostgresModelRepository:
     def __repr__(self) -> str:
         return f"PostgresModelRepository({redact(self.url)})"
 
-    @contextmanager
-    def _conn(self, what: str) -> Iterator[psycopg.Connection]:
-        try:
-            with self.pool.connection() as conn:
-                yield conn
-        except _UNAVAILABLE as e:
-            # a connection lost during COMMIT may have committed: say so rather than "nothing was changed"
-            raise StoreUnavailableError(f"the model repository cannot be reached ({what}: {str(e).strip()[:200]}); "
-                                        "it may not have been applied: look before trying again",
-                                        headers={"Retry-After": "5"}) from None
+    def _conn(self, what: str) -> AbstractContextManager[psycopg.Connection]:
+        return pooled(self.pool, "the model repository", what)
 
     # -- versions ---------------------------------------------------------------------------------------------
     def list(self) -> list[ModelVersion]:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
-from ..errors import StoreUnavailableError
+from ..pg_pool import pooled
 from ..store.postgres import migrate, redact
 from .figures import PassedPart, ReviewedPart
 from .record import COLUMNS, NAMES, Draft, Record
@@ -28,7 +28,6 @@ from .store import RecordQuery, Retention, SweepResult, iter_pages
 
 __all__ = ["PostgresRecordStore"]
 
-_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 _SWEEP_STEP = 5000
 
 
@@ -50,14 +49,8 @@ class PostgresRecordStore:
     def __repr__(self) -> str:
         return f"PostgresRecordStore({redact(self.url)})"
 
-    @contextmanager
-    def _conn(self, what: str) -> Iterator[psycopg.Connection]:
-        try:
-            with self.pool.connection() as conn:
-                yield conn
-        except _UNAVAILABLE as e:
-            raise StoreUnavailableError(f"the record store cannot be reached ({what}: {str(e).strip()[:200]})",
-                                        headers={"Retry-After": "5"}) from None
+    def _conn(self, what: str) -> AbstractContextManager[psycopg.Connection]:
+        return pooled(self.pool, "the record store", what, writes=False)
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self._conn("reading records") as conn:
