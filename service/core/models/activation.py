@@ -166,7 +166,8 @@ class ModelManager:
             await asyncio.shield(self._task)
             prep = self.preparation
             if prep is not None and prep.phase == "failed":
-                raise SowaError(f"model {v.version} was not activated: {prep.error}")
+                raise ConflictError(f"model {v.version} was not activated: {prep.error}; the serving model is "
+                                    f"{self.serving.version}, nothing changed")
         return await asyncio.to_thread(self.overview)
 
     async def rollback(self, actor: str, wait: bool = False) -> dict[str, Any]:
@@ -309,6 +310,8 @@ class ModelManager:
                 prep.classes = prep.classes_done = len(prepared)
                 await self._apply_shadow(None, 0.0)
             else:
+                # every replica checks its own room (the one asked checked before answering)
+                self._check_memory(await asyncio.to_thread(self.repository.resolve, prep.fingerprint))
                 served, prepared = await self._load(prep, label)
             prep.phase = "switching"
             old = self.serving
