@@ -233,8 +233,12 @@ class LocalBackend(Backend):
             entry = generation.classes.get(class_name)
             if entry is None:  # deleted since its check, or not in the generation it pinned: as the registry says
                 entry = self.registry.get(class_name)
-                if generation is not self.registry.generation:
-                    generation = self.registry.generation
+                current = self.registry.generation
+                if generation is not current:  # registered after a switch: the new model, if the images fit it
+                    if current.served.image_size != int(images.shape[-1]):
+                        raise NotReadyError("the served model changed while this request was staged; retry",
+                                            headers={"Retry-After": "1"})
+                    generation = current
             memory = entry.serving_memory
         if answered is not None:
             answered.append(generation.served.describe())
