@@ -186,7 +186,8 @@ async def test_a_refused_class_answers_409_naming_the_way_out_and_can_be_deleted
     for name in ("broken", "mended"):
         shot = next((data / "classes" / name / "shots").glob("*.png"))
         shot.write_bytes(shot.read_bytes()[:-10])
-        (data / "classes" / name / "bank.safetensors").unlink()  # so the restore reads the shots
+        for bank in (data / "classes" / name / "banks").iterdir():  # so the restore reads the shots
+            bank.unlink()
     async with serve_in_process(bundle, data) as svc:
         ready = await svc.client.ready()
         assert set(ready.refused_classes) == {"broken", "mended"}
