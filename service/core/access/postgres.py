@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from ..errors import KeyExistsError, KeyNotFoundError
-from ..pg_pool import pooled
+from ..pg_pool import listen, pooled
 from ..store.postgres import migrate, redact
 from .audit import AuditEvent, AuditQuery
 from .keys import KeyRecord
@@ -60,28 +60,8 @@ class PostgresAccessStore:
         return pooled(self.pool, "the access store", what)
 
     def _listen(self) -> None:
-        backoff, lost = 0.2, False
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(self._conninfo, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {KEYS_CHANNEL}")
-                    if lost:  # whatever changed meanwhile: look again
-                        self._changed()
-                    lost, backoff = False, 0.2
-                    self._listening.set()
-                    while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=0.5):
-                            self._changed()
-                        conn.execute("SELECT 1")  # a quiet line can be a dead one
-            except Exception as e:
-                if self._stop.is_set():
-                    return
-                if not lost:
-                    log.error("access store: lost the key-change listener (%s); retrying", str(e).strip()[:200])
-                lost = True
-                self._listening.set()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+        listen(self._conninfo, KEYS_CHANNEL, self._stop, self._listening, self._changed,
+               "access store: the key-change listener", log)
 
     def _changed(self) -> None:
         self._version += 1

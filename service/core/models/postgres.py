@@ -42,7 +42,7 @@ from model.bundle import MANIFEST, BundleError, read_manifest
 from model.files import fsync_dir
 
 from ..errors import ConflictError, ModelNotFoundError, SowaError, UnprocessableError
-from ..pg_pool import pooled
+from ..pg_pool import listen, pooled
 from ..store.postgres import migrate, redact
 from .repository import (
     ModelVersion,
@@ -289,29 +289,8 @@ class PostgresModelRepository:
         return True
 
     def _listen(self) -> None:
-        backoff, lost = 0.2, False
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(self._conninfo, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {MODELS_CHANNEL}")
-                    if lost:  # whatever changed meanwhile: look again
-                        log.warning("models: the repository is reachable again")
-                        self._changed()
-                    lost, backoff = False, 0.2
-                    self._listening.set()
-                    while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=0.5):
-                            self._changed()
-                        conn.execute("SELECT 1")  # a quiet line can be a dead one
-            except Exception as e:
-                if self._stop.is_set():
-                    return
-                if not lost:
-                    log.error("models: lost the serving-state listener (%s); retrying", str(e).strip()[:200])
-                lost = True
-                self._listening.set()  # the caller does not wait for a repository that is down
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+        listen(self._conninfo, MODELS_CHANNEL, self._stop, self._listening, self._changed,
+               "models: the serving-state listener", log)
 
     def _changed(self) -> None:
         for callback in list(self._subscribers):

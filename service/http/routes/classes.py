@@ -6,15 +6,15 @@ import asyncio
 import base64
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 
 from ...core.access.roles import Role
 from ...core.class_names import CLASS_NAME, check_class_name
-from ...core.errors import UnprocessableError
 from ...core.registry import ClassRegistry
 from ...core.uploads import decode_uploads
 from ..auth import PrincipalDep, Requires
 from ..deps import LocalDep, RecordsDep, RegistryDep
+from ..query_params import only_params
 from ..schemas import ClassInfo, ClassList, Deleted, ThresholdUpdate
 from .multipart import read_files
 from .results import recent_kept
@@ -47,9 +47,9 @@ async def add_shots(
 PAGE_DEFAULT, PAGE_MAX = 100, 1000  # 1000 plain items are about 250 KiB of JSON
 
 
-@router.get("", response_model=ClassList, summary="List classes, a page at a time")
+@router.get("", response_model=ClassList, summary="List classes, a page at a time",
+            dependencies=[only_params("limit", "after", "recent", "thumbnails")])
 async def list_classes(
-    request: Request,
     registry: RegistryDep,
     records: RecordsDep,
     principal: PrincipalDep,
@@ -60,12 +60,10 @@ async def list_classes(
     thumbnails: Annotated[bool, Query(description="with each class, its first shot as a JPEG thumbnail (and the "
                                       "recent results' thumbnails)")] = False,
 ) -> dict:
-    """Classes in name order (for a key limited to some classes, those it may touch); a class registered or deleted
+    """Classes in name order (an unknown or repeated query parameter is a 422: which of two cursors a page starts
+    after is no guess to make) (for a key limited to some classes, those it may touch); a class registered or deleted
     between two pages does not move the others. What the console's class table shows comes in the one request
     (`recent`, `thumbnails`)."""
-    repeated = sorted({k for k in request.query_params if len(request.query_params.getlist(k)) > 1})
-    if repeated:  # one value each: which of two cursors a page starts after is no guess to make
-        raise UnprocessableError(f"query parameters given more than once: {', '.join(repeated)[:200]}")
     entries, next_name, total = registry.page(after, limit, None if principal.classes is None else principal.may_touch)
     items: list[dict[str, Any]] = []
     for entry in entries:
