@@ -183,9 +183,9 @@ def _finish(batch: StagedBatch, uploads: Sequence[Upload], results: list[ImageRe
 class LocalBackend(Backend):
     """The model in this process: the class's memory from the registry, the batcher, the engine, the records."""
 
-    def __init__(self, engine: Engine, stager: ImageStager, registry: ClassRegistry, batcher: DynamicBatcher,
-                 recorder: Recorder, recording: bool = True, sampler: Sampler | None = None) -> None:
-        self.engine, self.stager, self.registry, self.batcher = engine, stager, registry, batcher
+    def __init__(self, engine: Engine, registry: ClassRegistry, batcher: DynamicBatcher, recorder: Recorder,
+                 recording: bool = True, sampler: Sampler | None = None) -> None:
+        self.engine, self.registry, self.batcher = engine, registry, batcher
         self.recorder, self.recording, self.sampler = recorder, recording, sampler or Sampler(0)
         # a shadow model scoring a share of answered requests (service/core/models/shadow.py), when one is set
         self.shadower: Any = None  # a ShadowScorer: called with each answered request
@@ -197,8 +197,13 @@ class LocalBackend(Backend):
     def pin(self) -> Generation:
         return self.registry.generation
 
+    @property
+    def stager(self) -> ImageStager:  # type: ignore[override]
+        """The serving model's: each model stages at its own input size."""
+        return self.registry.generation.served.stager
+
     def stager_for(self, pin: Any) -> ImageStager:
-        return pin.served.stager if isinstance(pin, Generation) else self.registry.generation.served.stager
+        return pin.served.stager if isinstance(pin, Generation) else self.stager
 
     async def check_class(self, name: str) -> None:
         self.registry.get(name)

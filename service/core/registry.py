@@ -380,6 +380,11 @@ class ClassRegistry:
         return ClassEntry(name, memory, record.shots, record.threshold_override, record.created,
                           record.updated), rebuilt
 
+    async def prepare_class(self, name: str, served: ServedModel) -> tuple[ClassEntry, bool] | None:
+        """One class for a model being prepared (or shadowing), under the class's store lock: its entry and whether
+        its bank was fitted here; None when the class is gone."""
+        return await asyncio.to_thread(self._locked, name, self._prepare_one, name, served)
+
     def _prepare_one(self, name: str, served: ServedModel) -> tuple[ClassEntry, bool] | None:
         """A class for a model being prepared (the caller holds the class's store lock): its stored bank for that
         model, or one fitted from the shots and stored beside the other models' banks, so no replica fits it
@@ -410,7 +415,7 @@ class ClassRegistry:
         fitted = 0
         for i, name in enumerate(names):
             try:
-                loaded = await asyncio.to_thread(self._locked, name, self._prepare_one, name, served)
+                loaded = await self.prepare_class(name, served)
             except StoreUnavailableError:
                 raise
             except Exception as e:  # damaged, or deleted meanwhile: `switch` settles it under the lock
@@ -434,7 +439,7 @@ class ClassRegistry:
                 have = prepared.get(name)
                 if have is not None and have.shots == entry.shots:
                     continue
-                loaded = await asyncio.to_thread(self._locked, name, self._prepare_one, name, served)
+                loaded = await self.prepare_class(name, served)
                 if loaded is None:
                     prepared.pop(name, None)
                 else:

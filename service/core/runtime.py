@@ -280,8 +280,8 @@ class LocalRuntime(Runtime):
             batcher = self.batcher = DynamicBatcher(engine.run_batch, s.max_batch_size, s.max_wait_ms, s.max_queue, t)
             t.track_records(self.records)
             t.track_drift(self.drift)
-            local = self.local = self._backend = LocalBackend(engine, engine.active.stager, registry, batcher,
-                                                              self.records, s.records, Sampler(s.record_sample_passed))
+            local = self.local = self._backend = LocalBackend(engine, registry, batcher, self.records, s.records,
+                                                              Sampler(s.record_sample_passed))
             batcher.start()
             models = self.models = ModelManager(repository, engine, registry, batcher, s, t, self.audit, self.limits,
                                                 self.decode_budget)

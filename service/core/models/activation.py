@@ -103,7 +103,6 @@ class ModelManager:
         self._refits: set[str] = set()
         self._follow: asyncio.Task | None = None
         self._forget: asyncio.TimerHandle | None = None
-        self.switches = 0
         self.on_shadow: Any = None  # set by the runtime: called with the ShadowScorer (or None) to attach it
         self.on_switch: list[Callable[[], None]] = []  # called after each switch (the engine tells its workers)
 
@@ -319,7 +318,6 @@ class ModelManager:
             prep.phase, prep.finished = "done", time.time()
             for callback in self.on_switch:
                 callback()
-            self.switches += 1
             self.telemetry.model_switches.inc()
             self.telemetry.model_info.info({k: str(v) for k, v in served.describe().items()})
             # the generation before the switch stays for requests still on it (a worker's staged images)
@@ -401,8 +399,7 @@ class ModelManager:
 
         async def refit() -> None:
             try:
-                loaded = await asyncio.to_thread(self.registry._locked, name, self.registry._prepare_one, name,
-                                                 scorer.generation.served)
+                loaded = await self.registry.prepare_class(name, scorer.generation.served)
                 if loaded is not None:
                     scorer.generation.classes[name] = loaded[0]
             except Exception as e:
@@ -410,9 +407,7 @@ class ModelManager:
             finally:
                 self._refits.discard(name)
 
-        task = asyncio.create_task(refit())
-        scorer._tasks.add(task)
-        task.add_done_callback(scorer._tasks.discard)
+        scorer.keep(asyncio.create_task(refit()))
 
     # -- upkeep -----------------------------------------------------------------------------------------------
     def _version_of(self, fingerprint: str | None) -> str | None:

@@ -153,6 +153,11 @@ class ShadowScorer:
     def start(self) -> None:
         self.batcher.start()
 
+    def keep(self, task: asyncio.Task) -> None:
+        """Hold a task of this shadow's until it ends (`close` cancels what is left)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
@@ -192,9 +197,7 @@ class ShadowScorer:
         except SowaError:
             self._dropped(n)  # the shadow is behind: its work goes first
             return
-        task = asyncio.create_task(self._score(pin, images, uploads, class_name, results, record_ids, entry))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.keep(asyncio.create_task(self._score(pin, images, uploads, class_name, results, record_ids, entry)))
 
     def _dropped(self, n: int) -> None:
         self.report.dropped += n
